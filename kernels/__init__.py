@@ -1,0 +1,1 @@
+"""Triton kernels for lcpatch, installed as `lcpatch.kernels`."""

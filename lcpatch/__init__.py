@@ -1,0 +1,55 @@
+"""lcpatch: long context for an existing Hugging Face causal LM, with one call.
+
+    lcpatch.apply(model, "lm-infinite")   # patch this instance
+    lcpatch.remove(model)                 # exact original behaviour back
+"""
+
+from __future__ import annotations
+
+import transformers as _transformers
+
+from ._compat import TRANSFORMERS_RANGE, check_transformers_version
+
+check_transformers_version(_transformers.__version__)
+
+from .api import apply, describe, make_cache, patched, remove  # noqa: E402
+from .attention.interface import register as _register_attention  # noqa: E402
+from .cache import LambdaCache  # noqa: E402
+from .errors import (  # noqa: E402
+    BackendError,
+    CacheError,
+    LcpatchError,
+    PatchStateError,
+    RecipeError,
+    SequenceLimitError,
+    UnsupportedModelError,
+    UnsupportedVersionError,
+)
+from .models import supported_models  # noqa: E402
+from .recipe import Recipe, builtin_recipes, load_recipe  # noqa: E402
+
+_register_attention()
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TRANSFORMERS_RANGE",
+    "BackendError",
+    "CacheError",
+    "LambdaCache",
+    "LcpatchError",
+    "PatchStateError",
+    "Recipe",
+    "RecipeError",
+    "SequenceLimitError",
+    "UnsupportedModelError",
+    "UnsupportedVersionError",
+    "apply",
+    "builtin_recipes",
+    "describe",
+    "load_recipe",
+    "make_cache",
+    "patched",
+    "remove",
+    "supported_models",
+]

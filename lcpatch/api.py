@@ -1,0 +1,130 @@
+"""The public entry points: apply, remove, patched, describe, make_cache."""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from dataclasses import dataclass
+from typing import Iterator
+
+from transformers import PreTrainedModel
+
+from .attention import Dense
+from .attention.interface import RUNTIMES
+from .cache import LambdaCache
+from .errors import LcpatchError, PatchStateError
+from .generation import install_generate
+from .models import ModelStructure, find_structure
+from .models.structure import unwrap
+from .patching import PatchLog
+from .recipe import Recipe, RecipeLike, load_recipe
+from .runtime import LambdaRuntime
+
+
+@dataclass
+class _Patched:
+    recipe: Recipe  # with every `auto` resolved
+    structure: ModelStructure
+    log: PatchLog
+    runtime: LambdaRuntime | None
+
+
+_PATCHED: weakref.WeakKeyDictionary[PreTrainedModel, _Patched] = weakref.WeakKeyDictionary()
+
+
+def _label(recipe: Recipe) -> str:
+    return recipe.name or recipe.attention.method
+
+
+def apply(model, recipe: RecipeLike):
+    """Patch this model instance with `recipe` (built-in name, YAML path, dict or Recipe); return the model.
+
+    Only the instance changes: its attention implementation, rotary embedding output, cache and
+    `generate`. `lcpatch.remove(model)` undoes all of it.
+    """
+    loaded = load_recipe(recipe)
+    base = unwrap(model)
+    if base in _PATCHED:
+        raise PatchStateError(
+            f"this {type(base).__name__} is already patched with recipe '{_label(_PATCHED[base].recipe)}'; "
+            "call lcpatch.remove(model) before applying another recipe."
+        )
+    structure = find_structure(base)
+    resolved = loaded.resolve(structure.training_length)
+    log = PatchLog()
+    try:
+        runtime = None
+        if not isinstance(resolved.attention, Dense):
+            runtime = LambdaRuntime(structure, resolved)
+            runtime.install(log, RUNTIMES)
+        install_generate(base, resolved, runtime.make_cache if runtime else None, log)
+        summary = f"lcpatch={_label(resolved)}({_attention_fields(resolved)})"
+        log.set_instance_attr(base, "extra_repr", lambda: summary)
+        _PATCHED[base] = _Patched(resolved, structure, log, runtime)
+        log.on_undo(lambda: _PATCHED.pop(base, None))
+    except BaseException:
+        log.undo()
+        raise
+    return model
+
+
+def remove(model) -> None:
+    """Undo `apply` on this model: every hook, attribute and setting goes back to what it was."""
+    base = unwrap(model)
+    state = _PATCHED.get(base)
+    if state is None:
+        raise PatchStateError(
+            f"this {type(base).__name__} is not patched by lcpatch, so there is nothing to remove; "
+            "lcpatch.describe(model) shows a model's patch."
+        )
+    state.log.undo()
+
+
+@contextlib.contextmanager
+def patched(model, recipe: RecipeLike) -> Iterator:
+    """`with lcpatch.patched(model, "lm-infinite"): ...` — the patch is removed on exit, exceptions too."""
+    apply(model, recipe)
+    try:
+        yield model
+    finally:
+        remove(model)
+
+
+def _attention_fields(recipe: Recipe) -> str:
+    fields = recipe.to_dict()["attention"]
+    return ", ".join(f"{k}={v}" for k, v in fields.items() if k != "method")
+
+
+def describe(model) -> str:
+    """What lcpatch did to this model: recipe (autos resolved), family, per-layer cache bound."""
+    base = unwrap(model)
+    state = _PATCHED.get(base)
+    if state is None:
+        return f"{type(base).__name__}: not patched by lcpatch."
+    s = state.structure
+    lines = [
+        f"{type(base).__name__} ({s.family.name}, {len(s.attentions)} layers, trained at {s.training_length} tokens) "
+        f"patched with '{_label(state.recipe)}':",
+        state.recipe.to_yaml().rstrip(),
+    ]
+    if state.runtime is not None:
+        sizes = sorted({spec.cache_size for spec in state.runtime.specs})
+        lines.append(f"KV cache bound per layer: {' / '.join(map(str, sizes))} positions")
+    return "\n".join(lines)
+
+
+def patched_recipe(model) -> Recipe | None:
+    """The resolved recipe a model is patched with, or None."""
+    state = _PATCHED.get(unwrap(model))
+    return state.recipe if state else None
+
+
+def make_cache(model) -> LambdaCache:
+    """A fresh bounded cache for a model patched with a Λ method (to pass as past_key_values)."""
+    state = _PATCHED.get(unwrap(model))
+    if state is None or state.runtime is None:
+        raise LcpatchError(
+            "make_cache needs a model patched with a Λ-attention recipe (lm-infinite, streaming-llm); "
+            "other models use transformers' own caches."
+        )
+    return state.runtime.make_cache()

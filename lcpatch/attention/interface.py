@@ -1,0 +1,29 @@
+"""The attention function lcpatch registers in transformers' AttentionInterface.
+
+One function serves every patched model: it finds the runtime of the module it is called for,
+so two models in one process can carry different recipes.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+from transformers import AttentionInterface
+
+from ..errors import PatchStateError
+
+RUNTIMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def lcpatch_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    runtime = RUNTIMES.get(module)
+    if runtime is None:
+        raise PatchStateError(
+            f"{type(module).__name__} uses attn_implementation 'lcpatch' but its model is not patched; "
+            "call lcpatch.apply(model, recipe) instead of setting the implementation by hand."
+        )
+    return runtime.attend(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+def register() -> None:
+    AttentionInterface.register("lcpatch", lcpatch_attention)

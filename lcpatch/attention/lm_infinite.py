@@ -1,0 +1,124 @@
+"""LM-Infinite and StreamingLLM: the Λ-shaped mask and the per-pair rotary distance rule.
+
+Both methods let a query at absolute position i see key j iff
+
+    j <= i  and  (j < n_global  or  i - j < window)
+
+Inside the window the rotary distance is the true one, i - j. Outside it (only the n_global
+first tokens are visible there) the methods differ:
+
+- LM-Infinite caps the distance: the pair is rotated as if it were `max_distance` apart.
+- StreamingLLM re-assigns positions inside its bounded cache (sinks 0..n_global-1, then the
+  window), so the query sits at cache position min(i, n_global + window - 1) and the sink at j.
+
+Both far rules are separable (a query-side position minus a key-side position), which is what
+lets the kernels fuse them into the same pass as the in-window pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..errors import RecipeError
+from ..fields import AUTO, check_choice, check_int
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+@dataclass(frozen=True)
+class LambdaSpec:
+    """The Λ rule of one layer: which (query, key) pairs are visible and at which rotary positions."""
+
+    n_global: int
+    window: int
+    max_distance: int | None  # None: StreamingLLM's in-cache positions
+
+    @property
+    def cache_size(self) -> int:
+        return self.n_global + self.window
+
+    def visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        distance = q_pos - k_pos
+        return (distance >= 0) & ((k_pos < self.n_global) | (distance < self.window))
+
+    def in_window(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        return (q_pos - k_pos) < self.window
+
+    def far_query_position(self, q_pos: torch.Tensor) -> torch.Tensor:
+        """Rotary position of a query for pairs outside the window."""
+        if self.max_distance is not None:
+            return torch.full_like(q_pos, self.max_distance)
+        return q_pos.clamp(max=self.n_global + self.window - 1)
+
+    def far_key_position(self, k_pos: torch.Tensor) -> torch.Tensor:
+        """Rotary position of a key for pairs outside the window."""
+        if self.max_distance is not None:
+            return torch.zeros_like(k_pos)
+        return k_pos
+
+
+def _check_backend(section: str, backend: str) -> None:
+    check_choice(section, "backend", backend, BACKENDS)
+
+
+@dataclass(frozen=True)
+class LMInfinite:
+    """LM-Infinite (Han et al., 2023): Λ-shaped attention with a relative-distance cap.
+
+    `window` defaults to the model's pretraining length and `max_distance` to `window`.
+    """
+
+    method: ClassVar[str] = "lm-infinite"
+    n_global: int = 10
+    window: int | str = AUTO
+    max_distance: int | str = AUTO
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_int("attention", "n_global", self.n_global, minimum=0)
+        check_int("attention", "window", self.window, minimum=1, allow_auto=True)
+        check_int("attention", "max_distance", self.max_distance, minimum=1, allow_auto=True)
+        _check_backend("attention", self.backend)
+        if AUTO not in (self.window, self.max_distance) and self.max_distance < self.window:
+            raise RecipeError(
+                f"attention.max_distance ({self.max_distance}) must be >= attention.window ({self.window}): "
+                "pairs outside the window must not be seen closer than pairs inside it. "
+                "Use max_distance: auto (= window) or a value >= window."
+            )
+
+    def resolve(self, training_length: int) -> LMInfinite:
+        window = training_length if self.window == AUTO else self.window
+        max_distance = window if self.max_distance == AUTO else self.max_distance
+        return LMInfinite(self.n_global, window, max_distance, self.backend)
+
+    def spec(self) -> LambdaSpec:
+        return LambdaSpec(self.n_global, self.window, self.max_distance)
+
+
+@dataclass(frozen=True)
+class StreamingLLM:
+    """StreamingLLM (Xiao et al., 2023): attention sinks + recent window, positions re-assigned in cache.
+
+    `window` defaults to the pretraining length minus `n_global`, so that every in-cache
+    position stays inside the trained range.
+    """
+
+    method: ClassVar[str] = "streaming-llm"
+    n_global: int = 4
+    window: int | str = AUTO
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_int("attention", "n_global", self.n_global, minimum=0)
+        check_int("attention", "window", self.window, minimum=1, allow_auto=True)
+        _check_backend("attention", self.backend)
+
+    def resolve(self, training_length: int) -> StreamingLLM:
+        window = max(1, training_length - self.n_global) if self.window == AUTO else self.window
+        return StreamingLLM(self.n_global, window, self.backend)
+
+    def spec(self) -> LambdaSpec:
+        return LambdaSpec(self.n_global, self.window, None)

@@ -1,0 +1,35 @@
+"""Every user-facing error raised by lcpatch; each names the bad value and what is accepted."""
+
+from __future__ import annotations
+
+
+class LcpatchError(Exception):
+    """Base class of all lcpatch errors."""
+
+
+class RecipeError(LcpatchError, ValueError):
+    """A recipe (name, file, dict or field) is invalid."""
+
+
+class UnsupportedModelError(LcpatchError, TypeError):
+    """The object is not a supported causal LM (family, class or structure)."""
+
+
+class PatchStateError(LcpatchError, RuntimeError):
+    """apply/remove called in the wrong state (already patched, not patched)."""
+
+
+class UnsupportedVersionError(LcpatchError, ImportError):
+    """An installed dependency is outside the supported range."""
+
+
+class BackendError(LcpatchError, RuntimeError):
+    """A requested compute backend cannot run here."""
+
+
+class SequenceLimitError(LcpatchError, ValueError):
+    """An input is past a configured limit."""
+
+
+class CacheError(LcpatchError, RuntimeError):
+    """A KV cache that the patched model cannot use was passed in."""

@@ -1,0 +1,61 @@
+"""The table of supported families. All share transformers 5's layout (decoder.rotary_emb,
+decoder.layers[i].self_attn dispatching through AttentionInterface), so an entry is only data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]
+    example: str  # a real checkpoint of the family, for the README table
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family("Llama", ("llama",), "meta-llama/Llama-3.1-8B, HuggingFaceTB/SmolLM2-135M"),
+    Family("Mistral", ("mistral",), "mistralai/Mistral-7B-v0.3"),
+    Family("Qwen2", ("qwen2",), "Qwen/Qwen2.5-7B"),
+    Family("Qwen3", ("qwen3",), "Qwen/Qwen3-8B"),
+    Family("Phi3", ("phi3",), "microsoft/Phi-3-mini-4k-instruct"),
+    Family("Gemma3", ("gemma3_text",), "google/gemma-3-1b-pt (text)"),
+)
+
+
+def family_of(model_type: str) -> Family:
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    accepted = ", ".join(f"{f.name} ({'/'.join(f.model_types)})" for f in FAMILIES)
+    raise UnsupportedModelError(
+        f"lcpatch does not support model_type {model_type!r}. Supported families: {accepted}."
+    )
+
+
+class SupportTable(list):
+    """Rows of {family, model_types, methods, example}; prints as a Markdown table."""
+
+    def __str__(self) -> str:
+        lines = ["| family | model_type | methods | example checkpoint |", "|---|---|---|---|"]
+        for row in self:
+            lines.append(
+                f"| {row['family']} | {', '.join(row['model_types'])} | {', '.join(row['methods'])} | {row['example']} |"
+            )
+        return "\n".join(lines)
+
+    def _repr_markdown_(self) -> str:
+        return str(self)
+
+
+def supported_models() -> SupportTable:
+    """Families × methods that `lcpatch.apply` accepts."""
+    from ..attention import ATTENTION_METHODS
+
+    methods = list(ATTENTION_METHODS)
+    return SupportTable(
+        {"family": f.name, "model_types": list(f.model_types), "methods": methods, "example": f.example}
+        for f in FAMILIES
+    )

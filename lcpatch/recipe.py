@@ -1,0 +1,113 @@
+"""Recipes: typed, validated, YAML round-trippable descriptions of what `apply` does to a model."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from .attention import AttentionMethod, Dense, attention_from_dict, attention_to_dict
+from .errors import RecipeError
+from .fields import check_int, check_keys
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """How `generate()` feeds long prompts: `prefill_chunk` tokens per forward pass."""
+
+    prefill_chunk: int = 4096
+
+    def __post_init__(self) -> None:
+        check_int("generation", "prefill_chunk", self.prefill_chunk, minimum=1)
+
+
+SECTIONS = ("name", "attention", "generation")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What `lcpatch.apply` does: an attention method and generation options (more sections to come)."""
+
+    attention: AttentionMethod = field(default_factory=Dense)
+    generation: GenerationOptions = field(default_factory=GenerationOptions)
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.name is not None and not isinstance(self.name, str):
+            raise RecipeError(f"recipe name must be a string; got {self.name!r} ({type(self.name).__name__}).")
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Recipe:
+        if not isinstance(data, dict):
+            raise RecipeError(f"a recipe must be a mapping of sections; got {type(data).__name__}.")
+        check_keys("recipe", data, SECTIONS)
+        generation = data.get("generation") or {}
+        if not isinstance(generation, dict):
+            raise RecipeError(f"the generation section must be a mapping; got {generation!r}.")
+        check_keys("generation", generation, tuple(f.name for f in dataclasses.fields(GenerationOptions)))
+        return cls(
+            attention=attention_from_dict(data.get("attention") or {}),
+            generation=GenerationOptions(**generation),
+            name=data.get("name"),
+        )
+
+    def to_dict(self) -> dict:
+        out: dict[str, Any] = {}
+        if self.name is not None:
+            out["name"] = self.name
+        out["attention"] = attention_to_dict(self.attention)
+        out["generation"] = dataclasses.asdict(self.generation)
+        return out
+
+    @classmethod
+    def from_yaml(cls, text: str, source: str = "<string>") -> Recipe:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"recipe {source} is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise RecipeError(f"recipe {source} must hold a YAML mapping of sections; got {type(data).__name__}.")
+        return cls.from_dict(data)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def resolve(self, training_length: int) -> Recipe:
+        """Replace every `auto` value with the one derived from the model's training length."""
+        return dataclasses.replace(self, attention=self.attention.resolve(training_length))
+
+
+RecipeLike = Union[str, Path, dict, Recipe]
+
+
+def builtin_recipes() -> list[str]:
+    """Names of the recipes shipped in `recipes/`."""
+    root = resources.files("lcpatch.recipes")
+    return sorted(p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_recipe(spec: RecipeLike) -> Recipe:
+    """A `Recipe` from a built-in name, a YAML path, a dict, or a `Recipe`."""
+    if isinstance(spec, Recipe):
+        return spec
+    if isinstance(spec, dict):
+        return Recipe.from_dict(spec)
+    if isinstance(spec, (str, Path)):
+        name = str(spec)
+        if name in builtin_recipes():
+            text = (resources.files("lcpatch.recipes") / f"{name}.yaml").read_text()
+            return Recipe.from_yaml(text, source=f"'{name}' (built-in)")
+        path = Path(spec).expanduser()
+        if path.is_file():
+            return Recipe.from_yaml(path.read_text(), source=str(path))
+        raise RecipeError(
+            f"unknown recipe {name!r}: not a built-in recipe ({', '.join(builtin_recipes())}) "
+            "and no such file. Pass a built-in name, a path to a .yaml file, a dict or a lcpatch.Recipe."
+        )
+    raise RecipeError(
+        f"a recipe must be a built-in name, a YAML path, a dict or a lcpatch.Recipe; got {type(spec).__name__}."
+    )
