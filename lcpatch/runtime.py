@@ -29,10 +29,11 @@ ATTN_IMPLEMENTATION = "lcpatch"
 
 
 def layer_specs(structure: ModelStructure, recipe: Recipe) -> list[LambdaSpec]:
-    """One Λ rule per layer; layers that already slide keep their own window and no global tokens."""
+    """One Λ rule per layer. A layer whose own sliding window is narrower than the Λ window keeps
+    it, without global tokens, so that such layers (Gemma3's local ones) behave as trained."""
     spec = recipe.attention.spec()
     return [
-        spec if window is None else LambdaSpec(0, min(window, spec.window), spec.max_distance)
+        spec if window is None or window >= spec.window else LambdaSpec(0, window, spec.max_distance)
         for window in structure.sliding_windows
     ]
 
