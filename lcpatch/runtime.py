@@ -49,6 +49,8 @@ class LambdaRuntime:
         self._pending: tuple[torch.Tensor, int, int] | None = None
         self._cache: weakref.ref | None = None
         self._decoder_params = list(inspect.signature(structure.decoder.forward).parameters)
+        device = next(structure.model.parameters()).device
+        select_backend(recipe.attention.backend, device)  # a forced backend that cannot run fails at apply
 
     def make_cache(self) -> LambdaCache:
         return LambdaCache(self.specs)
