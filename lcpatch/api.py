@@ -11,14 +11,13 @@ from transformers import PreTrainedModel
 
 from .attention import Dense
 from .attention.interface import RUNTIMES
-from .cache import LambdaCache
 from .errors import LcpatchError, PatchStateError
 from .generation import install_generate
 from .models import ModelStructure, find_structure
 from .models.structure import unwrap
 from .patching import PatchLog
 from .recipe import Recipe, RecipeLike, load_recipe
-from .runtime import LambdaRuntime
+from .runtime import PatchRuntime
 
 
 @dataclass
@@ -26,7 +25,7 @@ class _Patched:
     recipe: Recipe  # with every `auto` resolved
     structure: ModelStructure
     log: PatchLog
-    runtime: LambdaRuntime | None
+    runtime: PatchRuntime | None
 
 
 _PATCHED: weakref.WeakKeyDictionary[PreTrainedModel, _Patched] = weakref.WeakKeyDictionary()
@@ -55,7 +54,8 @@ def apply(model, recipe: RecipeLike):
     try:
         runtime = None
         if not isinstance(resolved.attention, Dense):
-            runtime = LambdaRuntime(structure, resolved)
+            method = resolved.attention.build(structure)
+            runtime = PatchRuntime(structure, method, resolved.attention.method)
             runtime.install(log, RUNTIMES)
         install_generate(base, resolved, runtime.make_cache if runtime else None, log)
         summary = f"lcpatch={_label(resolved)}({_attention_fields(resolved)})"
@@ -108,7 +108,7 @@ def describe(model) -> str:
         state.recipe.to_yaml().rstrip(),
     ]
     if state.runtime is not None:
-        sizes = sorted({spec.cache_size for spec in state.runtime.specs})
+        sizes = sorted(set(state.runtime.method.cache_sizes()))
         lines.append(f"KV cache bound per layer: {' / '.join(map(str, sizes))} positions")
     return "\n".join(lines)
 
@@ -119,12 +119,12 @@ def patched_recipe(model) -> Recipe | None:
     return state.recipe if state else None
 
 
-def make_cache(model) -> LambdaCache:
-    """A fresh bounded cache for a model patched with a Λ method (to pass as past_key_values)."""
+def make_cache(model):
+    """A fresh cache of the patched method (e.g. a bounded LambdaCache), to pass as past_key_values."""
     state = _PATCHED.get(unwrap(model))
     if state is None or state.runtime is None:
         raise LcpatchError(
-            "make_cache needs a model patched with a Λ-attention recipe (lm-infinite, streaming-llm); "
-            "other models use transformers' own caches."
+            "make_cache needs a model patched with an attention method that keeps its own cache "
+            "(lm-infinite, streaming-llm); other models use transformers' own caches."
         )
     return state.runtime.make_cache()

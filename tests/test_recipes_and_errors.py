@@ -87,7 +87,8 @@ BAD_RECIPES = [
     ({"generation": {"prefill_chunk": 0}}, "generation.prefill_chunk", "integer >= 1"),
     ({"attnetion": {}}, "recipe.attnetion", "attention"),
     ({"attention": ["lm-infinite"]}, "['lm-infinite']", "mapping"),
-    ({"attention": {"method": "streaming-llm", "max_distance": 8}}, "attention.max_distance", "n_global"),
+    ({"attention": {"method": "streaming-llm", "max_distance": 8}}, "max_distance is 8", "lm-infinite"),
+    ({"attention": {"method": "streaming-llm", "distance_cap": 8}}, "attention.distance_cap", "n_global"),
     (42, "int", "built-in name"),
 ]
 

@@ -97,6 +97,11 @@ class LMInfinite:
     def spec(self) -> LambdaSpec:
         return LambdaSpec(self.n_global, self.window, self.max_distance)
 
+    def build(self, structure):
+        from .lambda_attention import LambdaAttention
+
+        return LambdaAttention(structure, self)
+
 
 @dataclass(frozen=True)
 class StreamingLLM:
@@ -109,16 +114,29 @@ class StreamingLLM:
     method: ClassVar[str] = "streaming-llm"
     n_global: int = 4
     window: int | str = AUTO
+    # Accepted so that one recipe shape serves both Λ methods; only `auto` is meaningful, since
+    # StreamingLLM's distances never exceed n_global + window - 1 by construction.
+    max_distance: str = AUTO
     backend: str = "auto"
 
     def __post_init__(self) -> None:
         check_int("attention", "n_global", self.n_global, minimum=0)
         check_int("attention", "window", self.window, minimum=1, allow_auto=True)
+        if self.max_distance != AUTO:
+            raise RecipeError(
+                f"attention.max_distance is {self.max_distance!r}, but streaming-llm re-assigns positions in its "
+                "cache and has no distance cap; leave it out (or 'auto'), or use method: lm-infinite to cap distances."
+            )
         _check_backend("attention", self.backend)
 
     def resolve(self, training_length: int) -> StreamingLLM:
         window = max(1, training_length - self.n_global) if self.window == AUTO else self.window
-        return StreamingLLM(self.n_global, window, self.backend)
+        return StreamingLLM(self.n_global, window, AUTO, self.backend)
 
     def spec(self) -> LambdaSpec:
         return LambdaSpec(self.n_global, self.window, None)
+
+    def build(self, structure):
+        from .lambda_attention import LambdaAttention
+
+        return LambdaAttention(structure, self)

@@ -1,5 +1,6 @@
 """KV caches for patched models."""
 
-from .lambda_cache import LambdaCache, LambdaCacheLayer, StepInfo
+from .lambda_cache import LambdaCache, LambdaCacheLayer
+from .step import StepAwareCache, StepInfo
 
-__all__ = ["LambdaCache", "LambdaCacheLayer", "StepInfo"]
+__all__ = ["LambdaCache", "LambdaCacheLayer", "StepAwareCache", "StepInfo"]

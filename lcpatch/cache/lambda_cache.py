@@ -7,21 +7,12 @@ method chooses. A layer never holds more than `n_global + window` positions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import CacheLayerMixin
 
-from ..errors import CacheError
 from ..attention.lm_infinite import LambdaSpec
-
-
-@dataclass
-class StepInfo:
-    """Positions (B, L) and validity (B, L) of the tokens of the forward pass in progress."""
-
-    positions: torch.Tensor
-    valid: torch.Tensor
+from ..errors import CacheError
+from .step import StepAwareCache, StepInfo
 
 
 class LambdaCacheLayer(CacheLayerMixin):
@@ -136,11 +127,11 @@ class LambdaCacheLayer(CacheLayerMixin):
         self.key_positions = self.key_valid = self.key_step = None
 
 
-class LambdaCache(Cache):
+class LambdaCache(StepAwareCache):
     """A transformers `Cache` holding at most `n_global + window` key/value positions per layer."""
 
     def __init__(self, specs: list[LambdaSpec]):
-        self.step: StepInfo | None = None
+        self.step = None
         super().__init__(layers=[LambdaCacheLayer(spec, self) for spec in specs])
 
     def stored_lengths(self) -> list[int]:

@@ -1,0 +1,64 @@
+"""Λ attention on a patched model: per-layer rules, key bookkeeping, and backend dispatch."""
+
+from __future__ import annotations
+
+import torch
+
+from ..cache import LambdaCache, StepInfo
+from ..errors import CacheError
+from ..models import ModelStructure
+from .dispatch import select_backend
+from .lambda_reference import lambda_attention_reference
+from .lm_infinite import LambdaSpec, LMInfinite, StreamingLLM
+
+
+def layer_specs(structure: ModelStructure, method: LMInfinite | StreamingLLM) -> list[LambdaSpec]:
+    """One Λ rule per layer. A layer whose own sliding window is narrower than the Λ window keeps
+    it, without global tokens, so that such layers (Gemma3's local ones) behave as trained."""
+    spec = method.spec()
+    return [
+        spec if window is None or window >= spec.window else LambdaSpec(0, window, spec.max_distance)
+        for window in structure.sliding_windows
+    ]
+
+
+class LambdaAttention:
+    """The runtime half of LM-Infinite / StreamingLLM for one model: its cache and its attention."""
+
+    cache_class = LambdaCache
+
+    def __init__(self, structure: ModelStructure, method: LMInfinite | StreamingLLM):
+        self.structure = structure
+        self.backend = method.backend
+        self.specs = layer_specs(structure, method)
+        select_backend(self.backend, next(structure.model.parameters()).device)  # fail at apply, not mid-run
+
+    def make_cache(self) -> LambdaCache:
+        return LambdaCache(self.specs)
+
+    def cache_sizes(self) -> list[int]:
+        return [spec.cache_size for spec in self.specs]
+
+    @staticmethod
+    def _key_metadata(layer: int, key: torch.Tensor, step: StepInfo, cache):
+        if isinstance(cache, LambdaCache):
+            cache_layer = cache.layers[layer]
+            if cache_layer.key_step is step and cache_layer.key_positions.shape[1] == key.shape[2]:
+                return cache_layer.key_positions, cache_layer.key_valid
+        if key.shape[2] == step.positions.shape[1]:
+            return step.positions, step.valid
+        raise CacheError(
+            f"layer {layer} received {key.shape[2]} keys for {step.positions.shape[1]} queries from a cache lcpatch "
+            "does not manage; Λ attention needs the positions of every cached key. Let the patched model create its cache."
+        )
+
+    def attend(self, module, query, key, value, step: StepInfo, cache, scaling: float, dropout: float, **kwargs):
+        layer = module.layer_idx
+        key_positions, key_valid = self._key_metadata(layer, key, step, cache)
+        args = (query, key, value, step.positions, key_positions, key_valid, self.specs[layer],
+                self.structure.rotaries[layer], scaling)
+        if select_backend(self.backend, query.device) == "triton":
+            from ..kernels import lambda_attention
+
+            return lambda_attention(*args, softcap=kwargs.get("softcap"), dropout=dropout)
+        return lambda_attention_reference(*args, softcap=kwargs.get("softcap"), dropout=dropout)
