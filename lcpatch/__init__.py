@@ -27,6 +27,7 @@ from .errors import (  # noqa: E402
 )
 from .models import supported_models  # noqa: E402
 from .recipe import Recipe, builtin_recipes, load_recipe  # noqa: E402
+from .serialization import from_pretrained  # noqa: E402
 
 _register_attention()
 
@@ -47,6 +48,7 @@ __all__ = [
     "apply",
     "builtin_recipes",
     "describe",
+    "from_pretrained",
     "load_recipe",
     "make_cache",
     "patched",

@@ -18,6 +18,7 @@ from .models.structure import unwrap
 from .patching import PatchLog
 from .recipe import Recipe, RecipeLike, load_recipe
 from .runtime import PatchRuntime
+from .serialization import install_save_pretrained
 
 
 @dataclass
@@ -58,6 +59,8 @@ def apply(model, recipe: RecipeLike):
             runtime = PatchRuntime(structure, method, resolved.attention.method)
             runtime.install(log, RUNTIMES)
         install_generate(base, resolved, runtime.make_cache if runtime else None, log)
+        for owner in {id(base): base, id(model): model}.values():
+            install_save_pretrained(owner, resolved, log)
         summary = f"lcpatch={_label(resolved)}({_attention_fields(resolved)})"
         log.set_instance_attr(base, "extra_repr", lambda: summary)
         _PATCHED[base] = _Patched(resolved, structure, log, runtime)

@@ -102,11 +102,14 @@ def load_recipe(spec: RecipeLike) -> Recipe:
             text = (resources.files("lcpatch.recipes") / f"{name}.yaml").read_text()
             return Recipe.from_yaml(text, source=f"'{name}' (built-in)")
         path = Path(spec).expanduser()
+        if path.is_dir() and (path / "lcpatch_recipe.yaml").is_file():  # a folder saved from a patched model
+            path = path / "lcpatch_recipe.yaml"
         if path.is_file():
             return Recipe.from_yaml(path.read_text(), source=str(path))
         raise RecipeError(
             f"unknown recipe {name!r}: not a built-in recipe ({', '.join(builtin_recipes())}) "
-            "and no such file. Pass a built-in name, a path to a .yaml file, a dict or a lcpatch.Recipe."
+            "and no such file. Pass a built-in name, a path to a .yaml file (or a folder saved from a patched model), "
+            "a dict or a lcpatch.Recipe."
         )
     raise RecipeError(
         f"a recipe must be a built-in name, a YAML path, a dict or a lcpatch.Recipe; got {type(spec).__name__}."

@@ -1,0 +1,48 @@
+"""Saving a patched model: original weights as transformers writes them, plus the recipe beside them."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from .patching import PatchLog
+from .recipe import Recipe
+
+RECIPE_FILE = "lcpatch_recipe.yaml"
+
+
+def install_save_pretrained(obj, recipe: Recipe, log: PatchLog) -> None:
+    """Shadow `obj.save_pretrained` so the folder also gets `lcpatch_recipe.yaml`.
+
+    The weights and config are transformers' own (lcpatch changes no parameter and its attention
+    setting is not serialised), so the folder still loads in plain transformers without lcpatch.
+    """
+    original = obj.save_pretrained
+
+    @functools.wraps(original)
+    def save_pretrained(save_directory, *args, **kwargs):
+        result = original(save_directory, *args, **kwargs)
+        Path(save_directory, RECIPE_FILE).write_text(recipe.to_yaml())
+        return result
+
+    log.set_instance_attr(obj, "save_pretrained", save_pretrained)
+
+
+def from_pretrained(path: str | Path, **kwargs):
+    """Load a folder written by a patched model's `save_pretrained` and re-apply its recipe.
+
+    Keyword arguments go to `AutoModelForCausalLM.from_pretrained` (dtype, device_map, ...).
+    """
+    from transformers import AutoModelForCausalLM
+
+    from .api import apply
+    from .errors import RecipeError
+
+    recipe_path = Path(path) / RECIPE_FILE
+    if not recipe_path.is_file():
+        raise RecipeError(
+            f"{path} has no {RECIPE_FILE}: it was not saved from a patched model. "
+            "Load it with transformers and call lcpatch.apply(model, recipe)."
+        )
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    return apply(model, recipe_path)
