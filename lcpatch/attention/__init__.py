@@ -30,7 +30,7 @@ def attention_from_dict(data: Any) -> AttentionMethod:
     if not isinstance(data, dict):
         raise RecipeError(f"the attention section must be a mapping; got {data!r} ({type(data).__name__}).")
     method = data.get("method", "dense")
-    if method not in ATTENTION_METHODS:
+    if not isinstance(method, str) or method not in ATTENTION_METHODS:
         raise RecipeError(
             f"unknown attention.method {method!r}; accepted: {', '.join(ATTENTION_METHODS)}."
         )
