@@ -13,9 +13,7 @@ def _describe(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})"
 
 
-def check_int(
-    section: str, name: str, value: Any, *, minimum: int | None = None, allow_auto: bool = False
-) -> None:
+def check_int(section: str, name: str, value: Any, *, minimum: int | None = None, allow_auto: bool = False) -> None:
     """Accept an int (not a bool) at or above `minimum`, or 'auto' where allowed."""
     if allow_auto and value == AUTO:
         return
@@ -53,6 +51,4 @@ def check_keys(section: str, given: dict, accepted: tuple[str, ...]) -> None:
     """Reject keys that the section does not define (typos must not be ignored)."""
     unknown = [key for key in given if key not in accepted]
     if unknown:
-        raise RecipeError(
-            f"unknown field {section}.{unknown[0]}; {section} accepts: {', '.join(accepted)}."
-        )
+        raise RecipeError(f"unknown field {section}.{unknown[0]}; {section} accepts: {', '.join(accepted)}.")

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 
@@ -81,7 +81,7 @@ class Recipe:
         return dataclasses.replace(self, attention=self.attention.resolve(training_length))
 
 
-RecipeLike = Union[str, Path, dict, Recipe]
+RecipeLike = str | Path | dict | Recipe
 
 
 def builtin_recipes() -> list[str]:

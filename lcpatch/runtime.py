@@ -65,7 +65,7 @@ class PatchRuntime:
 
     # -- hooks -------------------------------------------------------------------------------
     def _before_decoder(self, module, args, kwargs):
-        values = dict(zip(self._decoder_params, args))
+        values = dict(zip(self._decoder_params, args, strict=False))
         values.update(kwargs)
         tokens = values.get("input_ids")
         tokens = tokens if tokens is not None else values.get("inputs_embeds")

@@ -98,6 +98,4 @@ def naive_lambda(model, n_global: int, window: int, max_distance: int | None, at
 @torch.no_grad()
 def naive_logits(model, input_ids, n_global, window, max_distance, attention_mask=None, position_ids=None):
     with naive_lambda(model, n_global, window, max_distance):
-        return model(
-            input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).logits
+        return model(input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, TextStreamer, pipeline
 
 import lcpatch
+
 from naive_lambda import naive_logits
 from tiny_models import random_ids, tiny_model, tiny_tokenizer
 
@@ -113,7 +114,7 @@ def test_gradient_checkpointing_training_step():
     ref_loss = reference(ids, labels=ids, use_cache=False).loss
     ref_loss.backward()
     assert torch.allclose(loss, ref_loss, atol=1e-6)
-    for p, q in zip(model.parameters(), reference.parameters()):
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
         assert torch.allclose(p.grad, q.grad, atol=1e-5)
 
 

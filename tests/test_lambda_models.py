@@ -7,6 +7,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 import lcpatch
+
 from naive_lambda import naive_logits
 from tiny_models import FAMILIES, random_ids, tiny_model
 
@@ -14,7 +15,9 @@ ALL = sorted(FAMILIES)
 
 
 def lm_infinite(n_global=4, window=16, max_distance="auto", **generation):
-    recipe = {"attention": {"method": "lm-infinite", "n_global": n_global, "window": window, "max_distance": max_distance}}
+    recipe = {
+        "attention": {"method": "lm-infinite", "n_global": n_global, "window": window, "max_distance": max_distance}
+    }
     if generation:
         recipe["generation"] = generation
     return recipe
@@ -77,8 +80,12 @@ def test_generate_equals_stepwise_recompute(family):
     cache = lcpatch.make_cache(model)
     recorder = RecordCacheSize(cache)
     out = model.generate(
-        prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-        past_key_values=cache, stopping_criteria=StoppingCriteriaList([recorder]),
+        prompt,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        past_key_values=cache,
+        stopping_criteria=StoppingCriteriaList([recorder]),
     )
     lcpatch.remove(model)
 
@@ -102,13 +109,13 @@ def test_ragged_batch_equals_one_by_one(family):
     ids = torch.zeros(3, width, dtype=torch.long)
     mask = torch.zeros(3, width, dtype=torch.long)
     for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = p
-        mask[row, width - len(p):] = 1
+        ids[row, width - len(p) :] = p
+        mask[row, width - len(p) :] = 1
     with lcpatch.patched(model, lm_infinite(4, 16, prefill_chunk=8)):
         batched = model.generate(ids, attention_mask=mask, max_new_tokens=30, min_new_tokens=30, do_sample=False)
         for row, p in enumerate(prompts):
             alone = model.generate(p[None], max_new_tokens=30, min_new_tokens=30, do_sample=False)
-            assert torch.equal(batched[row, width:], alone[0, len(p):]), f"row {row} differs"
+            assert torch.equal(batched[row, width:], alone[0, len(p) :]), f"row {row} differs"
 
 
 @pytest.mark.parametrize("family", ALL)

@@ -8,7 +8,10 @@ from hypothesis import strategies as st
 from lcpatch import Recipe, RecipeError, load_recipe
 
 values = st.one_of(
-    st.integers(-10, 10_000), st.booleans(), st.floats(allow_nan=False, width=32), st.none(),
+    st.integers(-10, 10_000),
+    st.booleans(),
+    st.floats(allow_nan=False, width=32),
+    st.none(),
     st.sampled_from(["auto", "torch", "triton", "lm-infinite", "streaming-llm", "dense", "big", ""]),
     st.lists(st.integers(), max_size=2),
 )

@@ -18,6 +18,7 @@ from lcpatch import (
     UnsupportedModelError,
     UnsupportedVersionError,
 )
+
 from tiny_models import random_ids, tiny_model
 
 
@@ -53,8 +54,14 @@ def test_auto_values_resolve_from_the_model_config():
 def test_llama3_style_rope_uses_original_training_length():
     model = tiny_model(
         max_position_embeddings=256,
-        rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
     )
     lcpatch.apply(model, "lm-infinite")
     assert "window: 32" in lcpatch.describe(model)
@@ -81,7 +88,11 @@ BAD_RECIPES = [
     ({"attention": {"method": "lm-infinite", "window": -5}}, "-5", "integer >= 1"),
     ({"attention": {"method": "lm-infinite", "n_global": -1}}, "attention.n_global", "integer >= 0"),
     ({"attention": {"method": "lm-infinite", "n_global": True}}, "True", "integer >= 0"),
-    ({"attention": {"method": "lm-infinite", "window": 16, "max_distance": 8}}, "max_distance (8)", ">= attention.window (16)"),
+    (
+        {"attention": {"method": "lm-infinite", "window": 16, "max_distance": 8}},
+        "max_distance (8)",
+        ">= attention.window (16)",
+    ),
     ({"attention": {"method": "flash-magic"}}, "'flash-magic'", "lm-infinite"),
     ({"attention": {"method": "lm-infinite", "backend": "cuda"}}, "'cuda'", "auto, torch, triton"),
     ({"generation": {"prefill_chunk": 0}}, "generation.prefill_chunk", "integer >= 1"),

@@ -46,8 +46,12 @@ FAMILIES = {
     "gemma3": (
         Gemma3TextConfig,
         Gemma3ForCausalLM,
-        {"head_dim": 16, "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"],
-         "query_pre_attn_scalar": 16},
+        {
+            "head_dim": 16,
+            "sliding_window": 8,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "query_pre_attn_scalar": 16,
+        },
     ),
 }
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 from ..errors import RecipeError
 from ..fields import check_keys
@@ -20,7 +20,7 @@ class Dense:
         return self
 
 
-AttentionMethod = Union[Dense, LMInfinite, StreamingLLM]
+AttentionMethod = Dense | LMInfinite | StreamingLLM
 
 ATTENTION_METHODS: dict[str, type] = {cls.method: cls for cls in (Dense, LMInfinite, StreamingLLM)}
 
@@ -31,9 +31,7 @@ def attention_from_dict(data: Any) -> AttentionMethod:
         raise RecipeError(f"the attention section must be a mapping; got {data!r} ({type(data).__name__}).")
     method = data.get("method", "dense")
     if not isinstance(method, str) or method not in ATTENTION_METHODS:
-        raise RecipeError(
-            f"unknown attention.method {method!r}; accepted: {', '.join(ATTENTION_METHODS)}."
-        )
+        raise RecipeError(f"unknown attention.method {method!r}; accepted: {', '.join(ATTENTION_METHODS)}.")
     cls = ATTENTION_METHODS[method]
     names = tuple(f.name for f in fields(cls))
     check_keys("attention", data, ("method", *names))

@@ -55,8 +55,17 @@ class LambdaAttention:
     def attend(self, module, query, key, value, step: StepInfo, cache, scaling: float, dropout: float, **kwargs):
         layer = module.layer_idx
         key_positions, key_valid = self._key_metadata(layer, key, step, cache)
-        args = (query, key, value, step.positions, key_positions, key_valid, self.specs[layer],
-                self.structure.rotaries[layer], scaling)
+        args = (
+            query,
+            key,
+            value,
+            step.positions,
+            key_positions,
+            key_valid,
+            self.specs[layer],
+            self.structure.rotaries[layer],
+            scaling,
+        )
         if select_backend(self.backend, query.device) == "triton":
             from ..kernels import lambda_attention
 

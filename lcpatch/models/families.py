@@ -30,9 +30,7 @@ def family_of(model_type: str) -> Family:
         if model_type in family.model_types:
             return family
     accepted = ", ".join(f"{f.name} ({'/'.join(f.model_types)})" for f in FAMILIES)
-    raise UnsupportedModelError(
-        f"lcpatch does not support model_type {model_type!r}. Supported families: {accepted}."
-    )
+    raise UnsupportedModelError(f"lcpatch does not support model_type {model_type!r}. Supported families: {accepted}.")
 
 
 class SupportTable(list):

@@ -98,7 +98,9 @@ def find_structure(model: object) -> ModelStructure:
     for index, layer in enumerate(layers):
         attention = getattr(layer, "self_attn", None)
         if attention is None or getattr(attention, "layer_idx", None) != index:
-            raise UnsupportedModelError(f"layer {index} of {type(decoder).__name__} has no self_attn with layer_idx {index}.")
+            raise UnsupportedModelError(
+                f"layer {index} of {type(decoder).__name__} has no self_attn with layer_idx {index}."
+            )
         if getattr(attention, "config", None) is not decoder.config:
             raise UnsupportedModelError(
                 f"layer {index}'s attention does not read the decoder's config; its attention implementation "
