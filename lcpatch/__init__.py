@@ -14,7 +14,7 @@ check_transformers_version(_transformers.__version__)
 
 from .api import apply, describe, make_cache, patched, remove  # noqa: E402
 from .attention.interface import register as _register_attention  # noqa: E402
-from .cache import LambdaCache  # noqa: E402
+from .cache import BlockMemoryCache, LambdaCache  # noqa: E402
 from .errors import (  # noqa: E402
     BackendError,
     CacheError,
@@ -36,6 +36,7 @@ __version__ = "0.1.0"
 __all__ = [
     "TRANSFORMERS_RANGE",
     "BackendError",
+    "BlockMemoryCache",
     "CacheError",
     "LambdaCache",
     "LcpatchError",

@@ -17,6 +17,7 @@ from .models import ModelStructure, find_structure
 from .models.structure import unwrap
 from .patching import PatchLog
 from .recipe import Recipe, RecipeLike, load_recipe
+from .rope.e2llm import announce_generate_length
 from .runtime import PatchRuntime
 from .serialization import install_save_pretrained
 
@@ -53,12 +54,15 @@ def apply(model, recipe: RecipeLike):
     resolved = loaded.resolve(structure.training_length)
     log = PatchLog()
     try:
+        # RoPE first: an attention method that rotates keys itself must use the scaled tables.
+        structure = resolved.rope.install(structure, isinstance(resolved.attention, Dense), log)
         runtime = None
         if not isinstance(resolved.attention, Dense):
             method = resolved.attention.build(structure)
             runtime = PatchRuntime(structure, method, resolved.attention.method)
             runtime.install(log, RUNTIMES)
         install_generate(base, resolved, runtime.make_cache if runtime else None, log)
+        announce_generate_length(base, log)  # after install_generate, whose chunked prefill must see it
         for owner in {id(base): base, id(model): model}.values():
             install_save_pretrained(owner, resolved, log)
         summary = f"lcpatch={_label(resolved)}({_attention_fields(resolved)})"

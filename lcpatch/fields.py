@@ -52,3 +52,18 @@ def check_keys(section: str, given: dict, accepted: tuple[str, ...]) -> None:
     unknown = [key for key in given if key not in accepted]
     if unknown:
         raise RecipeError(f"unknown field {section}.{unknown[0]}; {section} accepts: {', '.join(accepted)}.")
+
+
+def check_str(section: str, name: str, value: Any, *, allow_none: bool = False) -> None:
+    """Accept a non-empty string, or None where allowed."""
+    if allow_none and value is None:
+        return
+    if not isinstance(value, str) or not value:
+        accepted = "a non-empty string" + (" or null" if allow_none else "")
+        raise RecipeError(f"{section}.{name} must be {accepted}; got {_describe(value)}.")
+
+
+def check_bool(section: str, name: str, value: Any) -> None:
+    """Accept true or false."""
+    if not isinstance(value, bool):
+        raise RecipeError(f"{section}.{name} must be true or false; got {_describe(value)}.")

@@ -13,6 +13,8 @@ import yaml
 from .attention import AttentionMethod, Dense, attention_from_dict, attention_to_dict
 from .errors import RecipeError
 from .fields import check_int, check_keys
+from .rope import NoScaling, RopeScaling, rope_from_dict, rope_to_dict
+from .training import TrainingMethod, training_from_dict, training_to_dict
 
 
 @dataclass(frozen=True)
@@ -25,20 +27,34 @@ class GenerationOptions:
         check_int("generation", "prefill_chunk", self.prefill_chunk, minimum=1)
 
 
-SECTIONS = ("name", "attention", "generation")
+SECTIONS = ("name", "attention", "rope", "generation", "training")
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """What `lcpatch.apply` does: an attention method and generation options (more sections to come)."""
+    """What `lcpatch.apply` does: attention method, RoPE scaling, generation options; and, for
+    `lcpatch train`, how the model is fine-tuned (`apply` ignores that section)."""
 
     attention: AttentionMethod = field(default_factory=Dense)
     generation: GenerationOptions = field(default_factory=GenerationOptions)
     name: str | None = None
+    rope: RopeScaling = field(default_factory=NoScaling)
+    training: TrainingMethod | None = None
 
     def __post_init__(self) -> None:
         if self.name is not None and not isinstance(self.name, str):
             raise RecipeError(f"recipe name must be a string; got {self.name!r} ({type(self.name).__name__}).")
+        if self.rope.length_dependent and not isinstance(self.attention, Dense):
+            raise RecipeError(
+                f"rope.scaling {self.rope.scaling} changes RoPE frequencies with each input's length, but attention "
+                f"method {self.attention.method} rotates keys itself with fixed frequencies. With {self.attention.method} "
+                "use rope.scaling linear, yarn, llama3 or e2llm; or attention.method dense."
+            )
+        if self.training is not None and self.training.method == "e2llm" and self.rope.scaling != "e2llm":
+            raise RecipeError(
+                f"training.method e2llm trains the positions (m + t) / g that rope.scaling e2llm reads, but "
+                f"rope.scaling is {self.rope.scaling}; set rope: {{scaling: e2llm}}, or use training.method causal-lm."
+            )
 
     @classmethod
     def from_dict(cls, data: Any) -> Recipe:
@@ -49,10 +65,13 @@ class Recipe:
         if not isinstance(generation, dict):
             raise RecipeError(f"the generation section must be a mapping; got {generation!r}.")
         check_keys("generation", generation, tuple(f.name for f in dataclasses.fields(GenerationOptions)))
+        training = data.get("training")
         return cls(
             attention=attention_from_dict(data.get("attention") or {}),
             generation=GenerationOptions(**generation),
             name=data.get("name"),
+            rope=rope_from_dict(data.get("rope") or {}),
+            training=training_from_dict(training) if training is not None else None,
         )
 
     def to_dict(self) -> dict:
@@ -60,7 +79,10 @@ class Recipe:
         if self.name is not None:
             out["name"] = self.name
         out["attention"] = attention_to_dict(self.attention)
+        out["rope"] = rope_to_dict(self.rope)
         out["generation"] = dataclasses.asdict(self.generation)
+        if self.training is not None:
+            out["training"] = training_to_dict(self.training)
         return out
 
     @classmethod
@@ -78,7 +100,19 @@ class Recipe:
 
     def resolve(self, training_length: int) -> Recipe:
         """Replace every `auto` value with the one derived from the model's training length."""
-        return dataclasses.replace(self, attention=self.attention.resolve(training_length))
+        attention = self.attention.resolve(training_length)
+        generation = self.generation
+        # A method with its own prefill chunk (InfLLM's chunk_size) decides how generate() feeds prompts.
+        chunk = getattr(attention, "prefill_chunk", None)
+        if chunk is not None:
+            generation = dataclasses.replace(generation, prefill_chunk=chunk)
+        return dataclasses.replace(
+            self,
+            attention=attention,
+            generation=generation,
+            rope=self.rope.resolve(training_length),
+            training=self.training.resolve(training_length) if self.training is not None else None,
+        )
 
 
 RecipeLike = str | Path | dict | Recipe

@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 
 from ..errors import RecipeError
 from ..fields import check_keys
+from .infllm import InfLLM
 from .lm_infinite import LambdaSpec, LMInfinite, StreamingLLM
 
 
@@ -20,9 +21,9 @@ class Dense:
         return self
 
 
-AttentionMethod = Dense | LMInfinite | StreamingLLM
+AttentionMethod = Dense | LMInfinite | StreamingLLM | InfLLM
 
-ATTENTION_METHODS: dict[str, type] = {cls.method: cls for cls in (Dense, LMInfinite, StreamingLLM)}
+ATTENTION_METHODS: dict[str, type] = {cls.method: cls for cls in (Dense, LMInfinite, StreamingLLM, InfLLM)}
 
 
 def attention_from_dict(data: Any) -> AttentionMethod:
@@ -46,6 +47,7 @@ __all__ = [
     "ATTENTION_METHODS",
     "AttentionMethod",
     "Dense",
+    "InfLLM",
     "LambdaSpec",
     "LMInfinite",
     "StreamingLLM",

@@ -16,7 +16,7 @@ def triton_available(device: torch.device) -> str | None:
     except ImportError:
         return "the `triton` package is not installed"
     try:
-        from ..kernels import lambda_attention  # noqa: F401
+        from ..kernels import dispatch  # noqa: F401  (imports triton and the kernels)
     except ImportError as exc:
         return f"lcpatch.kernels could not be imported ({exc})"
     return None

@@ -1,0 +1,72 @@
+"""Route Λ attention to the decode or prefill kernel, or to the reference where the kernels do not apply."""
+
+
+from __future__ import annotations
+
+import torch
+
+from lcpatch.attention.lambda_reference import lambda_attention_reference
+from lcpatch.attention.lm_infinite import LambdaSpec
+from lcpatch.attention.rotary import Rotary
+
+from .lambda_decode import DECODE_MAX_ROWS, lambda_decode
+from .lambda_prefill import lambda_prefill
+from .utils import interpreting, warn_once
+
+HEAD_DIMS = (64, 128)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _fallback_reason(query, key, value, rotary: Rotary, dropout: float) -> str | None:
+    dim = query.shape[-1]
+    if dim not in HEAD_DIMS or key.shape[-1] != dim or value.shape[-1] != dim:
+        return f"head dims q/k/v {dim}/{key.shape[-1]}/{value.shape[-1]} (kernels: {HEAD_DIMS}, all equal)"
+    if rotary.dim != dim:
+        return f"partial rotary ({rotary.dim} of {dim} dims rotated)"
+    if query.dtype not in DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
+        return f"dtypes q/k/v {query.dtype}/{key.dtype}/{value.dtype} (kernels: one of fp16, bf16, fp32)"
+    if dropout > 0.0:
+        return f"attention dropout {dropout}"
+    if query.device.type != "cuda" and not interpreting():
+        return f"tensors on {query.device.type} (set TRITON_INTERPRET=1 to run the kernels on CPU)"
+    return None
+
+
+def lambda_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    query_positions: torch.Tensor,
+    key_positions: torch.Tensor,
+    key_valid: torch.Tensor,
+    spec: LambdaSpec,
+    rotary: Rotary,
+    scaling: float,
+    softcap: float | None = None,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """Λ attention over un-rotated q/k with Triton kernels; returns (B, Lq, Hq, D) in query's dtype."""
+    reason = _fallback_reason(query, key, value, rotary, dropout)
+    if reason is not None:
+        warn_once(f"lcpatch.kernels: {reason} is not supported by the Triton kernels; using the PyTorch reference.")
+        return lambda_attention_reference(
+            query,
+            key,
+            value,
+            query_positions,
+            key_positions,
+            key_valid,
+            spec,
+            rotary,
+            scaling,
+            softcap=softcap,
+            dropout=dropout,
+        )
+    query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
+    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    rows = query.shape[2] * (query.shape[1] // key.shape[1])
+    run = lambda_decode if not needs_grad and rows <= DECODE_MAX_ROWS else lambda_prefill
+    return run(query, key, value, query_positions, key_positions, key_valid, spec, rotary, scaling, softcap)
+
+
+__all__ = ["lambda_attention", "lambda_decode", "lambda_prefill"]

@@ -1,0 +1,278 @@
+"""Λ attention for decoding: a few queries over the bounded cache, split-KV (flash-decoding).
+
+Spec: `lcpatch.attention.lambda_reference.lambda_attention_reference`.
+
+The cache holds at most n_global + window (+ the new tokens) slots, so every slot is a candidate
+and the mask follows positions and key_valid alone. All query heads of one KV head (and all new
+tokens) are the rows of one program, so each key is read from memory, and rotated, once; the key
+range is split across programs so that small batches still fill the GPU, then a second kernel
+merges the partial softmaxes. Keys are rotated in the kernel (un-rotated cache, no extra pass).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lcpatch.attention.lm_infinite import LambdaSpec
+from lcpatch.attention.rotary import Rotary
+
+from .lambda_prefill import far_rule
+from .rope import cos_sin, frequency_turns, rotate, rotated_rows
+from .utils import LOG2E, dot_precision, interpreting, sm_count, tanh
+
+# Rows = query heads per KV head x new tokens; more than this goes to the prefill kernel.
+DECODE_MAX_ROWS = 64
+# (BLOCK_N, num_warps, num_stages, programs per SM), measured on an H100 (bench_attention --sweep).
+DECODE_CONFIG = (64, 4, 3, 4)
+
+
+@triton.jit
+def _lambda_decode_split(
+    Q,
+    K,
+    V,
+    PART_O,
+    PART_ML,
+    QPOS,
+    KPOS,
+    KVALID,
+    TURNS,
+    sq_b,
+    sq_h,
+    sq_l,
+    sk_b,
+    sk_h,
+    sk_l,
+    sv_b,
+    sv_h,
+    sv_l,
+    sqp_b,
+    sqp_l,
+    skp_b,
+    skp_l,
+    skv_b,
+    skv_l,
+    Hkv,
+    Lq,
+    Lk,
+    group,
+    split_len,
+    n_global,
+    window,
+    far_pos,
+    rot_scale,
+    scaling,
+    softcap,
+    HALF: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAPPED: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = (pid_bh // Hkv).to(tl.int64)
+    hk = (pid_bh % Hkv).to(tl.int64)
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < group * Lq
+    qi = rows % Lq
+    h = hk * group + rows // Lq
+    qp = tl.load(QPOS + b * sqp_b + qi * sqp_l, mask=row_ok, other=0).to(tl.int32)
+    q_rows = Q + b * sq_b + h * sq_h + qi.to(tl.int64) * sq_l
+    if SOFTCAP:
+        q_scale = 1.0
+    else:
+        q_scale = scaling * LOG2E
+    q1, q2, qf1, qf2 = rotated_rows(q_rows, row_ok, qp, TURNS, far_pos, rot_scale, q_scale, HALF, CAPPED)
+
+    K = K + b * sk_b + hk * sk_h
+    V = V + b * sv_b + hk * sv_h
+    KPOS = KPOS + b * skp_b
+    KVALID = KVALID + b * skv_b
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_h = tl.arange(0, HALF)
+    offs_d = tl.arange(0, 2 * HALF)
+    acc = tl.zeros((BLOCK_M, 2 * HALF), dtype=tl.float32)
+    m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, Lk)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + offs_n0
+        n_ok = offs_n < hi
+        kp = tl.load(KPOS + offs_n * skp_l, mask=n_ok, other=0).to(tl.int32)
+        valid = (tl.load(KVALID + offs_n * skv_l, mask=n_ok, other=0) != 0) & n_ok
+        k_rows = K + start * sk_l + offs_n0[:, None] * sk_l + offs_h[None, :]
+        x1 = tl.load(k_rows, mask=n_ok[:, None], other=0.0)
+        x2 = tl.load(k_rows + HALF, mask=n_ok[:, None], other=0.0)
+        cos, sin = cos_sin(kp, TURNS, HALF)
+        k1, k2 = rotate(x1.to(tl.float32), x2.to(tl.float32), cos, sin)
+        k1 = (k1 * rot_scale).to(x1.dtype)
+        k2 = (k2 * rot_scale).to(x1.dtype)
+        s = tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
+        s = tl.dot(q2, tl.trans(k2), s, input_precision=DOT_PREC)
+        # The far dot product is cheap next to reading the keys: no branch on "tile holds sinks".
+        if CAPPED:
+            sf = tl.dot(qf1, tl.trans(x1), input_precision=DOT_PREC)
+            sf = tl.dot(qf2, tl.trans(x2), sf, input_precision=DOT_PREC)
+        else:
+            sf = tl.dot(qf1, tl.trans(k1), input_precision=DOT_PREC)
+            sf = tl.dot(qf2, tl.trans(k2), sf, input_precision=DOT_PREC)
+        d = qp[:, None] - kp[None, :]
+        s = tl.where(d < window, s, sf)
+        if SOFTCAP:
+            s = tanh(s * (scaling / softcap)) * (softcap * LOG2E)
+        vis = valid[None, :] & (d >= 0) & ((d < window) | (kp[None, :] < n_global))
+        z = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(z, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(z - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v_rows = V + start * sv_l + offs_n0[:, None] * sv_l + offs_d[None, :]
+        v = tl.load(v_rows, mask=n_ok[:, None], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
+        m_i = m_new
+    part = pid_bh.to(tl.int64) * tl.num_programs(1) + split
+    tl.store(PART_O + (part * BLOCK_M + rows)[:, None] * (2 * HALF) + offs_d[None, :], acc)
+    tl.store(PART_ML + part * 2 * BLOCK_M + rows, m_i)
+    tl.store(PART_ML + part * 2 * BLOCK_M + BLOCK_M + rows, l_i)
+
+
+@triton.jit
+def _lambda_decode_combine(
+    PART_O,
+    PART_ML,
+    OUT,
+    so_b,
+    so_l,
+    so_h,
+    Hkv,
+    Lq,
+    group,
+    splits,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // Hkv).to(tl.int64)
+    hk = (pid_bh % Hkv).to(tl.int64)
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < group * Lq
+    offs_d = tl.arange(0, D)
+    acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
+    m = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
+    total = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for split in range(splits):
+        part = pid_bh.to(tl.int64) * splits + split
+        m_s = tl.load(PART_ML + part * 2 * BLOCK_M + rows)
+        l_s = tl.load(PART_ML + part * 2 * BLOCK_M + BLOCK_M + rows)
+        o_s = tl.load(PART_O + (part * BLOCK_M + rows)[:, None] * D + offs_d[None, :])
+        m_new = tl.maximum(m, m_s)
+        a = tl.exp2(m - m_new)
+        c = tl.exp2(m_s - m_new)
+        acc = acc * a[:, None] + o_s * c[:, None]
+        total = total * a + l_s * c
+        m = m_new
+    out = acc / tl.where(total > 0, total, 1.0)[:, None]
+    qi = rows % Lq
+    h = hk * group + rows // Lq
+    o_rows = OUT + b * so_b + qi.to(tl.int64) * so_l + h * so_h
+    tl.store(o_rows[:, None] + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+
+
+def lambda_decode(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    query_positions: torch.Tensor,
+    key_positions: torch.Tensor,
+    key_valid: torch.Tensor,
+    spec: LambdaSpec,
+    rotary: Rotary,
+    scaling: float,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Λ attention of a few queries (heads per KV head x queries <= DECODE_MAX_ROWS), no autograd."""
+    batch, q_heads, q_len, dim = query.shape
+    kv_heads, k_len = key.shape[1], key.shape[2]
+    group = q_heads // kv_heads
+    capped, far_pos = far_rule(spec)
+    turns = frequency_turns(rotary.inv_freq, query.device)
+    block_m = max(16, triton.next_power_of_2(group * q_len))
+    if interpreting():
+        block_n, warps, stages, splits = 32, 4, 1, 3
+    else:
+        # Enough programs to fill every SM a few times over, but no split shorter than 4 key tiles.
+        block_n, warps, stages, per_sm = DECODE_CONFIG
+        wanted = triton.cdiv(per_sm * sm_count(query.device.index or 0), batch * kv_heads)
+        splits = max(1, min(wanted, triton.cdiv(k_len, 4 * block_n)))
+    split_len = triton.cdiv(triton.cdiv(k_len, splits), block_n) * block_n
+    splits = triton.cdiv(k_len, split_len)
+    part_o = torch.empty(batch * kv_heads * splits * block_m, dim, dtype=torch.float32, device=query.device)
+    part_ml = torch.empty(batch * kv_heads * splits * 2 * block_m, dtype=torch.float32, device=query.device)
+    out = torch.empty(batch, q_len, q_heads, dim, dtype=query.dtype, device=query.device)
+    valid = key_valid.view(torch.uint8)
+    _lambda_decode_split[(batch * kv_heads, splits)](
+        query,
+        key,
+        value,
+        part_o,
+        part_ml,
+        query_positions,
+        key_positions,
+        valid,
+        turns,
+        query.stride(0),
+        query.stride(1),
+        query.stride(2),
+        key.stride(0),
+        key.stride(1),
+        key.stride(2),
+        value.stride(0),
+        value.stride(1),
+        value.stride(2),
+        query_positions.stride(0),
+        query_positions.stride(1),
+        key_positions.stride(0),
+        key_positions.stride(1),
+        valid.stride(0),
+        valid.stride(1),
+        kv_heads,
+        q_len,
+        k_len,
+        group,
+        split_len,
+        spec.n_global,
+        spec.window,
+        far_pos,
+        rotary.scale,
+        scaling,
+        softcap or 0.0,
+        HALF=dim // 2,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        CAPPED=capped,
+        SOFTCAP=softcap is not None,
+        DOT_PREC=dot_precision(query.dtype),
+        num_warps=warps,
+        num_stages=stages,
+    )
+    _lambda_decode_combine[(batch * kv_heads,)](
+        part_o,
+        part_ml,
+        out,
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        kv_heads,
+        q_len,
+        group,
+        splits,
+        D=dim,
+        BLOCK_M=block_m,
+        num_warps=4,
+    )
+    return out

@@ -1,0 +1,47 @@
+"""Helpers shared by the Λ kernels and their launchers."""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+import triton
+import triton.language as tl
+
+_WARNED: set[str] = set()
+
+
+def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1 (CPU tensors, small blocks keep the interpreter fast)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def grid_rows(length: int, block: int, programs: int) -> tuple[int, int]:
+    return (triton.cdiv(length, block), programs)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # float32 is the test dtype: keep it exact (tf32 would cost ~1e-3 relative error).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@functools.cache
+def sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def tanh(x):
+    # 1 - 2 / (e^2x + 1) saturates cleanly to ±1 (tl.math has no tanh on every Triton version).
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)

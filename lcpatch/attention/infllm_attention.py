@@ -1,0 +1,103 @@
+"""InfLLM on a patched model: per-layer rules, the block-memory cache, and attention dispatch."""
+
+from __future__ import annotations
+
+from ..cache import BlockMemoryCache, BlockMemoryLayer, StepInfo
+from ..cache.block_memory import build_plan
+from ..cache.lambda_cache import LambdaCacheLayer
+from ..errors import CacheError
+from ..models import ModelStructure
+from .dispatch import select_backend
+from .infllm import InfLLM, InfLLMSpec
+from .infllm_reference import execution_block_attention, infllm_attention_reference
+from .lambda_reference import lambda_attention_reference
+from .lm_infinite import LambdaSpec
+
+
+def layer_specs(structure: ModelStructure, spec: InfLLMSpec) -> list[InfLLMSpec | LambdaSpec]:
+    """InfLLM for every layer, except that a layer whose own sliding window is narrower than the
+    local window keeps exactly that window (Gemma3's local layers), as trained."""
+    return [
+        spec if window is None or window >= spec.n_local else LambdaSpec(0, window, window)
+        for window in structure.sliding_windows
+    ]
+
+
+class InfLLMAttention:
+    """The runtime half of InfLLM for one model: its cache and its attention."""
+
+    cache_class = BlockMemoryCache
+
+    def __init__(self, structure: ModelStructure, method: InfLLM):
+        self.structure = structure
+        self.method = method
+        self.spec = method.spec()
+        self.specs = layer_specs(structure, self.spec)
+        select_backend(method.backend, next(structure.model.parameters()).device)  # fail at apply, not mid-run
+
+    def make_cache(self) -> BlockMemoryCache:
+        """A fresh, empty block-memory cache for this model (one per batch)."""
+        return BlockMemoryCache(self.spec, self.specs, self.method.offload, self.method.max_cached_blocks)
+
+    def cache_sizes(self) -> list[int]:
+        """Key/value positions per layer kept on the device when memory blocks are offloaded
+        (init + ring + the LRU of cached blocks); with offload 'gpu' the memory blocks add to it."""
+        on_device = self.spec.n_init + self.spec.ring_size + self.method.max_cached_blocks * self.spec.block_size
+        return [on_device if isinstance(spec, InfLLMSpec) else spec.cache_size for spec in self.specs]
+
+    def attend(self, module, query, key, value, step: StepInfo, cache, scaling: float, dropout: float, **kwargs):
+        """One layer's attention for this forward pass's tokens, storing them in the cache; (B, L, Hq, D)."""
+        index = module.layer_idx
+        spec, rotary, softcap = self.specs[index], self.structure.rotaries[index], kwargs.get("softcap")
+        layer = cache.layers[index] if isinstance(cache, BlockMemoryCache) else None
+        if isinstance(spec, LambdaSpec):
+            return self._sliding(index, query, key, value, step, layer, spec, scaling, softcap, dropout)
+        if layer is None:  # no cache (use_cache=False): this pass's tokens only
+            layer = BlockMemoryLayer(spec)
+            layer.lazy_initialization(key, value)
+            plan, _ = build_plan(step, [0] * key.shape[0], spec)
+        else:
+            plan = cache.plan(step)
+        block_attention = self._block_attention(query, key, rotary, dropout)
+        return infllm_attention_reference(
+            query, key, value, plan, layer, spec, rotary, scaling, softcap, dropout, block_attention
+        )
+
+    def _block_attention(self, query, key, rotary, dropout):
+        if select_backend(self.method.backend, query.device) != "triton":
+            return execution_block_attention
+        from ..kernels.infllm import execution_block_attention_triton, fallback_reason
+        from ..kernels.utils import warn_once
+
+        reason = fallback_reason(query, key, rotary, dropout)
+        if reason is None:
+            return execution_block_attention_triton
+        warn_once(f"lcpatch.kernels: {reason} is not supported by the InfLLM kernel; using the PyTorch reference.")
+        return execution_block_attention
+
+    def _sliding(self, index, query, key, value, step, layer, spec, scaling, softcap, dropout):
+        if isinstance(layer, LambdaCacheLayer) and layer.key_step is step:
+            key_positions, key_valid = layer.key_positions, layer.key_valid
+        elif key.shape[2] == step.positions.shape[1]:
+            key_positions, key_valid = step.positions, step.valid
+        else:
+            raise CacheError(
+                f"layer {index} received {key.shape[2]} keys for {step.positions.shape[1]} queries from a cache lcpatch "
+                "does not manage. Let the patched model create its cache."
+            )
+        args = (
+            query,
+            key,
+            value,
+            step.positions,
+            key_positions,
+            key_valid,
+            spec,
+            self.structure.rotaries[index],
+            scaling,
+        )
+        if select_backend(self.method.backend, query.device) == "triton":
+            from ..kernels import lambda_attention
+
+            return lambda_attention(*args, softcap=softcap, dropout=dropout)
+        return lambda_attention_reference(*args, softcap=softcap, dropout=dropout)

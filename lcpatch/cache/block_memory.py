@@ -1,0 +1,442 @@
+"""InfLLM's KV cache: init tokens, a ring of recent tokens and a store of memory blocks, per layer.
+
+Every row of a batch keeps its own bookkeeping, keyed by the positions of its real tokens
+(padding never enters the cache): position j < n_init lives in init slot j, later positions in
+ring slot j mod ring_size until their block of `block_size` tokens leaves the local window and
+becomes memory block (j - n_init) // block_size. Rows of a left-padded batch therefore form the
+same blocks, at the same positions, as each prompt alone.
+
+Memory blocks live either on the model's device (`_DeviceBlocks`) or in (pinned) host memory
+with a per-row LRU of `max_cached_blocks` device slots (`_HostBlocks`). Both return the same
+tensors for the same blocks, so results do not depend on where the blocks are kept.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from ..attention.infllm import InfLLMSpec
+from ..attention.lm_infinite import LambdaSpec
+from ..errors import CacheError, SequenceLimitError
+from .lambda_cache import LambdaCacheLayer
+from .step import StepAwareCache, StepInfo
+
+# With offload 'auto', memory blocks move to host memory once growing them on the GPU would leave
+# less than this fraction of its memory free (activations of a prefill chunk need room too).
+AUTO_OFFLOAD_FREE_FRACTION = 0.15
+HOST_PAGE_BLOCKS = 64  # host memory grows by pages of this many blocks, never by copying what it holds
+
+
+@dataclass
+class ExecutionBlock:
+    """Columns [start, stop) of a right-justified forward pass, attended together."""
+
+    start: int
+    stop: int
+    targets: list[int]  # memory blocks each row must have formed before this execution block attends
+    active: torch.Tensor  # (B,) rows with at least one real query here
+    last: torch.Tensor  # (B,) position of each active row's last query
+
+
+@dataclass
+class ForwardPlan:
+    """How one forward pass's tokens are laid out for InfLLM, shared by all layers.
+
+    Each row's real tokens are right-justified (`order` gathers them; None when they already
+    are), so execution blocks, counted back from each row's last token, are common columns.
+    """
+
+    order: torch.Tensor | None
+    positions: torch.Tensor  # (B, L) right-justified
+    valid: torch.Tensor  # (B, L) right-justified
+    blocks: list[ExecutionBlock]
+
+
+def blocks_formed(first_query: int, spec: InfLLMSpec) -> int:
+    """Memory blocks that exist for an execution block starting at position `first_query`: every
+    block whose last token lies outside that query's local window."""
+    return max(0, (first_query - spec.n_local + 1 - spec.n_init) // spec.block_size)
+
+
+def build_plan(step: StepInfo, seen: list[int], spec: InfLLMSpec) -> tuple[ForwardPlan, list[int]]:
+    """The plan of one forward pass for rows that have `seen` real tokens so far; also returns the new counts."""
+    valid_host = step.valid.cpu()  # the one host sync per forward pass: block bookkeeping lives on the host
+    batch, length = valid_host.shape
+    counts = valid_host.sum(dim=1).tolist()
+    device = step.positions.device
+    if bool((valid_host[:, :-1] <= valid_host[:, 1:]).all()):
+        order, positions, valid = None, step.positions, step.valid
+    else:
+        order = torch.sort(step.valid.to(torch.int8), dim=1, stable=True).indices
+        positions, valid = step.positions.gather(1, order), step.valid.gather(1, order)
+    first_column = [length - n for n in counts]  # of each row's real tokens, once right-justified
+    ends = [s + n for s, n in zip(seen, counts, strict=True)]
+    end = torch.tensor(ends, device=device)
+    expected = end[:, None] - length + torch.arange(length, device=device)
+    wrong = (valid & (positions != expected)).nonzero()
+    if len(wrong):
+        row, column = wrong[0].tolist()
+        raise SequenceLimitError(
+            "infllm keys its memory by token position: the real (unmasked) tokens of each row must have positions "
+            f"0, 1, 2, ... in order, continuing the cache. Row {row}'s real token {column - first_column[row]} has "
+            f"position {int(positions[row, column])}, expected {int(expected[row, column])}. Let generate() compute "
+            "position_ids from the attention mask (or pass them so)."
+        )
+    blocks = []
+    for stop in range(length, 0, -spec.exc_block_size):
+        start = max(0, stop - spec.exc_block_size)
+        targets = [
+            blocks_formed(s + max(start, f) - f, spec) if stop > f else 0
+            for s, f in zip(seen, first_column, strict=True)
+        ]
+        active = torch.tensor([stop > f for f in first_column], device=device)
+        blocks.append(ExecutionBlock(start, stop, targets, active, end - length + stop - 1))
+    return ForwardPlan(order, positions, valid, blocks[::-1]), ends
+
+
+def _block_tensor(like: torch.Tensor, count: int, block_size: int, **where) -> torch.Tensor:
+    """Zeros (B, count, H, block_size, D) shaped after `like` (B, H, *, D)."""
+    batch, heads, _, dim = like.shape
+    where.setdefault("device", like.device)
+    return torch.zeros(batch, count, heads, block_size, dim, dtype=like.dtype, **where)
+
+
+def _grow(tensor: torch.Tensor, dim: int, needed: int) -> torch.Tensor:
+    """`tensor` with room for `needed` entries along `dim`, doubling so that appends stay amortised O(1)."""
+    if tensor.shape[dim] >= needed:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = max(needed, 2 * shape[dim])
+    grown = tensor.new_zeros(shape)
+    grown.narrow(dim, 0, tensor.shape[dim]).copy_(tensor)
+    return grown
+
+
+class _DeviceBlocks:
+    """Memory blocks kept on the model's device: one tensor (B, capacity, H, block, D) per keys / values."""
+
+    offloaded = False
+
+    def __init__(self, keys_like: torch.Tensor, values_like: torch.Tensor, block_size: int):
+        self.keys = _block_tensor(keys_like, 0, block_size)
+        self.values = _block_tensor(values_like, 0, block_size)
+
+    def bytes_to_hold(self, count: int) -> int:
+        """Extra bytes a growth to `count` blocks would allocate (0 if it fits)."""
+        capacity = self.keys.shape[1]
+        if count <= capacity:
+            return 0
+        per_block = sum(math.prod((t.shape[0], *t.shape[2:])) * t.element_size() for t in (self.keys, self.values))
+        return per_block * max(count, 2 * capacity)
+
+    def append(self, rows: list[int], index: list[int], keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys = _grow(self.keys, 1, max(index) + 1)
+        self.values = _grow(self.values, 1, max(index) + 1)
+        r, i = torch.tensor(rows, device=keys.device), torch.tensor(index, device=keys.device)
+        self.keys[r, i] = keys
+        self.values[r, i] = values
+
+    def fetch(self, selected: torch.Tensor, wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.arange(selected.shape[0], device=selected.device)[:, None]
+        return self.keys[rows, selected], self.values[rows, selected]
+
+
+class _HostBlocks:
+    """Memory blocks in (pinned) host memory; each row keeps an LRU of `slots` blocks on the device.
+
+    Copies both ways are non-blocking and ordered on the current stream, so the host never waits
+    for a transfer and a slot is never read before its copy lands.
+    """
+
+    offloaded = True
+
+    def __init__(self, keys_like: torch.Tensor, values_like: torch.Tensor, block_size: int, slots: int):
+        self.likes = (keys_like, values_like)
+        self.block_size = block_size
+        self.pin = keys_like.device.type == "cuda"
+        self.pages: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.slot_keys = _block_tensor(keys_like, slots, block_size)
+        self.slot_values = _block_tensor(values_like, slots, block_size)
+        self.resident: list[OrderedDict[int, int]] = [OrderedDict() for _ in range(keys_like.shape[0])]
+        self.loads = 0  # host-to-device block copies so far
+
+    def adopt(self, blocks: _DeviceBlocks, stored: int) -> _HostBlocks:
+        """Take over the first `stored` blocks of a device store; returns self."""
+        for first in range(0, stored, HOST_PAGE_BLOCKS):
+            n = min(HOST_PAGE_BLOCKS, stored - first)
+            keys, values = self._page(first // HOST_PAGE_BLOCKS)
+            keys[:, :n].copy_(blocks.keys[:, first : first + n], non_blocking=True)
+            values[:, :n].copy_(blocks.values[:, first : first + n], non_blocking=True)
+        return self
+
+    def _page(self, page: int) -> tuple[torch.Tensor, torch.Tensor]:
+        while len(self.pages) <= page:
+            self.pages.append(
+                tuple(
+                    _block_tensor(like, HOST_PAGE_BLOCKS, self.block_size, device="cpu", pin_memory=self.pin)
+                    for like in self.likes
+                )
+            )
+        return self.pages[page]
+
+    def append(self, rows: list[int], index: list[int], keys: torch.Tensor, values: torch.Tensor) -> None:
+        for n, (row, block) in enumerate(zip(rows, index, strict=True)):
+            page_keys, page_values = self._page(block // HOST_PAGE_BLOCKS)
+            page_keys[row, block % HOST_PAGE_BLOCKS].copy_(keys[n], non_blocking=True)
+            page_values[row, block % HOST_PAGE_BLOCKS].copy_(values[n], non_blocking=True)
+
+    def _slot_for(self, row: int, block: int, wanted: set[int]) -> int:
+        lru = self.resident[row]
+        if block in lru:
+            lru.move_to_end(block)
+            return lru[block]
+        if len(lru) < self.slot_keys.shape[1]:
+            slot = len(lru)
+        else:  # max_cached_blocks >= topk, so some resident block is not wanted now
+            victim = next(b for b in lru if b not in wanted)
+            slot = lru.pop(victim)
+        page_keys, page_values = self.pages[block // HOST_PAGE_BLOCKS]
+        self.slot_keys[row, slot].copy_(page_keys[row, block % HOST_PAGE_BLOCKS], non_blocking=True)
+        self.slot_values[row, slot].copy_(page_values[row, block % HOST_PAGE_BLOCKS], non_blocking=True)
+        self.loads += 1
+        lru[block] = slot
+        return slot
+
+    def fetch(self, selected: torch.Tensor, wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        slots = []
+        for row, (blocks, flags) in enumerate(zip(selected.tolist(), wanted.tolist(), strict=True)):
+            needed = {b for b, w in zip(blocks, flags, strict=True) if w}
+            slots.append([self._slot_for(row, b, needed) if w else 0 for b, w in zip(blocks, flags, strict=True)])
+        index = torch.tensor(slots, device=self.slot_keys.device)
+        rows = torch.arange(index.shape[0], device=index.device)[:, None]
+        return self.slot_keys[rows, index], self.slot_values[rows, index]
+
+
+def _device_has_room(device: torch.device, nbytes: int) -> bool:
+    if device.type != "cuda" or nbytes == 0:
+        return True
+    free, total = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return free - nbytes >= AUTO_OFFLOAD_FREE_FRACTION * total
+
+
+class BlockMemoryLayer(CacheLayerMixin):
+    """One InfLLM layer: init slots, a ring of recent tokens with their representative scores, memory blocks.
+
+    `update` only counts tokens: InfLLM attention stores them itself, one execution block at a
+    time, because the blocks that form depend on the attention of earlier execution blocks.
+    """
+
+    is_sliding = False
+
+    def __init__(self, spec: InfLLMSpec, offload: str = "gpu", max_cached_blocks: int = 32):
+        super().__init__()
+        self.spec = spec
+        self.offload = offload
+        self.max_cached_blocks = max_cached_blocks
+        self.cumulative_length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads, _, dim = key_states.shape
+        spec = self.spec
+        self.dtype, self.device = key_states.dtype, key_states.device
+        # One extra slot each: padding tokens are scattered there, which keeps writes free of host syncs.
+        self.init_keys = key_states.new_zeros(batch, heads, spec.n_init + 1, dim)
+        self.init_values = value_states.new_zeros(batch, heads, spec.n_init + 1, value_states.shape[-1])
+        self.ring_keys = key_states.new_zeros(batch, heads, spec.ring_size + 1, dim)
+        self.ring_values = value_states.new_zeros(batch, heads, spec.ring_size + 1, value_states.shape[-1])
+        self.ring_scores = torch.zeros(batch, heads, spec.ring_size + 1, device=self.device)
+        self.representatives = torch.zeros(batch, 0, heads, dim, device=self.device)
+        self.counts = [0] * batch
+        self._likes = (
+            key_states.new_zeros(batch, heads, 0, dim),
+            value_states.new_zeros(batch, heads, 0, value_states.shape[-1]),
+        )
+        if self.offload == "cpu":
+            self.blocks = _HostBlocks(*self._likes, spec.block_size, self.max_cached_blocks)
+        else:
+            self.blocks = _DeviceBlocks(*self._likes, spec.block_size)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if key_states.shape[0] != len(self.counts):
+            raise CacheError(
+                f"this InfLLM cache holds {len(self.counts)} rows but a batch of {key_states.shape[0]} was passed; "
+                "use one cache per batch (lcpatch.make_cache(model))."
+            )
+        self.cumulative_length += key_states.shape[-2]
+        return key_states, value_states
+
+    # -- tokens --------------------------------------------------------------------------------
+    def write(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None:
+        """Store the keys/values (B, H, X, D) of real tokens at their positions' slots."""
+        spec = self.spec
+        is_init = valid & (positions < spec.n_init)
+        is_ring = valid & (positions >= spec.n_init)
+        init_slot = torch.where(is_init, positions, spec.n_init)
+        ring_slot = torch.where(is_ring, positions % spec.ring_size, spec.ring_size)
+        heads = keys.shape[1]
+        for slot, store_k, store_v in (
+            (init_slot, self.init_keys, self.init_values),
+            (ring_slot, self.ring_keys, self.ring_values),
+        ):
+            index = slot[:, None, :, None].expand(-1, heads, -1, keys.shape[-1])
+            store_k.scatter_(2, index, keys.to(store_k.dtype))
+            store_v.scatter_(
+                2, slot[:, None, :, None].expand(-1, heads, -1, values.shape[-1]), values.to(store_v.dtype)
+            )
+        self.ring_scores.scatter_(2, ring_slot[:, None, :].expand(-1, heads, -1), 0.0)
+
+    def init_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Init slots (B, H, n_init, D); slot j holds position j."""
+        return self.init_keys[:, :, :-1], self.init_values[:, :, :-1]
+
+    def ring_kv(self, last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Ring keys/values (B, H, R, D), the position each slot holds given each row's last written
+        position `last` (B,), and which slots hold tokens not yet in a memory block."""
+        size = self.spec.ring_size
+        slots = torch.arange(size, device=last.device)
+        positions = last[:, None] - (last[:, None] - slots) % size
+        base = self.spec.n_init + self.spec.block_size * torch.tensor(self.counts, device=last.device)
+        return self.ring_keys[:, :, :-1], self.ring_values[:, :, :-1], positions, positions >= base[:, None]
+
+    def add_scores(self, attention: torch.Tensor) -> None:
+        """Accumulate (B, H, R) attention that ring tokens received from queries of their own block."""
+        self.ring_scores[:, :, :-1] += attention
+
+    # -- memory blocks -------------------------------------------------------------------------
+    def rows_forming(self, targets: list[int]) -> list[int]:
+        """Rows that still have a block to form before reaching `targets`."""
+        return [row for row, (have, want) in enumerate(zip(self.counts, targets, strict=True)) if have < want]
+
+    def oldest_recent_block(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys, values (R, H, block, D) and representative scores (R, H, block) of each row's next block."""
+        spec = self.spec
+        first = torch.tensor([spec.n_init + spec.block_size * self.counts[r] for r in rows], device=self.device)
+        slots = (first[:, None] + torch.arange(spec.block_size, device=self.device)) % spec.ring_size
+        index = torch.tensor(rows, device=self.device)[:, None]
+        keys = self.ring_keys[index, :, slots].transpose(1, 2)
+        values = self.ring_values[index, :, slots].transpose(1, 2)
+        scores = self.ring_scores[index, :, slots].transpose(1, 2)
+        return keys, values, scores
+
+    def push_blocks(
+        self, rows: list[int], keys: torch.Tensor, values: torch.Tensor, representative: torch.Tensor
+    ) -> None:
+        """Append one memory block to each of `rows`: keys and values (R, H, block, D) as cached
+        (un-rotated), and the representative key (R, H, D) that selection scores it by."""
+        index = [self.counts[r] for r in rows]
+        self._make_room(max(index) + 1)
+        self.representatives = _grow(self.representatives, 1, max(index) + 1)
+        r, i = torch.tensor(rows, device=self.device), torch.tensor(index, device=self.device)
+        self.representatives[r, i] = representative.to(self.representatives.dtype)
+        self.blocks.append(rows, index, keys.to(self.dtype), values.to(self.dtype))
+        for row in rows:
+            self.counts[row] += 1
+
+    def _make_room(self, count: int) -> None:
+        blocks = self.blocks
+        if (
+            self.offload == "auto"
+            and not blocks.offloaded
+            and not _device_has_room(self.device, blocks.bytes_to_hold(count))
+        ):
+            host = _HostBlocks(*self._likes, self.spec.block_size, self.max_cached_blocks)
+            self.blocks = host.adopt(blocks, max(self.counts))
+
+    def block_counts(self) -> torch.Tensor:
+        """(B,) memory blocks per row."""
+        return torch.tensor(self.counts, device=self.device)
+
+    def fetch(self, selected: torch.Tensor, wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values (B, H, k * block, D) of the selected blocks (B, k); unwanted entries hold any block."""
+        keys, values = self.blocks.fetch(selected, wanted)
+        return keys.transpose(1, 2).flatten(2, 3), values.transpose(1, 2).flatten(2, 3)
+
+    @property
+    def offloaded(self) -> bool:
+        """Whether this layer's memory blocks live in host memory."""
+        return self.is_initialized and self.blocks.offloaded
+
+    # -- transformers Cache API ----------------------------------------------------------------
+    def get_mask_sizes(self, query_length: int, *args, **kwargs) -> tuple[int, int]:
+        return self.cumulative_length + query_length, 0
+
+    def get_seq_length(self, *args, **kwargs) -> int:
+        # transformers derives the next positions from this, so it counts every token seen.
+        return self.cumulative_length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:
+        return -1
+
+    def _unsupported(self, *args, **kwargs) -> None:
+        raise CacheError(
+            "the InfLLM block-memory cache cannot reorder, select, repeat or crop its rows: beam search, contrastive "
+            "search and assisted decoding are not supported with infllm; use greedy decoding or sampling."
+        )
+
+    reorder_cache = batch_select_indices = batch_repeat_interleave = crop = _unsupported
+
+    def reset(self) -> None:
+        self.is_initialized = False
+        self.cumulative_length = 0
+
+
+class BlockMemoryCache(StepAwareCache):
+    """A transformers `Cache` for InfLLM: a `BlockMemoryLayer` per layer (a bounded Λ layer for layers
+    whose own sliding window is narrower than the local window)."""
+
+    def __init__(
+        self, spec: InfLLMSpec, layer_specs: list[InfLLMSpec | LambdaSpec], offload: str, max_cached_blocks: int
+    ):
+        self.step = None
+        self.spec = spec
+        layers = [
+            BlockMemoryLayer(s, offload, max_cached_blocks) if isinstance(s, InfLLMSpec) else LambdaCacheLayer(s, self)
+            for s in layer_specs
+        ]
+        super().__init__(layers=layers)
+        self.seen: list[int] | None = None
+        self._plan: ForwardPlan | None = None
+        self._plan_step: StepInfo | None = None
+
+    def plan(self, step: StepInfo) -> ForwardPlan:
+        """The layout of the forward pass in progress, computed once and shared by every layer."""
+        if self._plan_step is not step:
+            batch = step.valid.shape[0]
+            seen = self.seen if self.seen is not None else [0] * batch
+            if len(seen) != batch:
+                raise CacheError(
+                    f"this InfLLM cache holds {len(seen)} rows but a batch of {batch} was passed; "
+                    "use one cache per batch (lcpatch.make_cache(model))."
+                )
+            self._plan, self.seen = build_plan(step, seen, self.spec)
+            self._plan_step = step
+        return self._plan
+
+    def memory_blocks(self) -> list[list[int]]:
+        """Memory blocks per layer and row (empty for layers without block memory)."""
+        return [
+            layer.counts if isinstance(layer, BlockMemoryLayer) and layer.is_initialized else []
+            for layer in self.layers
+        ]
+
+    def offloaded_layers(self) -> list[int]:
+        """Indices of the layers whose memory blocks live in host memory."""
+        return [i for i, layer in enumerate(self.layers) if isinstance(layer, BlockMemoryLayer) and layer.offloaded]
+
+    def reset(self) -> None:
+        """Forget every token, keeping the layer objects (transformers' Cache.reset contract)."""
+        super().reset()
+        self.seen = None
+        self._plan = self._plan_step = None

@@ -1,0 +1,243 @@
+"""Fine-tune a causal LM as a recipe's `training` section says (E2-LLM, or a plain causal-LM baseline).
+
+    lcpatch train e2llm --model HuggingFaceTB/SmolLM2-135M --data "books/*.txt" --max-steps 200
+    python -m lcpatch.train my-recipe.yaml --sequence-length 2048 --g-max 8
+    accelerate launch --num_processes 2 -m lcpatch.train e2llm --output-dir out ...
+    (on a CPU-only machine add --multi_gpu: accelerate's --cpu starts one process unless mpirun is set up;
+    --multi_gpu without GPUs starts torchrun processes that train on CPU over gloo)
+
+Every field of the training section is also a flag, its value read as YAML (`--lora null` for a
+full fine-tune, `--data '[a.txt, b.txt]'`). The recipe's rope and attention sections are applied
+to the model before training. The output folder holds the weights (or the LoRA adapter), the
+tokenizer and lcpatch_recipe.yaml: `lcpatch.from_pretrained(folder)` rebuilds the inference setup.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import itertools
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from .api import apply, patched_recipe
+from .errors import RecipeError
+from .recipe import Recipe, RecipeLike, load_recipe
+from .serialization import RECIPE_FILE
+from .training import TRAINING_METHODS, CausalLMTraining, training_from_dict, training_to_dict
+
+logger = logging.getLogger(__name__)
+
+
+def _flag_value(text: str):
+    """A flag's value: a number when it reads as one (YAML 1.1 would keep '2e-4' a string), else YAML."""
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
+
+
+# One flag per field of any training method; a flag the recipe's method lacks is rejected like a YAML typo.
+FIELDS = tuple(dict.fromkeys(f.name for cls in TRAINING_METHODS.values() for f in dataclasses.fields(cls)))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="a recipe with a training section: built-in name (e2llm) or YAML file")
+    for name in FIELDS:
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            metavar="VALUE",
+            type=_flag_value,
+            default=argparse.SUPPRESS,
+            help=f"overrides training.{name} (read as YAML)",
+        )
+
+
+def with_overrides(spec: RecipeLike, overrides: dict) -> Recipe:
+    """The recipe with the given training fields replaced (validated like the YAML file)."""
+    recipe = load_recipe(spec)
+    if recipe.training is None:
+        raise RecipeError(
+            f"recipe '{recipe.name or spec}' has no training section; use a training recipe such as the built-in "
+            "'e2llm' (recipes/e2llm.yaml)."
+        )
+    training = training_from_dict({**training_to_dict(recipe.training), **overrides})
+    return dataclasses.replace(recipe, training=training)
+
+
+def _texts(training: CausalLMTraining) -> list[str]:
+    """The documents of training.data: one per local text file, or the rows of a datasets dataset."""
+    if not training.data:
+        raise RecipeError("training.data is empty; give text files, folders of .txt files, globs or a datasets name.")
+    texts = []
+    for entry in training.data:
+        path = Path(entry).expanduser()
+        files = sorted(path.glob("*.txt")) if path.is_dir() else [Path(p) for p in sorted(glob.glob(str(path)))]
+        if files:
+            texts += [f.read_text(encoding="utf-8", errors="replace") for f in files]
+            continue
+        if path.exists():
+            raise RecipeError(f"training.data entry {entry!r} is a folder without .txt files.")
+        from datasets import load_dataset  # only here: local files need no `datasets` (the GPU machine lacks it)
+
+        logger.info("training.data %r is no local file: loading it with datasets.load_dataset", entry)
+        rows = load_dataset(entry, training.dataset_config, split="train")
+        if training.text_field not in rows.column_names:
+            raise RecipeError(
+                f"dataset {entry!r} has no column {training.text_field!r} (training.text_field); "
+                f"its columns: {', '.join(rows.column_names)}."
+            )
+        texts += rows[training.text_field]
+    return texts
+
+
+def _blocks(texts: list[str], tokenizer, length: int) -> list[dict]:
+    """Documents tokenised, joined with EOS and cut into rows of `length` tokens (the remainder dropped)."""
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    flat = torch.from_numpy(np.fromiter(itertools.chain.from_iterable(row + eos for row in ids), dtype=np.int64))
+    if flat.numel() < length:
+        raise RecipeError(f"training.data holds {flat.numel()} tokens, fewer than training.sequence_length = {length}.")
+    return [{"input_ids": row} for row in flat[: flat.numel() // length * length].view(-1, length)]
+
+
+def _next_token_batch(rows: list[dict]) -> dict:
+    ids = torch.stack([row["input_ids"] for row in rows])
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def _dtype(training: CausalLMTraining) -> torch.dtype:
+    if training.dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return getattr(torch, training.dtype)
+
+
+def run(recipe: RecipeLike) -> Path:
+    """Train as `recipe.training` says; return the output folder (weights or adapter, tokenizer, recipe)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+
+    recipe = load_recipe(recipe)
+    training = recipe.training
+    if training is None or training.model is None:
+        raise RecipeError(
+            "lcpatch train needs training.model (a local folder or Hub id); set it in the recipe or with --model."
+        )
+    dtype = _dtype(training)
+    tokenizer = AutoTokenizer.from_pretrained(training.model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(training.model, dtype=dtype)
+    apply(model, recipe)
+    resolved = patched_recipe(model)
+    training = resolved.training
+    if training.lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        lora = training.lora
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=list(lora.target_modules),
+                task_type="CAUSAL_LM",
+            ),
+        )
+    callbacks = []
+    if training.method == "e2llm":
+        from .training.e2llm import E2LLMCallback
+
+        callbacks.append(E2LLMCallback(training.g_max, training.sink_tokens))
+    settings = dict(
+        output_dir=training.output_dir,
+        max_steps=training.max_steps,
+        per_device_train_batch_size=training.batch_size,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        learning_rate=training.learning_rate,
+        warmup_steps=training.warmup_steps,
+        lr_scheduler_type="cosine",
+        logging_steps=training.logging_steps,
+        save_strategy="no",
+        report_to="none",
+        seed=training.seed,
+        bf16=dtype == torch.bfloat16,
+        use_cpu=not torch.cuda.is_available(),
+        ddp_find_unused_parameters=False,
+        remove_unused_columns=False,
+    )
+    if training.gradient_checkpointing:  # only when asked: transformers 5.23 warns that this argument is being renamed
+        settings["gradient_checkpointing"] = True
+    texts = _texts(training)
+    if training.trainer == "trl":
+        from datasets import Dataset
+        from trl import SFTConfig, SFTTrainer
+
+        # "wrapped" packing cuts the token stream into equal blocks, as the hf path does.
+        args = SFTConfig(
+            **settings,
+            max_length=training.sequence_length,
+            packing=True,
+            packing_strategy="wrapped",
+            dataset_text_field="text",
+        )
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_dict({"text": texts}),
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
+    else:
+        args = TrainingArguments(**settings)
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=_blocks(texts, tokenizer, training.sequence_length),
+            data_collator=_next_token_batch,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
+    trainer.train()
+    trainer.save_model(training.output_dir)
+    output = Path(training.output_dir)
+    if trainer.is_world_process_zero():
+        trainer.state.save_to_json(str(output / "trainer_state.json"))
+        (output / RECIPE_FILE).write_text(resolved.to_yaml())
+        backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "no process group"
+        logger.info(
+            "trained %d steps on %d processes (%s); saved to %s",
+            trainer.state.global_step,
+            args.world_size,
+            backend,
+            output,
+        )
+    return output
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    overrides = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
+    run(with_overrides(args.recipe, overrides))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lcpatch.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_arguments(parser)
+    return run_cli(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""E2-LLM's training-side augmentation (Liu et al., 2024, arXiv 2401.06951).
+
+Each training sequence sees RoPE at positions (m + t) / g: the scale g drawn uniformly from
+{1, ..., g_max}, the offset t uniformly from the integers in [0, g·L - R] (L: the model's training
+length, R: the sequence's length), the first `sink_tokens` tokens keeping t = 0 (attention sinks).
+So every RoPE position stays below L, while the model learns many position densities at once.
+
+The model itself keeps its integer position_ids: transformers' mask code reads them (e.g. to find
+sequences packed by TRL's padding-free collator), so the transform is applied where RoPE is
+computed, by the rotary hook that `lcpatch.apply` installs for `rope: {scaling: e2llm}`. Turn it
+on for a Trainer / TRL SFTTrainer (PEFT models included) with `E2LLMCallback`, or in your own loop
+with `start_augmentation` / `stop_augmentation`. It acts only while the model is in training mode.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import TrainerCallback
+
+from ..errors import LcpatchError
+from ..fields import check_int
+from ..rope.e2llm import e2llm_positions_of
+
+
+def e2llm_positions(positions: torch.Tensor, g: torch.Tensor, t: torch.Tensor, sink_tokens: int) -> torch.Tensor:
+    """RoPE positions (m + t) / g (fp32) of integer positions m (B, L), with g and t per row (B,).
+
+    Positions below `sink_tokens` (each packed sequence restarts at 0) keep t = 0.
+    """
+    shift = torch.where(positions >= sink_tokens, t.to(positions.device)[:, None], 0.0)
+    return (positions.to(torch.float32) + shift) / g.to(positions.device)[:, None]
+
+
+class E2LLMAugmentation:
+    """Draws (g, t) for every row of every training forward and returns its RoPE positions."""
+
+    def __init__(self, g_max: int, training_length: int, sink_tokens: int = 4, seed: int = 0):
+        check_int("training", "g_max", g_max, minimum=1)
+        check_int("training", "sink_tokens", sink_tokens, minimum=0)
+        self.g_max = g_max
+        self.training_length = training_length
+        self.sink_tokens = sink_tokens
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def draw(self, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """g (uniform in {1..g_max}) and t (uniform integer in [0, g·L - R]) for rows of lengths R (B,), as fp32."""
+        rows = lengths.shape[0]
+        g = torch.randint(1, self.g_max + 1, (rows,), generator=self.generator)
+        # A row longer than g·L (only possible for g = 1 when R > L) cannot be shifted: t = 0.
+        t_max = (g * self.training_length - lengths.cpu()).clamp(min=0)
+        t = torch.floor(torch.rand(rows, generator=self.generator, dtype=torch.float64) * (t_max + 1))
+        return g.to(torch.float32), t.to(torch.float32)
+
+    def __call__(self, positions: torch.Tensor) -> torch.Tensor:
+        g, t = self.draw(positions.amax(dim=1) + 1)
+        return e2llm_positions(positions, g, t, self.sink_tokens)
+
+
+def start_augmentation(model, g_max: int, sink_tokens: int = 4, seed: int = 0) -> E2LLMAugmentation:
+    """Turn E2-LLM's augmentation on for a model patched with rope.scaling e2llm (dense attention)."""
+    state = e2llm_positions_of(model)
+    if not state.dense:
+        raise LcpatchError(
+            "E2-LLM training needs attention.method dense: Λ attention methods rotate keys themselves. "
+            "Train with the dense recipe, then apply the Λ method for inference."
+        )
+    augmentation = E2LLMAugmentation(g_max, state.training_length, sink_tokens, seed)
+    state.augmentation = augmentation
+    return augmentation
+
+
+def stop_augmentation(model) -> None:
+    """Back to inference positions (m / g) for this model, in training mode too."""
+    e2llm_positions_of(model).augmentation = None
+
+
+class E2LLMCallback(TrainerCallback):
+    """E2-LLM augmentation for the model a transformers Trainer or TRL SFTTrainer trains.
+
+    Each process draws from its own seed (`seed` or TrainingArguments.seed, plus the process index),
+    so data-parallel ranks see different (g, t).
+    """
+
+    def __init__(self, g_max: int, sink_tokens: int = 4, seed: int | None = None):
+        check_int("training", "g_max", g_max, minimum=1)
+        self.g_max, self.sink_tokens, self.seed = g_max, sink_tokens, seed
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        seed = (args.seed if self.seed is None else self.seed) + args.process_index
+        start_augmentation(model, self.g_max, self.sink_tokens, seed)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        stop_augmentation(model)

@@ -1,0 +1,81 @@
+"""InfLLM through the Λ prefill kernel against the PyTorch reference, end to end on a tiny model.
+
+On CPU the kernel runs under TRITON_INTERPRET=1 at small sizes; with LCPATCH_TEST_FULL=1 on a CUDA
+machine the same checks run compiled:  LCPATCH_TEST_FULL=1 python -m pytest tests/test_infllm_kernels.py
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+FULL = os.environ.get("LCPATCH_TEST_FULL") == "1"
+if not FULL:
+    # Must be set before the kernels are defined: @triton.jit reads it at decoration time.
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+kernels = pytest.importorskip("lcpatch.kernels.infllm")
+
+import lcpatch  # noqa: E402
+from lcpatch.attention.infllm_attention import InfLLMAttention  # noqa: E402
+
+from tiny_models import random_ids, tiny_model  # noqa: E402
+
+if FULL and not torch.cuda.is_available():
+    pytest.skip("LCPATCH_TEST_FULL=1 needs a CUDA device", allow_module_level=True)
+if not FULL and not hasattr(importlib.import_module("lcpatch.kernels.lambda_prefill")._lambda_fwd, "rewrite"):
+    pytest.skip("lcpatch.kernels was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+
+DEVICE = "cuda" if FULL else "cpu"
+CFG = dict(
+    n_init=4, n_local=16, block_size=4, topk=2, repr_topk=2, exc_block_size=8, chunk_size=16, max_cached_blocks=3
+)
+
+
+def run(monkeypatch, kernel: bool, dtype=torch.float32):
+    """Logits of a left-padded forward and greedy tokens + step logits of a generate, on a head-dim-64 model."""
+    model = tiny_model(hidden_size=128, num_attention_heads=2, num_key_value_heads=1, dtype=dtype).to(DEVICE)
+    calls = []
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return kernels.execution_block_attention_triton(*args)
+
+    if kernel:
+        monkeypatch.setattr(InfLLMAttention, "_block_attention", lambda self, *a: counted)
+    ids = random_ids(60, batch=2).to(DEVICE)
+    mask = torch.ones_like(ids)
+    mask[1, :13] = 0
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad(), lcpatch.patched(model, {"attention": {"method": "infllm", **CFG}}):
+        logits = model(ids, attention_mask=mask, position_ids=positions).logits
+        out = model.generate(
+            ids[:1, :40],
+            max_new_tokens=6,
+            min_new_tokens=6,
+            do_sample=False,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
+    monkeypatch.undo()
+    assert kernel == bool(calls) and (not kernel or {1, 8} <= {shape[2] for shape in calls})  # prefill and decode
+    return logits.float().masked_fill(~mask.bool()[..., None], 0.0), out.sequences, torch.stack(out.logits).float()
+
+
+def test_kernel_matches_reference_in_a_model(monkeypatch):
+    reference = run(monkeypatch, kernel=False)
+    got = run(monkeypatch, kernel=True)
+    assert (got[0] - reference[0]).abs().max() <= 1e-4
+    assert torch.equal(got[1], reference[1])
+    assert (got[2] - reference[2]).abs().max() <= 1e-4
+
+
+def test_kernel_in_half_precision_stays_close(monkeypatch):
+    reference = run(monkeypatch, kernel=False)
+    got = run(monkeypatch, kernel=True, dtype=torch.float16)
+    assert torch.isfinite(got[0]).all()
+    assert (got[0] - reference[0]).abs().max() < 0.1 * reference[0].abs().max()
