@@ -27,8 +27,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     train.add_arguments(train_parser)
     train_parser.set_defaults(run=train.run_cli)
+    bench_parser = commands.add_parser(
+        "bench",
+        help="benchmarks on a CUDA GPU; `lcpatch bench attention --out DIR` times the Triton kernels "
+        "against dense SDPA, FlexAttention and SDPA with a boolean Λ mask",
+    )
+    bench_parser.add_argument("what", choices=["attention"])
+    bench_parser.add_argument("options", nargs=argparse.REMAINDER, help="options of that benchmark (see its --help)")
+    bench_parser.set_defaults(run=_bench)
     args = parser.parse_args(argv)
     return args.run(args)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from . import bench_attention
+
+    return bench_attention.main(args.options)
 
 
 if __name__ == "__main__":
