@@ -13,7 +13,7 @@ import contextlib
 import torch
 from transformers import AttentionInterface
 
-from naive_lambda import _inv_freq, _rotate
+from naive_lambda import _inv_freq, _rotate, naive_attention
 
 NAME = "lcpatch_test_naive_infllm"
 _STATE: dict = {}
@@ -99,29 +99,9 @@ AttentionInterface.register(NAME, _naive_attention)
 @contextlib.contextmanager
 def naive_infllm(model, cfg: dict, segments=None):
     """Run `model` under the naive InfLLM; `segments(n)` gives the forward-pass lengths for n real tokens."""
-    decoder = model.get_decoder()
-
-    def identity_rope(module, args, kwargs, output):
-        return torch.ones_like(output[0]), torch.zeros_like(output[1])
-
-    def record_mask(module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        mask = kwargs.get("attention_mask")
-        _STATE["valid"] = mask.bool() if mask is not None else torch.ones(ids.shape, dtype=torch.bool)
-
-    old = decoder.config._attn_implementation
-    handles = [
-        decoder.rotary_emb.register_forward_hook(identity_rope, with_kwargs=True),
-        decoder.register_forward_pre_hook(record_mask, with_kwargs=True),
-    ]
-    decoder.config._attn_implementation = NAME
     _STATE.update(cfg=cfg, segments=segments or (lambda n: [n]))
-    try:
+    with naive_attention(model, NAME, _STATE):
         yield model
-    finally:
-        decoder.config._attn_implementation = old
-        for handle in handles:
-            handle.remove()
 
 
 @torch.no_grad()

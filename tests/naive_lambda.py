@@ -66,33 +66,41 @@ AttentionInterface.register(NAME, _naive_attention)
 
 
 @contextlib.contextmanager
-def naive_lambda(model, n_global: int, window: int, max_distance: int | None, attention_mask=None):
-    """Run `model` under the naive Λ attention (max_distance None = StreamingLLM positions)."""
+def naive_attention(model, name: str, state: dict):
+    """Run `model` with attention implementation `name`, un-rotated q/k, and the batch's positions
+    ("positions") and padding ("valid") recorded in `state` for that attention function to read."""
     decoder = model.get_decoder()
 
     def identity_rope(module, args, kwargs, output):
         positions = kwargs.get("position_ids", args[1] if len(args) > 1 else None)
-        _STATE["positions"] = positions.expand(_STATE["valid"].shape)
+        state["positions"] = positions.expand(state["valid"].shape)
         return torch.ones_like(output[0]), torch.zeros_like(output[1])
 
     def record_mask(module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         mask = kwargs.get("attention_mask")
-        _STATE["valid"] = mask.bool() if mask is not None else torch.ones(ids.shape, dtype=torch.bool)
+        state["valid"] = mask.bool() if mask is not None else torch.ones(ids.shape, dtype=torch.bool)
 
     old = decoder.config._attn_implementation
     handles = [
         decoder.rotary_emb.register_forward_hook(identity_rope, with_kwargs=True),
         decoder.register_forward_pre_hook(record_mask, with_kwargs=True),
     ]
-    decoder.config._attn_implementation = NAME
-    _STATE.update(n_global=n_global, window=window, max_distance=max_distance)
+    decoder.config._attn_implementation = name
     try:
         yield model
     finally:
         decoder.config._attn_implementation = old
         for handle in handles:
             handle.remove()
+
+
+@contextlib.contextmanager
+def naive_lambda(model, n_global: int, window: int, max_distance: int | None):
+    """Run `model` under the naive Λ attention (max_distance None = StreamingLLM positions)."""
+    _STATE.update(n_global=n_global, window=window, max_distance=max_distance)
+    with naive_attention(model, NAME, _STATE):
+        yield model
 
 
 @torch.no_grad()

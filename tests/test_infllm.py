@@ -10,7 +10,7 @@ from lcpatch import BlockMemoryCache, CacheError, RecipeError, SequenceLimitErro
 
 from naive_infllm import naive_infllm_logits
 from naive_lambda import naive_logits
-from tiny_models import FAMILIES, random_ids, tiny_model
+from tiny_models import FAMILIES, CollectStreamer, random_ids, tiny_model
 
 ALL = sorted(FAMILIES)
 # Small enough that 70-token sequences form ~10 memory blocks per row, of which topk=2 are attended.
@@ -175,18 +175,6 @@ def test_offloaded_blocks_give_identical_results(forced, monkeypatch):
 
 @torch.no_grad()
 def test_generate_sampling_and_streamer():
-    from transformers.generation.streamers import BaseStreamer
-
-    class Collect(BaseStreamer):
-        def __init__(self):
-            self.tokens = []
-
-        def put(self, value):
-            self.tokens.append(value.reshape(-1).tolist())
-
-        def end(self):
-            self.tokens.append("end")
-
     model = tiny_model()
     lcpatch.apply(model, infllm())
     prompt = random_ids(40)
@@ -197,7 +185,7 @@ def test_generate_sampling_and_streamer():
     assert torch.equal(*runs) and runs[0].shape[1] > 40
     several = model.generate(prompt, do_sample=True, num_return_sequences=3, max_new_tokens=5, min_new_tokens=5)
     assert several.shape == (3, 45) and torch.equal(several[:, :40], prompt.expand(3, -1))
-    streamer = Collect()
+    streamer = CollectStreamer()
     out = model.generate(prompt, max_new_tokens=10, min_new_tokens=10, do_sample=False, streamer=streamer)
     assert streamer.tokens[-1] == "end" and len(streamer.tokens) == 12  # prompt, 10 tokens, end
     assert streamer.tokens[1:-1] == [[t] for t in out[0, 40:].tolist()]

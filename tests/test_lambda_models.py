@@ -9,7 +9,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 import lcpatch
 
 from naive_lambda import naive_logits
-from tiny_models import FAMILIES, random_ids, tiny_model
+from tiny_models import FAMILIES, CollectStreamer, random_ids, tiny_model
 
 ALL = sorted(FAMILIES)
 
@@ -162,18 +162,6 @@ def test_long_stream_keeps_cache_bounded_and_returns_cache():
 
 @torch.no_grad()
 def test_generate_features_sampling_streamer_stopping():
-    from transformers.generation.streamers import BaseStreamer
-
-    class Collect(BaseStreamer):
-        def __init__(self):
-            self.tokens = []
-
-        def put(self, value):
-            self.tokens.append(value.reshape(-1).tolist())
-
-        def end(self):
-            self.tokens.append("end")
-
     model = tiny_model()
     lcpatch.apply(model, lm_infinite(4, 16))
     prompt = random_ids(40)
@@ -182,7 +170,7 @@ def test_generate_features_sampling_streamer_stopping():
     torch.manual_seed(1)
     b = model.generate(prompt, do_sample=True, temperature=0.9, top_k=20, top_p=0.9, max_new_tokens=25)
     assert torch.equal(a, b)
-    streamer = Collect()
+    streamer = CollectStreamer()
     out = model.generate(prompt, max_new_tokens=10, min_new_tokens=10, do_sample=False, streamer=streamer)
     assert streamer.tokens[-1] == "end" and len(streamer.tokens) == 12  # prompt, 10 tokens, end
     stop_id = int(out[0, 45])

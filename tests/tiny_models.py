@@ -79,3 +79,16 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", padding_side="left"
     )
+
+
+class CollectStreamer:
+    """A generate() streamer that keeps what it is given: token lists, then "end"."""
+
+    def __init__(self):
+        self.tokens = []
+
+    def put(self, value):
+        self.tokens.append(value.reshape(-1).tolist())
+
+    def end(self):
+        self.tokens.append("end")
