@@ -1,6 +1,5 @@
 """Route Λ attention to the decode or prefill kernel, or to the reference where the kernels do not apply."""
 
-
 from __future__ import annotations
 
 import torch

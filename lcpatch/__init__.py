@@ -1,7 +1,7 @@
 """lcpatch: long context for an existing Hugging Face causal LM, with one call.
 
-    lcpatch.apply(model, "lm-infinite")   # patch this instance
-    lcpatch.remove(model)                 # exact original behaviour back
+lcpatch.apply(model, "lm-infinite")   # patch this instance
+lcpatch.remove(model)                 # exact original behaviour back
 """
 
 from __future__ import annotations
