@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedModel
 
-from .attention import Dense
+from .attention import ATTENTION_METHODS, Dense
 from .attention.interface import RUNTIMES
 from .errors import LcpatchError, PatchStateError
 from .generation import install_generate
@@ -116,7 +116,8 @@ def describe(model) -> str:
     ]
     if state.runtime is not None:
         sizes = sorted(set(state.runtime.method.cache_sizes()))
-        lines.append(f"KV cache bound per layer: {' / '.join(map(str, sizes))} positions")
+        # Λ caches never exceed this; InfLLM keeps this many on the device, its memory blocks beyond it.
+        lines.append(f"KV positions on the device per layer: {' / '.join(map(str, sizes))}")
     return "\n".join(lines)
 
 
@@ -132,6 +133,6 @@ def make_cache(model):
     if state is None or state.runtime is None:
         raise LcpatchError(
             "make_cache needs a model patched with an attention method that keeps its own cache "
-            "(lm-infinite, streaming-llm); other models use transformers' own caches."
+            f"({', '.join(m for m in ATTENTION_METHODS if m != 'dense')}); other models use transformers' own caches."
         )
     return state.runtime.make_cache()

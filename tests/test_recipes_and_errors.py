@@ -45,7 +45,7 @@ def test_auto_values_resolve_from_the_model_config():
     model = tiny_model(max_position_embeddings=48)
     lcpatch.apply(model, "lm-infinite")
     text = lcpatch.describe(model)
-    assert "window: 48" in text and "max_distance: 48" in text and "58 positions" in text
+    assert "window: 48" in text and "max_distance: 48" in text and "per layer: 58" in text
     lcpatch.remove(model)
     lcpatch.apply(model, "streaming-llm")
     assert "window: 44" in lcpatch.describe(model)  # 48 - 4 sinks: positions stay in the trained range
