@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from . import demo, train
+from .eval import run as eval_run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,6 +28,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     train.add_arguments(train_parser)
     train_parser.set_defaults(run=train.run_cli)
+    eval_parser = commands.add_parser(
+        "eval",
+        help="long-context quality (ppl, passkey, needle) of a model under several recipes: JSON, plots, table",
+        description=eval_run.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    eval_run.add_arguments(eval_parser)
+    eval_parser.set_defaults(run=eval_run.run_cli)
     bench_parser = commands.add_parser(
         "bench",
         help="benchmarks on a CUDA GPU; `lcpatch bench attention --out DIR` times the Triton kernels "

@@ -1,0 +1,465 @@
+"""`lcpatch eval`: long-context quality of one model under several recipes, in one resumable run.
+
+    lcpatch eval --model smollm2 --recipes vanilla,lm-infinite --task ppl --lengths 16k --bucket 2048 \\
+        --text book.txt --out runs/ppl
+    lcpatch eval --model ./my-model --recipes vanilla,infllm --task passkey --lengths 1k,4k \\
+        --depths 0,0.5,1 --samples 5 --text book.txt --out runs/passkey
+
+Tasks:
+  ppl      perplexity by position bucket of the first max(--lengths) tokens of --text, one cell per recipe;
+  passkey  a 5-digit key hidden at each --depths of a haystack of --text, one cell per (recipe, length,
+           depth); greedy generation; a sample is correct when the first number generated is the key;
+  needle   a sentence needle ("The special magic word for Paris is harbor.") with a question; correct when
+           the generation, normalised (lower case, no punctuation), starts with the answer word.
+
+Output in --out: results.json, plots (ppl.png, or <task>.png: one accuracy heatmap lengths × depths per
+recipe), and a compact table printed at the end. results.json schema (version 1):
+
+    {"schema": 1, "task": str, "model": str, "recipes": [str], "settings": {...},
+     "records": [{"recipe": str, "length": int, "depth": float | null, "seconds": float,
+                  ppl: "buckets": [{start, end, tokens, nll, ppl}], "overall": {tokens, nll, ppl};
+                  passkey/needle: "accuracy": float, "samples": int,
+                  "answers": [{"expected": str, "answer": str, "correct": bool}]}]}
+
+A rerun with the same --out skips the cells already in results.json (it is rewritten after every cell),
+so an interrupted run resumes; the settings must match. Seeds are derived from --seed and the cell, so a
+cell's prompts do not depend on which other cells run. When the tokenizer has a chat template, the prompt
+is wrapped as one user message followed by the assistant's answer prefix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import random
+import re
+import string
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..demo import VANILLA, format_table, parse_recipes, resolve_device, resolve_dtype
+from ..errors import LcpatchError
+from .passkey import random_key
+from .perplexity import perplexity_by_position
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("ppl", "passkey", "needle")
+SCHEMA = 1
+SMOLLM2 = "smollm2"
+RESULTS = "results.json"
+INSTRUCTION = "There is an important piece of information hidden inside a long text. Find it and remember it.\n"
+PASSKEY = (
+    "\nThe pass key is {key}. Remember it. {key} is the pass key.\n",
+    "\nWhat is the pass key?",
+    "The pass key is",
+)
+NEEDLE = (
+    "\nThe special magic word for {city} is {word}.\n",
+    "\nWhat is the special magic word for {city}?",
+    "The special magic word for {city} is",
+)
+CITIES = ["Paris", "Lagos", "Lima", "Oslo", "Hanoi", "Quito", "Dakar", "Perth", "Kyoto", "Porto"]
+WORDS = ["harbor", "violet", "lantern", "granite", "meadow", "falcon", "copper", "willow", "saffron", "glacier"]
+MAX_NEW_TOKENS = {"passkey": 8, "needle": 8}
+
+
+# --- arguments --------------------------------------------------------------------------------------------
+
+
+def parse_lengths(spec: str) -> list[int]:
+    """'1k,2k,512' -> [1024, 2048, 512]; k = 1024, m = 1024²; each a positive integer."""
+    lengths = []
+    for part in (p.strip() for p in spec.split(",")):
+        match = re.fullmatch(r"(\d+(?:\.\d+)?)([kKmM]?)", part)
+        value = float(match.group(1)) * {"": 1, "k": 1024, "m": 1024**2}[match.group(2).lower()] if match else 0
+        if not match or value < 1 or value != int(value):
+            raise LcpatchError(f"--lengths: {part!r} is not a length; give e.g. '1k,2k,4096' (k = 1024 tokens).")
+        lengths.append(int(value))
+    if len(set(lengths)) != len(lengths):
+        raise LcpatchError(f"--lengths names a length twice: {spec!r}.")
+    return lengths
+
+
+def parse_depths(spec: str) -> list[float]:
+    """'0,0.5,1' -> [0.0, 0.5, 1.0]; each in [0, 1] (0 = needle at the start of the haystack, 1 = at its end)."""
+    depths = []
+    for part in (p.strip() for p in spec.split(",")):
+        try:
+            depth = float(part)
+        except ValueError:
+            depth = -1.0
+        if not 0.0 <= depth <= 1.0:
+            raise LcpatchError(f"--depths: {part!r} is not a depth in [0, 1]; give e.g. '0,0.5,1'.")
+        depths.append(depth)
+    if len(set(depths)) != len(depths):
+        raise LcpatchError(f"--depths names a depth twice: {spec!r}.")
+    return depths
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", required=True, help=f"a local Hugging Face model folder, or '{SMOLLM2}' (SmolLM2-135M from GGUF)"
+    )
+    parser.add_argument(
+        "--recipes", default=f"{VANILLA},lm-infinite", help=f"comma-separated: '{VANILLA}', recipe names or YAML paths"
+    )
+    parser.add_argument("--task", required=True, help="ppl, passkey or needle")
+    parser.add_argument("--lengths", default="1k", help="comma-separated prompt lengths in tokens, e.g. 1k,2k,4096")
+    parser.add_argument("--depths", default="0,0.5,1", help="needle depths in [0, 1] (passkey, needle)")
+    parser.add_argument("--samples", type=int, default=5, help="prompts per (length, depth) cell (default 5)")
+    parser.add_argument("--text", type=Path, required=True, help="a long plain-text file: the text or haystack")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (results.json, plots)")
+    parser.add_argument("--bucket", type=int, default=2048, help="ppl: tokens per position bucket (default 2048)")
+    parser.add_argument("--chunk", type=int, default=4096, help="ppl: tokens per forward pass (default 4096)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    parser.add_argument("--seed", type=int, default=0, help="seed of keys, needles and haystack offsets")
+    parser.add_argument("--gguf", type=Path, help="with --model smollm2: a local GGUF file")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+@dataclass
+class Plan:
+    task: str
+    model: str
+    recipes: list[str]
+    lengths: list[int]
+    depths: list[float]
+    samples: int
+    text: Path
+    out: Path
+    bucket: int
+    chunk: int
+    seed: int
+
+    def settings(self) -> dict:
+        settings = {"lengths": self.lengths, "seed": self.seed, "text": self.text.name}
+        if self.task == "ppl":
+            return {**settings, "bucket": self.bucket}
+        return {**settings, "depths": self.depths, "samples": self.samples, "max_new_tokens": MAX_NEW_TOKENS[self.task]}
+
+    def cells(self) -> list[tuple[str, int, float | None]]:
+        if self.task == "ppl":
+            return [(recipe, max(self.lengths), None) for recipe in self.recipes]
+        return [(r, length, depth) for r in self.recipes for length in self.lengths for depth in self.depths]
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    """Every argument checked, before any model is loaded."""
+    if args.task not in TASKS:
+        raise LcpatchError(f"--task {args.task!r} is not a task; accepted: {', '.join(TASKS)}.")
+    for name in ("samples", "bucket", "chunk"):
+        if getattr(args, name) < 1:
+            raise LcpatchError(f"--{name} must be a positive integer; got {getattr(args, name)}.")
+    if not args.text.is_file():
+        raise LcpatchError(f"--text {str(args.text)!r} is not a file; pass a long plain-text file.")
+    if args.model != SMOLLM2 and not Path(args.model).is_dir():
+        raise LcpatchError(
+            f"--model {args.model!r} is neither a local model folder (config.json, weights, tokenizer) nor '{SMOLLM2}'."
+        )
+    if args.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise LcpatchError(f"--dtype {args.dtype!r}: accepted are auto, float32, bfloat16, float16.")
+    if args.out.exists() and not args.out.is_dir():
+        raise LcpatchError(f"--out {str(args.out)!r} exists and is not a folder.")
+    return Plan(
+        task=args.task,
+        model=SMOLLM2 if args.model == SMOLLM2 else Path(args.model).resolve().name,
+        recipes=parse_recipes(args.recipes),
+        lengths=parse_lengths(args.lengths),
+        depths=parse_depths(args.depths),
+        samples=args.samples,
+        text=args.text,
+        out=args.out,
+        bucket=args.bucket,
+        chunk=args.chunk,
+        seed=args.seed,
+    )
+
+
+# --- prompts and scoring ----------------------------------------------------------------------------------
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def chat_wrap(tokenizer) -> tuple[list[int], list[int]]:
+    """Token ids before and after a user message in the tokenizer's chat template; ([], []) without one."""
+    if not getattr(tokenizer, "chat_template", None):
+        return [], []
+    marker = "\u2063LCPATCH\u2063"
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True
+    )
+    before, _, after = rendered.partition(marker)
+    return _encode(tokenizer, before), _encode(tokenizer, after)
+
+
+def build_prompt(
+    tokenizer, haystack: list[int], length: int, depth: float, needle: str, question: str, answer_prefix: str, rng
+) -> list[int]:
+    """Exactly `length` token ids: [chat head] instruction, haystack with the needle at `depth`, question,
+    [chat tail], answer prefix. The haystack is read from a random offset of the text, cyclically."""
+    before, after = chat_wrap(tokenizer)
+    head = before + _encode(tokenizer, INSTRUCTION)
+    tail = _encode(tokenizer, question) + after + _encode(tokenizer, answer_prefix)
+    needle_ids = _encode(tokenizer, needle)
+    room = length - len(head) - len(needle_ids) - len(tail)
+    if room < 0:
+        raise LcpatchError(f"a prompt needs at least {length - room} tokens with this tokenizer; got length {length}.")
+    start = rng.randrange(len(haystack))
+    filler = [haystack[(start + i) % len(haystack)] for i in range(room)]
+    split = round(depth * room)
+    return head + filler[:split] + needle_ids + filler[split:] + tail
+
+
+def make_sample(task: str, tokenizer, haystack: list[int], length: int, depth: float, rng) -> tuple[list[int], str]:
+    """(prompt ids, expected answer) of one passkey or needle sample."""
+    if task == "passkey":
+        key = random_key(rng)
+        fields, expected, parts = {"key": key}, key, PASSKEY
+    else:
+        city, word = rng.choice(CITIES), rng.choice(WORDS)
+        fields, expected, parts = {"city": city, "word": word}, word, NEEDLE
+    needle, question, prefix = (p.format(**fields) for p in parts)
+    return build_prompt(tokenizer, haystack, length, depth, needle, question, prefix, rng), expected
+
+
+def score_passkey(generated: str, key: str) -> bool:
+    """Correct when the first number in the generation is exactly the key ('12345.' yes, '123456' no)."""
+    match = re.search(r"\d+", generated)
+    return match is not None and match.group(0) == key
+
+
+def _normalise(text: str) -> list[str]:
+    return text.lower().translate(str.maketrans(string.punctuation, " " * len(string.punctuation))).split()
+
+
+def score_needle(generated: str, answer: str) -> bool:
+    """Correct when the generation, lower-cased without punctuation, starts with exactly the answer's words."""
+    words, expected = _normalise(generated), _normalise(answer)
+    return bool(expected) and words[: len(expected)] == expected
+
+
+SCORERS = {"passkey": score_passkey, "needle": score_needle}
+
+
+# --- cells ------------------------------------------------------------------------------------------------
+
+
+def cell_rng(seed: int, task: str, length: int, depth: float | None) -> random.Random:
+    """A generator seeded by the cell alone (string seeds are hashed deterministically)."""
+    return random.Random(f"{seed}/{task}/{length}/{depth}")
+
+
+@torch.no_grad()
+def evaluate_cell(plan: Plan, model, tokenizer, text_ids: list[int], length: int, depth: float | None, desc: str):
+    """The measurement of one cell, for the model as it is now (patched or not): a record without `recipe`."""
+    if plan.task == "ppl":
+        ids = torch.tensor(text_ids[:length])
+        return perplexity_by_position(model, ids, bucket=plan.bucket, chunk=plan.chunk, progress=False, desc=desc)
+    rng = cell_rng(plan.seed, plan.task, length, depth)
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    answers = []
+    for _ in range(plan.samples):
+        prompt, expected = make_sample(plan.task, tokenizer, text_ids, length, depth, rng)
+        ids = torch.tensor([prompt], device=device)
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=MAX_NEW_TOKENS[plan.task],
+            do_sample=False,
+            pad_token_id=pad,
+        )
+        text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        answers.append({"expected": expected, "answer": text, "correct": SCORERS[plan.task](text, expected)})
+    accuracy = sum(a["correct"] for a in answers) / len(answers)
+    return {"accuracy": accuracy, "samples": len(answers), "answers": answers}
+
+
+def _key(recipe: str, length: int, depth: float | None) -> tuple:
+    return (recipe, length, depth)
+
+
+def load_results(plan: Plan) -> dict:
+    """The results so far in --out (checked against this run's settings), or an empty results document."""
+    fresh = {"schema": SCHEMA, "task": plan.task, "model": plan.model, "recipes": plan.recipes}
+    fresh |= {"settings": plan.settings(), "records": []}
+    path = plan.out / RESULTS
+    if not path.is_file():
+        return fresh
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise LcpatchError(f"{str(path)!r} is not valid JSON ({exc}); remove it or use another --out.") from exc
+    for field in ("schema", "task", "model", "settings"):
+        if old.get(field) != fresh[field]:
+            raise LcpatchError(
+                f"{str(path)!r} holds a different run ({field}: {old.get(field)!r}, now {fresh[field]!r}); "
+                "use another --out to start a new one."
+            )
+    fresh["recipes"] = old["recipes"] + [r for r in plan.recipes if r not in old["recipes"]]
+    fresh["records"] = old["records"]
+    return fresh
+
+
+def save_results(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    temporary = out / (RESULTS + ".tmp")
+    temporary.write_text(json.dumps(results, indent=2) + "\n")
+    temporary.replace(out / RESULTS)
+
+
+def load_model(name: str, device: torch.device, dtype: torch.dtype, gguf: Path | None):
+    """(model in eval mode, tokenizer) from a local folder or the SmolLM2 GGUF loader."""
+    if name == SMOLLM2:
+        from .. import smollm2
+
+        return smollm2.load_smollm2(dtype=dtype, device=device, gguf_path=gguf)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device).eval()
+    return model, AutoTokenizer.from_pretrained(name)
+
+
+def read_text_ids(tokenizer, plan: Plan) -> list[int]:
+    ids = _encode(tokenizer, plan.text.read_text(encoding="utf-8", errors="replace"))
+    need = max(plan.lengths)
+    if plan.task == "ppl" and len(ids) < need:
+        raise LcpatchError(
+            f"--text {str(plan.text)!r} has only {len(ids)} tokens, fewer than the longest --lengths {need}."
+        )
+    if not ids:
+        raise LcpatchError(f"--text {str(plan.text)!r} holds no tokens.")
+    return ids
+
+
+# --- report -----------------------------------------------------------------------------------------------
+
+
+def _records(results: dict, recipe: str) -> list[dict]:
+    return [r for r in results["records"] if r["recipe"] == recipe]
+
+
+def accuracy_table(results: dict) -> str:
+    """Markdown: one row per length, one column per recipe, accuracy averaged over depths."""
+    recipes = results["recipes"]
+    lines = ["| length | " + " | ".join(recipes) + " |", "|---|" + "---:|" * len(recipes)]
+    for length in results["settings"]["lengths"]:
+        cells = []
+        for recipe in recipes:
+            values = [r["accuracy"] for r in _records(results, recipe) if r["length"] == length]
+            cells.append(f"{sum(values) / len(values):.2f}" if values else "–")
+        lines.append(f"| {length} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def table(results: dict) -> str:
+    if results["task"] == "ppl":
+        return format_table({r["recipe"]: r for r in results["records"]})
+    return accuracy_table(results)
+
+
+def plot(results: dict, out: Path) -> Path:
+    """ppl.png (perplexity by bucket, a line per recipe) or <task>.png (a heatmap per recipe)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recipes = [r for r in results["recipes"] if _records(results, r)]
+    path = out / f"{results['task']}.png"
+    if results["task"] == "ppl":
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for recipe in recipes:
+            buckets = _records(results, recipe)[0]["buckets"]
+            ax.plot([b["end"] for b in buckets], [b["ppl"] for b in buckets], marker="o", label=recipe)
+        ax.set(xlabel="position (bucket end, tokens)", ylabel="perplexity", yscale="log", title=results["model"])
+        ax.legend()
+    else:
+        lengths, depths = results["settings"]["lengths"], results["settings"]["depths"]
+        fig, axes = plt.subplots(1, len(recipes), figsize=(3 + 2.5 * len(recipes), 3.5), squeeze=False)
+        for ax, recipe in zip(axes[0], recipes, strict=True):
+            grid = [[float("nan")] * len(lengths) for _ in depths]
+            for r in _records(results, recipe):
+                grid[depths.index(r["depth"])][lengths.index(r["length"])] = r["accuracy"]
+            ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+            for i in range(len(depths)):
+                for j in range(len(lengths)):
+                    ax.text(j, i, f"{grid[i][j]:.2f}", ha="center", va="center", fontsize=8)
+            ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+            ax.set_yticks(range(len(depths)), [str(d) for d in depths])
+            ax.set(xlabel="length (tokens)", ylabel="depth", title=recipe)
+        fig.suptitle(f"{results['task']} accuracy, {results['model']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# --- run --------------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Check the arguments, measure the cells not yet in results.json, plot, print the table."""
+    plan = make_plan(args)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    results = load_results(plan)
+    done = {_key(r["recipe"], r["length"], r["depth"]) for r in results["records"]}
+    todo = [cell for cell in plan.cells() if _key(*cell) not in done]
+    logger.info("%s: %d cells, %d already done", plan.task, len(plan.cells()), len(plan.cells()) - len(todo))
+    if todo:
+        from ..api import patched
+
+        model, tokenizer = load_model(args.model, device, dtype, args.gguf)
+        text_ids = read_text_ids(tokenizer, plan)
+        with tqdm(total=len(todo), desc=plan.task, unit="cell", disable=args.no_progress) as bar:
+            for recipe in dict.fromkeys(cell[0] for cell in todo):
+                cells = [cell for cell in todo if cell[0] == recipe]
+                with patched(model, recipe) if recipe != VANILLA else contextlib.nullcontext():
+                    for _, length, depth in cells:
+                        bar.set_postfix_str(f"{recipe} {length} {depth if depth is not None else ''}".strip())
+                        began = time.perf_counter()
+                        record = evaluate_cell(plan, model, tokenizer, text_ids, length, depth, recipe)
+                        seconds = round(time.perf_counter() - began, 3)
+                        results["records"].append(
+                            {"recipe": recipe, "length": length, "depth": depth, "seconds": seconds, **record}
+                        )
+                        save_results(results, plan.out)
+                        bar.update()
+    save_results(results, plan.out)
+    figure = plot(results, plan.out)
+    text = table(results)
+    print(f"\n{plan.task}, {plan.model}:\n{text}\n\nwrote {plan.out / RESULTS} and {figure}")
+    return results
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """For the command line: log to stderr, user errors as one line and exit status 2."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        run(args)
+    except LcpatchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lcpatch.eval.run", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run_cli(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
