@@ -22,7 +22,7 @@ import transformers
 
 from . import __version__, smollm2
 from .api import patched, patched_recipe
-from .errors import LcpatchError, RecipeError
+from .errors import LcpatchError, RecipeError, run_reporting_errors
 from .eval.perplexity import perplexity_by_position
 from .recipe import load_recipe
 
@@ -217,14 +217,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    """Run the demo for a command line: log to stderr, user errors as one line and exit status 2."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        run(args)
-    except LcpatchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_reporting_errors(run, args)
 
 
 if __name__ == "__main__":

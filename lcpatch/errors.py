@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+from collections.abc import Callable
+
 
 class LcpatchError(Exception):
     """Base class of all lcpatch errors."""
@@ -33,3 +37,14 @@ class SequenceLimitError(LcpatchError, ValueError):
 
 class CacheError(LcpatchError, RuntimeError):
     """A KV cache that the patched model cannot use was passed in."""
+
+
+def run_reporting_errors(job: Callable, args) -> int:
+    """Run a command-line job: log to stderr, an lcpatch error as one line and exit status 2."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        job(args)
+    except LcpatchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

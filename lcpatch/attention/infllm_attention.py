@@ -5,12 +5,11 @@ from __future__ import annotations
 from ..cache import BlockMemoryCache, BlockMemoryLayer, StepInfo
 from ..cache.block_memory import build_plan
 from ..cache.lambda_cache import LambdaCacheLayer
-from ..errors import CacheError
 from ..models import ModelStructure
 from .dispatch import select_backend
 from .infllm import InfLLM, InfLLMSpec
 from .infllm_reference import execution_block_attention, infllm_attention_reference
-from .lambda_reference import lambda_attention_reference
+from .lambda_attention import lambda_layer_attention
 from .lm_infinite import LambdaSpec
 
 
@@ -76,28 +75,18 @@ class InfLLMAttention:
         return execution_block_attention
 
     def _sliding(self, index, query, key, value, step, layer, spec, scaling, softcap, dropout):
-        if isinstance(layer, LambdaCacheLayer) and layer.key_step is step:
-            key_positions, key_valid = layer.key_positions, layer.key_valid
-        elif key.shape[2] == step.positions.shape[1]:
-            key_positions, key_valid = step.positions, step.valid
-        else:
-            raise CacheError(
-                f"layer {index} received {key.shape[2]} keys for {step.positions.shape[1]} queries from a cache lcpatch "
-                "does not manage. Let the patched model create its cache."
-            )
-        args = (
+        cache_layer = layer if isinstance(layer, LambdaCacheLayer) else None
+        return lambda_layer_attention(
+            index,
             query,
             key,
             value,
-            step.positions,
-            key_positions,
-            key_valid,
+            step,
+            cache_layer,
             spec,
             self.structure.rotaries[index],
             scaling,
+            self.method.backend,
+            softcap,
+            dropout,
         )
-        if select_backend(self.method.backend, query.device) == "triton":
-            from ..kernels import lambda_attention
-
-            return lambda_attention(*args, softcap=softcap, dropout=dropout)
-        return lambda_attention_reference(*args, softcap=softcap, dropout=dropout)

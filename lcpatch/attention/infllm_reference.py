@@ -30,6 +30,7 @@ import torch
 
 from ..cache.block_memory import BlockMemoryLayer, ForwardPlan
 from .infllm import InfLLMSpec
+from .lambda_reference import masked_softmax
 from .rotary import Rotary
 
 
@@ -64,14 +65,6 @@ def select_blocks(
     selected = torch.where(wanted, top, capacity).sort(dim=-1).values
     wanted = selected < capacity
     return selected.clamp(max=max(capacity - 1, 0)), wanted
-
-
-def _softmax(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-    """Softmax over visible entries; a query that sees nothing (padding) gets zeros rather than NaN."""
-    scores = scores.masked_fill(~visible, float("-inf"))
-    peak = scores.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)
-    weights = torch.exp(scores - peak)
-    return weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
 
 
 def execution_block_attention(
@@ -119,7 +112,7 @@ def execution_block_attention(
     near_visible = near_valid[:, None, :] & (distance >= 0)
     memory_visible = memory_valid[:, None, :].expand(-1, q_pos.shape[1], -1)
     visible = q_valid[:, :, None] & torch.cat((near_visible, memory_visible), dim=-1)
-    weights = _softmax(scores, visible[:, None])
+    weights = masked_softmax(scores, visible[:, None])
 
     n_near = near_keys.shape[2]
     block = lambda positions: torch.div(positions - spec.n_init, spec.block_size, rounding_mode="floor")  # noqa: E731

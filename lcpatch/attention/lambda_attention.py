@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..cache import LambdaCache, StepInfo
+from ..cache import LambdaCache, LambdaCacheLayer, StepInfo
 from ..errors import CacheError
 from ..models import ModelStructure
 from .dispatch import select_backend
@@ -39,35 +39,56 @@ class LambdaAttention:
     def cache_sizes(self) -> list[int]:
         return [spec.cache_size for spec in self.specs]
 
-    @staticmethod
-    def _key_metadata(layer: int, key: torch.Tensor, step: StepInfo, cache):
-        if isinstance(cache, LambdaCache):
-            cache_layer = cache.layers[layer]
-            if cache_layer.key_step is step and cache_layer.key_positions.shape[1] == key.shape[2]:
-                return cache_layer.key_positions, cache_layer.key_valid
-        if key.shape[2] == step.positions.shape[1]:
-            return step.positions, step.valid
-        raise CacheError(
-            f"layer {layer} received {key.shape[2]} keys for {step.positions.shape[1]} queries from a cache lcpatch "
-            "does not manage; Λ attention needs the positions of every cached key. Let the patched model create its cache."
-        )
-
     def attend(self, module, query, key, value, step: StepInfo, cache, scaling: float, dropout: float, **kwargs):
         layer = module.layer_idx
-        key_positions, key_valid = self._key_metadata(layer, key, step, cache)
-        args = (
+        cache_layer = cache.layers[layer] if isinstance(cache, LambdaCache) else None
+        return lambda_layer_attention(
+            layer,
             query,
             key,
             value,
-            step.positions,
-            key_positions,
-            key_valid,
+            step,
+            cache_layer,
             self.specs[layer],
             self.structure.rotaries[layer],
             scaling,
+            self.backend,
+            kwargs.get("softcap"),
+            dropout,
         )
-        if select_backend(self.backend, query.device) == "triton":
-            from ..kernels import lambda_attention
 
-            return lambda_attention(*args, softcap=kwargs.get("softcap"), dropout=dropout)
-        return lambda_attention_reference(*args, softcap=kwargs.get("softcap"), dropout=dropout)
+
+def key_metadata(layer: int, key: torch.Tensor, step: StepInfo, cache_layer: LambdaCacheLayer | None):
+    """Positions and validity of the keys a layer received: from its LambdaCacheLayer, or this pass's own."""
+    if cache_layer is not None and cache_layer.key_step is step and cache_layer.key_positions.shape[1] == key.shape[2]:
+        return cache_layer.key_positions, cache_layer.key_valid
+    if key.shape[2] == step.positions.shape[1]:
+        return step.positions, step.valid
+    raise CacheError(
+        f"layer {layer} received {key.shape[2]} keys for {step.positions.shape[1]} queries from a cache lcpatch "
+        "does not manage; Λ attention needs the positions of every cached key. Let the patched model create its cache."
+    )
+
+
+def lambda_layer_attention(
+    layer: int,
+    query,
+    key,
+    value,
+    step: StepInfo,
+    cache_layer: LambdaCacheLayer | None,
+    spec: LambdaSpec,
+    rotary,
+    scaling: float,
+    backend: str,
+    softcap: float | None,
+    dropout: float,
+) -> torch.Tensor:
+    """One layer's Λ attention on the chosen backend (Triton kernels or the PyTorch reference)."""
+    key_positions, key_valid = key_metadata(layer, key, step, cache_layer)
+    args = (query, key, value, step.positions, key_positions, key_valid, spec, rotary, scaling)
+    if select_backend(backend, query.device) == "triton":
+        from ..kernels import lambda_attention
+
+        return lambda_attention(*args, softcap=softcap, dropout=dropout)
+    return lambda_attention_reference(*args, softcap=softcap, dropout=dropout)

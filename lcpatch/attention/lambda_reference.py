@@ -21,6 +21,14 @@ from .lm_infinite import LambdaSpec
 from .rotary import Rotary
 
 
+def masked_softmax(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """Softmax over visible entries; a query that sees nothing (padding) gets zeros rather than NaN."""
+    scores = scores.masked_fill(~visible, float("-inf"))
+    peak = scores.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)
+    weights = torch.exp(scores - peak)
+    return weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+
+
 def lambda_attention_reference(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -81,12 +89,7 @@ def lambda_attention_reference(
         kp = torch.cat((kp_pre, kp_win), dim=1)
         kv = torch.cat((key_valid[:, pre], key_valid[:, win]), dim=1)
         visible = (kv[:, None, :] & spec.visible(qp[:, :, None], kp[:, None, :]))[:, None]
-        scores = scores.masked_fill(~visible, float("-inf"))
-
-        # A query that sees nothing (padding) gets zeros rather than NaN.
-        peak = scores.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)
-        weights = torch.exp(scores - peak)
-        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        weights = masked_softmax(scores, visible)
         if dropout > 0.0:
             weights = torch.nn.functional.dropout(weights, p=dropout, training=True)
         values = torch.cat((v[:, :, pre], v[:, :, win]), dim=-2)

@@ -45,7 +45,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..demo import VANILLA, format_table, parse_recipes, resolve_device, resolve_dtype
-from ..errors import LcpatchError
+from ..errors import LcpatchError, run_reporting_errors
 from .passkey import random_key
 from .perplexity import perplexity_by_position
 
@@ -445,14 +445,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    """For the command line: log to stderr, user errors as one line and exit status 2."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        run(args)
-    except LcpatchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_reporting_errors(run, args)
 
 
 def main(argv: list[str] | None = None) -> int:
