@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from .attention.lm_infinite import LambdaSpec
 from .attention.rotary import Rotary
+from .plotting import MISSING, pyplot
 
 BATCH, Q_HEADS, KV_HEADS, DIM = 1, 32, 8, 128
 N_GLOBAL, WINDOW = 4, 4096
@@ -374,12 +375,8 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     phases = [p for p in ("forward", "forward+backward") if any(r["phase"] == p for r in result["prefill"])]
     fig, axes = plt.subplots(1, len(phases) + 1, figsize=(6 * (len(phases) + 1), 4.5))
@@ -475,8 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(result)
     (args.out / "attention.md").write_text(table)
     print(table)
-    if plot(result, args.out / "attention.png"):
-        print(f"plot: {args.out / 'attention.png'}")
+    print(f"plot: {args.out / 'attention.png'}" if plot(result, args.out / "attention.png") else MISSING)
     return 0
 
 

@@ -29,6 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 import lcpatch
 from lcpatch.eval.perplexity import perplexity_by_position
 from lcpatch.models.structure import training_length
+from lcpatch.plotting import MISSING, pyplot
 from lcpatch.rope import E2LLM
 from lcpatch.train import run
 from lcpatch.training import CausalLMTraining, E2LLMTraining
@@ -146,10 +147,10 @@ def main() -> None:
 
 
 def plot(results: dict, path: Path, length: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        print(MISSING)
+        return
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, result in results.items():

@@ -30,6 +30,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 import lcpatch
+from lcpatch.plotting import MISSING, pyplot
 from lcpatch.rope import E2LLM, Linear, NoScaling
 from lcpatch.train import run
 from lcpatch.training import CausalLMTraining, E2LLMTraining
@@ -153,10 +154,10 @@ def table(results: dict, key: str) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        print(MISSING)
+        return
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, row in results.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 
 import pytest
 
@@ -71,6 +72,14 @@ def test_retrieval_end_to_end_and_resume(setup, tmp_path, capsys, monkeypatch, t
     monkeypatch.setattr(eval_run, "load_model", lambda *a: loads.append(a) or real_load(*a))
     assert _run(setup, tmp_path, task, *extra) == 0
     assert calls == [] and loads == []  # all cells finished: nothing recomputed, no model loaded
+
+    # Without matplotlib (an optional extra) the run still writes results and says why there is no figure.
+    (tmp_path / f"{task}.png").unlink()
+    capsys.readouterr()
+    with monkeypatch.context() as without:
+        without.setitem(sys.modules, "matplotlib", None)
+        assert _run(setup, tmp_path, task, *extra) == 0
+    assert "lcpatch[eval]" in capsys.readouterr().out and not (tmp_path / f"{task}.png").exists()
 
     # Drop one cell: only it is recomputed, and gives the same record (deterministic seeds).
     dropped = results["records"].pop(5)

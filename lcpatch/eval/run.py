@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from ..demo import VANILLA, format_table, parse_recipes, resolve_device, resolve_dtype
 from ..errors import LcpatchError, run_reporting_errors
+from ..plotting import MISSING, pyplot
 from .passkey import random_key
 from .perplexity import perplexity_by_position
 
@@ -369,13 +370,12 @@ def table(results: dict) -> str:
     return accuracy_table(results)
 
 
-def plot(results: dict, out: Path) -> Path:
-    """ppl.png (perplexity by bucket, a line per recipe) or <task>.png (a heatmap per recipe)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(results: dict, out: Path) -> Path | None:
+    """ppl.png (perplexity by bucket, a line per recipe) or <task>.png (a heatmap per recipe); None without
+    matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return None
     recipes = [r for r in results["recipes"] if _records(results, r)]
     path = out / f"{results['task']}.png"
     if results["task"] == "ppl":
@@ -440,7 +440,8 @@ def run(args: argparse.Namespace) -> dict:
     save_results(results, plan.out)
     figure = plot(results, plan.out)
     text = table(results)
-    print(f"\n{plan.task}, {plan.model}:\n{text}\n\nwrote {plan.out / RESULTS} and {figure}")
+    drawn = f"and {figure}" if figure else f"({MISSING})"
+    print(f"\n{plan.task}, {plan.model}:\n{text}\n\nwrote {plan.out / RESULTS} {drawn}")
     return results
 
 
