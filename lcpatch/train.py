@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
+import importlib
 import itertools
 import logging
 import sys
@@ -27,6 +27,7 @@ import torch
 import yaml
 
 from .api import apply, patched_recipe
+from .data import load_texts
 from .errors import RecipeError
 from .recipe import Recipe, RecipeLike, load_recipe
 from .serialization import RECIPE_FILE
@@ -74,32 +75,6 @@ def with_overrides(spec: RecipeLike, overrides: dict) -> Recipe:
     return dataclasses.replace(recipe, training=training)
 
 
-def _texts(training: CausalLMTraining) -> list[str]:
-    """The documents of training.data: one per local text file, or the rows of a datasets dataset."""
-    if not training.data:
-        raise RecipeError("training.data is empty; give text files, folders of .txt files, globs or a datasets name.")
-    texts = []
-    for entry in training.data:
-        path = Path(entry).expanduser()
-        files = sorted(path.glob("*.txt")) if path.is_dir() else [Path(p) for p in sorted(glob.glob(str(path)))]
-        if files:
-            texts += [f.read_text(encoding="utf-8", errors="replace") for f in files]
-            continue
-        if path.exists():
-            raise RecipeError(f"training.data entry {entry!r} is a folder without .txt files.")
-        from datasets import load_dataset  # only here: local files need no `datasets` (the GPU machine lacks it)
-
-        logger.info("training.data %r is no local file: loading it with datasets.load_dataset", entry)
-        rows = load_dataset(entry, training.dataset_config, split="train")
-        if training.text_field not in rows.column_names:
-            raise RecipeError(
-                f"dataset {entry!r} has no column {training.text_field!r} (training.text_field); "
-                f"its columns: {', '.join(rows.column_names)}."
-            )
-        texts += rows[training.text_field]
-    return texts
-
-
 def _blocks(texts: list[str], tokenizer, length: int) -> list[dict]:
     """Documents tokenised, joined with EOS and cut into rows of `length` tokens (the remainder dropped)."""
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -115,6 +90,53 @@ def _next_token_batch(rows: list[dict]) -> dict:
     return {"input_ids": ids, "labels": ids.clone()}
 
 
+def language_model_trainer(training: CausalLMTraining, model, tokenizer, settings: dict):
+    """Next-token training on the documents cut into `sequence_length` blocks (causal-lm and e2llm)."""
+    from transformers import Trainer, TrainingArguments
+
+    callbacks = []
+    if training.method == "e2llm":
+        from .training.e2llm import E2LLMCallback
+
+        callbacks.append(E2LLMCallback(training.g_max, training.sink_tokens))
+    texts = load_texts(training.data, training.dataset_config, training.text_field)
+    if training.trainer == "trl":
+        from datasets import Dataset
+        from trl import SFTConfig, SFTTrainer
+
+        # "wrapped" packing cuts the token stream into equal blocks, as the hf path does.
+        args = SFTConfig(
+            **settings,
+            max_length=training.sequence_length,
+            packing=True,
+            packing_strategy="wrapped",
+            dataset_text_field="text",
+        )
+        return SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_dict({"text": texts}),
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
+    return Trainer(
+        model=model,
+        args=TrainingArguments(**settings),
+        train_dataset=_blocks(texts, tokenizer, training.sequence_length),
+        data_collator=_next_token_batch,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+
+
+# Each training method's trainer, as "module:function(training, model, tokenizer, settings) -> Trainer",
+# imported only when that method runs (reading a recipe imports no trainer library).
+TRAINER_BUILDERS = {
+    "causal-lm": "lcpatch.train:language_model_trainer",
+    "e2llm": "lcpatch.train:language_model_trainer",
+}
+
+
 def _dtype(training: CausalLMTraining) -> torch.dtype:
     if training.dtype == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
@@ -123,7 +145,7 @@ def _dtype(training: CausalLMTraining) -> torch.dtype:
 
 def run(recipe: RecipeLike) -> Path:
     """Train as `recipe.training` says; return the output folder (weights or adapter, tokenizer, recipe)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     recipe = load_recipe(recipe)
     training = recipe.training
@@ -153,11 +175,6 @@ def run(recipe: RecipeLike) -> Path:
                 task_type="CAUSAL_LM",
             ),
         )
-    callbacks = []
-    if training.method == "e2llm":
-        from .training.e2llm import E2LLMCallback
-
-        callbacks.append(E2LLMCallback(training.g_max, training.sink_tokens))
     settings = dict(
         output_dir=training.output_dir,
         max_steps=training.max_steps,
@@ -177,36 +194,8 @@ def run(recipe: RecipeLike) -> Path:
     )
     if training.gradient_checkpointing:  # only when asked: transformers 5.23 warns that this argument is being renamed
         settings["gradient_checkpointing"] = True
-    texts = _texts(training)
-    if training.trainer == "trl":
-        from datasets import Dataset
-        from trl import SFTConfig, SFTTrainer
-
-        # "wrapped" packing cuts the token stream into equal blocks, as the hf path does.
-        args = SFTConfig(
-            **settings,
-            max_length=training.sequence_length,
-            packing=True,
-            packing_strategy="wrapped",
-            dataset_text_field="text",
-        )
-        trainer = SFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=Dataset.from_dict({"text": texts}),
-            processing_class=tokenizer,
-            callbacks=callbacks,
-        )
-    else:
-        args = TrainingArguments(**settings)
-        trainer = Trainer(
-            model=model,
-            args=args,
-            train_dataset=_blocks(texts, tokenizer, training.sequence_length),
-            data_collator=_next_token_batch,
-            processing_class=tokenizer,
-            callbacks=callbacks,
-        )
+    module, name = TRAINER_BUILDERS[training.method].split(":")
+    trainer = getattr(importlib.import_module(module), name)(training, model, tokenizer, settings)
     trainer.train()
     trainer.save_model(training.output_dir)
     output = Path(training.output_dir)
@@ -217,7 +206,7 @@ def run(recipe: RecipeLike) -> Path:
         logger.info(
             "trained %d steps on %d processes (%s); saved to %s",
             trainer.state.global_step,
-            args.world_size,
+            trainer.args.world_size,
             backend,
             output,
         )

@@ -268,6 +268,18 @@ def test_trl_sft_trainer_packed_with_callback(tmp_path):
 # -- lcpatch.train: YAML + flags, 2 processes ------------------------------------------------------
 
 
+def test_every_training_method_has_a_trainer_that_imports():
+    import importlib
+
+    from lcpatch.train import TRAINER_BUILDERS
+    from lcpatch.training import TRAINING_METHODS
+
+    assert set(TRAINER_BUILDERS) == set(TRAINING_METHODS)
+    for target in TRAINER_BUILDERS.values():
+        module, name = target.split(":")
+        assert callable(getattr(importlib.import_module(module), name))
+
+
 def test_flags_override_the_recipe():
     import argparse
 
