@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from . import demo, train
+from .errors import run_reporting_errors
 from .eval import run as eval_run
 
 
@@ -36,22 +38,50 @@ def main(argv: list[str] | None = None) -> int:
     )
     eval_run.add_arguments(eval_parser)
     eval_parser.set_defaults(run=eval_run.run_cli)
+    data_parser = commands.add_parser(
+        "data",
+        help="training data written by the model itself: `lcpatch data longpo --model M --data BOOKS --out PAIRS` "
+        "(LongPO's short-to-long preference pairs), `lcpatch data logo ...` (LOGO's preference rows); "
+        "`lcpatch data BUILDER --help` lists a builder's options",
+    )
+    data_parser.add_argument("builder", choices=list(DATA_BUILDERS))
+    data_parser.add_argument("options", nargs=argparse.REMAINDER, help="options of that builder (see its --help)")
+    data_parser.set_defaults(run=_data)
     bench_parser = commands.add_parser(
         "bench",
-        help="benchmarks on a CUDA GPU; `lcpatch bench attention --out DIR` times the Triton kernels "
-        "against dense SDPA, FlexAttention and SDPA with a boolean Λ mask",
+        help="cost against context length: `lcpatch bench --model M --recipes vanilla,lm-infinite --lengths 4k,16k "
+        "--out DIR` (prefill, decode tokens/s, peak memory); `lcpatch bench attention --out DIR` times the Triton "
+        "kernels against dense SDPA, FlexAttention and SDPA with a boolean Λ mask (CUDA)",
     )
-    bench_parser.add_argument("what", choices=["attention"])
+    bench_parser.add_argument("what", choices=list(BENCHMARKS))
     bench_parser.add_argument("options", nargs=argparse.REMAINDER, help="options of that benchmark (see its --help)")
     bench_parser.set_defaults(run=_bench)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"] and (len(argv) == 1 or argv[1].startswith("-") and argv[1] not in ("-h", "--help")):
+        argv.insert(1, "cost")  # `lcpatch bench --model ...` is the cost benchmark
     args = parser.parse_args(argv)
     return args.run(args)
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from . import bench_attention
+BENCHMARKS = {"cost": "bench_cost", "attention": "bench_attention"}
+# `lcpatch data NAME`: the module lcpatch.data.NAME, with add_arguments(parser) and run_cli(args).
+DATA_BUILDERS = ("longpo", "logo")
 
-    return bench_attention.main(args.options)
+
+def _bench(args: argparse.Namespace) -> int:
+    module = importlib.import_module(f".{BENCHMARKS[args.what]}", __package__)
+    return module.main(args.options)
+
+
+def _data(args: argparse.Namespace) -> int:
+    module = importlib.import_module(f".data.{args.builder}", __package__)
+    parser = argparse.ArgumentParser(
+        prog=f"lcpatch data {args.builder}",
+        description=module.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    module.add_arguments(parser)
+    return run_reporting_errors(module.run_cli, parser.parse_args(args.options))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,103 @@
+"""`lcpatch bench` (cost against context length): end to end on a tiny model, presets, argument errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lcpatch import bench_cost
+from lcpatch.cli import main
+
+from tiny_models import VOCAB, tiny_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bench") / "tiny-llama"
+    tiny_model().save_pretrained(folder)
+    return folder
+
+
+def _bench(*argv: str) -> int:
+    return main(["bench", *argv, "--device", "cpu", "--no-progress"])
+
+
+def test_cost_end_to_end(model_dir, tmp_path, capsys):
+    argv = ("--model", str(model_dir), "--recipes", "vanilla,lm-infinite", "--lengths", "48,96")
+    assert _bench(*argv, "--batch", "1,2", "--new-tokens", "3", "--out", str(tmp_path)) == 0
+    result = json.loads((tmp_path / "cost.json").read_text())
+    assert result["schema"] == 1 and result["args"]["lengths"] == [48, 96]
+    env = result["environment"]
+    assert env["dtype"] == "float32" and env["weights_mib"] > 0 and env["torch"] == torch.__version__
+    cells = {(c["recipe"], c["batch"], c["length"]) for c in result["runs"]}
+    assert cells == {(r, b, n) for r in ("vanilla", "lm-infinite") for b in (1, 2) for n in (48, 96)}
+    for cell in result["runs"]:
+        assert cell["prefill_s"] > 0 and cell["decode_tokens_per_s"] > 0 and cell["peak_memory_mib"] >= 0
+        assert cell["decode_tokens_per_s_all"] == pytest.approx(cell["decode_tokens_per_s"] * cell["batch"])
+    assert (tmp_path / "cost.png").stat().st_size > 1000
+    table = (tmp_path / "cost.md").read_text()
+    assert "| lm-infinite | 2 |" in table and table in capsys.readouterr().out + "\n"
+
+
+def test_clock_counts_one_time_per_generated_token():
+    model = tiny_model()
+    ids = torch.randint(3, VOCAB, (2, 20))
+    cell = bench_cost.measure(model, "vanilla", ids, new_tokens=5)
+    clock = bench_cost.Clock(ids.device)
+    model.generate(ids, max_new_tokens=6, min_new_tokens=6, logits_processor=[clock], do_sample=False, pad_token_id=0)
+    assert len(clock.times) == 6 and clock.times == sorted(clock.times)
+    assert cell["decode_tokens_per_s"] > 0
+
+
+def test_out_of_memory_is_recorded_and_longer_lengths_skipped(model_dir, tmp_path, monkeypatch):
+    real = bench_cost.measure
+
+    def measure(model, recipe, ids, new_tokens):
+        if ids.shape[1] >= 96:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 GiB")
+        return real(model, recipe, ids, new_tokens)
+
+    monkeypatch.setattr(bench_cost, "measure", measure)
+    argv = ("--model", str(model_dir), "--recipes", "vanilla", "--lengths", "32,96,128", "--new-tokens", "2")
+    assert _bench(*argv, "--out", str(tmp_path)) == 0
+    runs = json.loads((tmp_path / "cost.json").read_text())["runs"]
+    assert "prefill_s" in runs[0] and runs[1]["error"] == "out of memory" and "skipped" in runs[2]
+    assert (
+        "| vanilla | 1 |" in (tmp_path / "cost.md").read_text()
+        and "OOM | skipped" in (tmp_path / "cost.md").read_text()
+    )
+
+
+def test_presets_are_the_public_shapes():
+    from transformers import AutoConfig
+
+    settings = dict(bench_cost.PRESETS["llama3-8b"])
+    config = AutoConfig.for_model(settings.pop("model_type"), **settings)
+    head_dim = config.hidden_size // config.num_attention_heads
+    assert (config.num_hidden_layers, config.num_key_value_heads, head_dim) == (32, 8, 128)
+    model, described, weights = bench_cost.load_model("smollm2-135m", 1, torch.device("cpu"), torch.float32)
+    assert model.config.num_hidden_layers == 1 and "first 1 layers" in described
+    assert weights == sum(p.numel() for p in model.parameters()) * 4
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (("--model", "no-such-model"), "neither a preset"),
+        (("--model", "smollm2-135m", "--layers", "99"), "--layers 99"),
+        (("--model", "smollm2-135m", "--batch", "0"), "--batch"),
+        (("--model", "smollm2-135m", "--lengths", "4q"), "--lengths"),
+        (("--model", "smollm2-135m", "--recipes", "no-such-recipe"), "no-such-recipe"),
+        (("--model", "smollm2-135m", "--new-tokens", "0"), "--new-tokens"),
+    ],
+)
+def test_bad_arguments_name_the_value(argv, message, tmp_path, capsys):
+    assert _bench(*argv, "--out", str(tmp_path)) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_layers_refused_for_a_model_with_weights(model_dir, tmp_path, capsys):
+    assert _bench("--model", str(model_dir), "--layers", "1", "--out", str(tmp_path)) == 2
+    assert "random-weight models only" in capsys.readouterr().err
