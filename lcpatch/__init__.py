@@ -6,11 +6,14 @@ lcpatch.remove(model)                 # exact original behaviour back
 
 from __future__ import annotations
 
+import torch as _torch
 import transformers as _transformers
 
-from ._compat import TRANSFORMERS_RANGE, check_transformers_version
+from ._compat import TRANSFORMERS_RANGE, check_version
 
-check_transformers_version(_transformers.__version__)
+# At import, before anything touches transformers' internals: a version outside the range fails here, clearly.
+check_version("transformers", _transformers.__version__)
+check_version("torch", _torch.__version__)
 
 from .api import apply, describe, make_cache, patched, remove  # noqa: E402
 from .attention.interface import register as _register_attention  # noqa: E402

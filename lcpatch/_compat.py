@@ -1,27 +1,45 @@
-"""The one place that knows which transformers versions lcpatch supports."""
+"""The one place that knows which versions of its dependencies lcpatch supports."""
 
 from __future__ import annotations
+
+from importlib import metadata
 
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 from .errors import UnsupportedVersionError
 
-# Keep in step with `dependencies` in pyproject.toml; CI tests both ends.
-TRANSFORMERS_RANGE = SpecifierSet(">=5.17,<6")
+# Keep in step with pyproject.toml (dependencies and the `train` extra); CI tests transformers at both ends.
+SUPPORTED = {
+    "transformers": ">=5.17,<6",
+    "torch": ">=2.6,<3",
+    "trl": ">=1.0,<2",
+    "peft": ">=0.15,<1",
+    "accelerate": ">=1.5,<2",
+}
+TRANSFORMERS_RANGE = SpecifierSet(SUPPORTED["transformers"])
 
 
-def check_transformers_version(version: str) -> None:
-    """Raise `UnsupportedVersionError` unless `version` lies in `TRANSFORMERS_RANGE`."""
+def check_version(package: str, version: str | None = None) -> None:
+    """Raise `UnsupportedVersionError` unless `package` (installed, or at `version`) lies in its supported range."""
+    supported = SUPPORTED[package]
+    if version is None:
+        try:
+            version = metadata.version(package)
+        except metadata.PackageNotFoundError as exc:
+            raise UnsupportedVersionError(
+                f"lcpatch needs {package}{supported} here, and {package} is not installed. "
+                f'Fix: pip install "{package}{supported}" (or pip install "lcpatch[train]").'
+            ) from exc
     try:
         parsed = Version(version)
     except InvalidVersion as exc:
         raise UnsupportedVersionError(
-            f"lcpatch cannot parse the installed transformers version {version!r}; "
-            f"supported: transformers{TRANSFORMERS_RANGE}."
+            f"lcpatch cannot parse the installed {package} version {version!r}; supported: {package}{supported}."
         ) from exc
-    if not TRANSFORMERS_RANGE.contains(parsed, prereleases=True):
+    # Local builds (2.13.0+cpu) and pre-releases of a supported version are accepted.
+    if not SpecifierSet(supported).contains(Version(parsed.public), prereleases=True):
         raise UnsupportedVersionError(
-            f"lcpatch supports transformers{TRANSFORMERS_RANGE}, but transformers {version} is installed. "
-            f'Fix: pip install "transformers{TRANSFORMERS_RANGE}".'
+            f"lcpatch supports {package}{supported}, but {package} {version} is installed. "
+            f'Fix: pip install "{package}{supported}".'
         )

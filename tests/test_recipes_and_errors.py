@@ -167,15 +167,37 @@ def test_foreign_cache_is_refused_with_the_fix():
 
 
 def test_transformers_version_outside_the_range(monkeypatch):
-    from lcpatch._compat import check_transformers_version
+    from lcpatch._compat import check_version
 
     for version in ("4.57.1", "6.0.0", "nonsense"):
         with pytest.raises(UnsupportedVersionError, match=r"transformers"):
-            check_transformers_version(version)
-    check_transformers_version("5.17.0")
+            check_version("transformers", version)
+    check_version("transformers", "5.17.0")
+    check_version("torch", "2.13.0+cpu")
+    with pytest.raises(UnsupportedVersionError, match=r"torch 2\.5\.1 is installed.*pip install \"torch>=2\.6,<3\""):
+        check_version("torch", "2.5.1")
     # transformers swaps its lazy module in sys.modules as submodules load: patch the live one.
     monkeypatch.setattr(sys.modules["transformers"], "__version__", "4.46.0")
     with pytest.raises(UnsupportedVersionError, match=r"4\.46\.0.*pip install"):
         importlib.reload(lcpatch)
     monkeypatch.undo()
     importlib.reload(lcpatch)
+
+
+@pytest.mark.parametrize("package", ["trl", "peft", "accelerate"])
+def test_training_stack_versions_checked_by_name(monkeypatch, package):
+    from importlib import metadata
+
+    from lcpatch._compat import check_version
+
+    check_version(package)  # the installed one is supported
+    monkeypatch.setattr(metadata, "version", lambda name: "0.0.1")
+    with pytest.raises(UnsupportedVersionError, match=rf"{package} 0\.0\.1 is installed.*pip install"):
+        check_version(package)
+
+    def missing(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "version", missing)
+    with pytest.raises(UnsupportedVersionError, match=rf"{package} is not installed.*lcpatch\[train\]"):
+        check_version(package)
