@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import yaml
 
+from ._compat import check_version
 from .api import apply, patched_recipe
 from .data import load_texts
 from .errors import RecipeError
@@ -134,7 +135,19 @@ def language_model_trainer(training: CausalLMTraining, model, tokenizer, setting
 TRAINER_BUILDERS = {
     "causal-lm": "lcpatch.train:language_model_trainer",
     "e2llm": "lcpatch.train:language_model_trainer",
+    "logo": "lcpatch.training.logo:build_trainer",
+    "longpo": "lcpatch.training.longpo:build_trainer",
 }
+
+
+def training_packages(training: CausalLMTraining) -> list[str]:
+    """The training libraries this run imports (each checked against lcpatch's supported range first)."""
+    packages = ["accelerate"]
+    if training.lora is not None:
+        packages.append("peft")
+    if getattr(training, "trainer", "hf") == "trl" or not TRAINER_BUILDERS[training.method].startswith(__name__):
+        packages.append("trl")  # the preference trainers subclass TRL's
+    return packages
 
 
 def _dtype(training: CausalLMTraining) -> torch.dtype:
@@ -153,6 +166,8 @@ def run(recipe: RecipeLike) -> Path:
         raise RecipeError(
             "lcpatch train needs training.model (a local folder or Hub id); set it in the recipe or with --model."
         )
+    for package in training_packages(training):
+        check_version(package)
     dtype = _dtype(training)
     tokenizer = AutoTokenizer.from_pretrained(training.model)
     if tokenizer.pad_token is None:
@@ -172,6 +187,9 @@ def run(recipe: RecipeLike) -> Path:
                 lora_alpha=lora.alpha,
                 lora_dropout=lora.dropout,
                 target_modules=list(lora.target_modules),
+                modules_to_save=list(lora.modules_to_save) or None,
+                # A trained copy of tied input embeddings must stay tied to the output head.
+                ensure_weight_tying=bool(lora.modules_to_save) and model.config.get_text_config().tie_word_embeddings,
                 task_type="CAUSAL_LM",
             ),
         )

@@ -280,6 +280,17 @@ def test_every_training_method_has_a_trainer_that_imports():
         assert callable(getattr(importlib.import_module(module), name))
 
 
+def test_training_run_checks_the_versions_of_the_libraries_it_uses():
+    from lcpatch.train import training_packages
+    from lcpatch.training import TRAINING_METHODS
+
+    assert training_packages(TRAINING_METHODS["e2llm"]()) == ["accelerate", "peft"]
+    assert training_packages(TRAINING_METHODS["e2llm"](lora=None)) == ["accelerate"]
+    assert training_packages(TRAINING_METHODS["causal-lm"](trainer="trl")) == ["accelerate", "peft", "trl"]
+    for method in ("longpo", "logo"):
+        assert "trl" in training_packages(TRAINING_METHODS[method]())
+
+
 def test_flags_override_the_recipe():
     import argparse
 

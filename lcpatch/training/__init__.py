@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 
 from ..errors import RecipeError
 from ..fields import AUTO, check_bool, check_choice, check_int, check_keys, check_number, check_str
+from ..rope import RopeScaling, rope_from_dict, rope_to_dict
 
 TRAINERS = ("hf", "trl")
 DTYPES = ("auto", "float32", "bfloat16")
@@ -33,6 +34,8 @@ class LoraOptions:
     alpha: int = 32
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    # Modules trained in full next to the adapter (PEFT matches names by suffix: "norm" takes every *norm).
+    modules_to_save: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_int("training.lora", "r", self.r, minimum=1)
@@ -41,6 +44,9 @@ class LoraOptions:
         if not 0 <= self.dropout < 1:
             raise RecipeError(f"training.lora.dropout must be a number in [0, 1); got {self.dropout}.")
         object.__setattr__(self, "target_modules", _as_strings("training.lora", "target_modules", self.target_modules))
+        object.__setattr__(
+            self, "modules_to_save", _as_strings("training.lora", "modules_to_save", self.modules_to_save)
+        )
 
 
 @dataclass(frozen=True)
@@ -115,9 +121,136 @@ class E2LLMTraining(CausalLMTraining):
         check_int("training", "sink_tokens", self.sink_tokens, minimum=0)
 
 
-TrainingMethod = CausalLMTraining | E2LLMTraining
+LONGPO_REFERENCES = ("model", "precomputed")
 
-TRAINING_METHODS: dict[str, type] = {cls.method: cls for cls in (CausalLMTraining, E2LLMTraining)}
+
+@dataclass(frozen=True)
+class LongPOStage:
+    """One LongPO iteration (the paper's 128K -> 256K -> 512K): `max_steps` steps with this RoPE scaling."""
+
+    rope: RopeScaling
+    max_steps: int | None = None  # None: training.max_steps
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rope, dict):
+            object.__setattr__(self, "rope", rope_from_dict(self.rope))
+        elif not hasattr(self.rope, "scaling"):
+            raise RecipeError(
+                f"training.stages[].rope must be a rope section (e.g. {{scaling: yarn, factor: 4}}); got {self.rope!r}."
+            )
+        if self.max_steps is not None:
+            check_int("training.stages[]", "max_steps", self.max_steps, minimum=1)
+
+    def to_dict(self) -> dict:
+        return {"rope": rope_to_dict(self.rope), "max_steps": self.max_steps}
+
+
+@dataclass(frozen=True)
+class LongPOTraining(CausalLMTraining):
+    """LongPO (Chen et al., 2025, arXiv 2502.13922) on TRL's DPOTrainer: pairs from `lcpatch data longpo`
+    (`data`: their folder, JSONL files or a datasets name); loss NLL(chosen | long prompt) + dpo_weight ·
+    DPO_beta, whose log-ratios put the policy on the long prompt and the reference on the short one.
+    `sequence_length` caps the policy's sequence (long prompt + answer; `auto`: no cap, pairs as built)."""
+
+    method: ClassVar[str] = "longpo"
+
+    trainer: str = "trl"  # LongPO runs on TRL's DPOTrainer only
+    beta: float = 0.01  # β of the DPO term (the paper's default)
+    dpo_weight: float = 0.01  # λ: loss = NLL(chosen | long) + λ · DPO_β (the paper's default)
+    reference: str = "model"  # model: the frozen start (LoRA: adapter off); precomputed: once before training
+    stages: tuple[LongPOStage, ...] = ()  # empty: one run with the recipe's rope section
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        section = "training"
+        if self.trainer != "trl":
+            raise RecipeError(
+                f"training.trainer must be trl for training.method longpo (it subclasses TRL's DPOTrainer); "
+                f"got {self.trainer!r}."
+            )
+        check_number(section, "beta", self.beta, greater_than=0)
+        check_number(section, "dpo_weight", self.dpo_weight, greater_than=0)
+        check_choice(section, "reference", self.reference, LONGPO_REFERENCES)
+        if not isinstance(self.stages, (list, tuple)):
+            raise RecipeError(
+                f"training.stages must be a list of {{rope: ..., max_steps: ...}} mappings (or []); got {self.stages!r}."
+            )
+        stages = []
+        for stage in self.stages:
+            if isinstance(stage, dict):
+                check_keys("training.stages[]", stage, tuple(f.name for f in fields(LongPOStage)))
+                stage = LongPOStage(**stage)
+            elif not isinstance(stage, LongPOStage):
+                raise RecipeError(
+                    f"each training.stages entry must be a mapping {{rope: ..., max_steps: ...}}; got {stage!r}."
+                )
+            stages.append(stage)
+        object.__setattr__(self, "stages", tuple(stages))
+
+    def resolve(self, training_length: int):
+        return self  # `auto` sequence_length means no cap: long prompts are longer than the training length by design
+
+
+@dataclass(frozen=True)
+class LOGOTraining(CausalLMTraining):
+    """LOGO (Tang et al., 2024, arXiv 2410.18533) on TRL's CPOTrainer: rows from `lcpatch data logo`
+    (`data`: JSONL files or folders of them); loss −log σ(β·[r(chosen) − mean_j r(rejected_j) − γ/β])
+    + sft_weight · CE(chosen), r = mean token log-prob. Each row's real context (at most `real_length`
+    tokens with its question and answers) is read at positions spread over `virtual_length`
+    (`lcpatch.training.positions`). `sequence_length` and `text_field` are not used."""
+
+    method: ClassVar[str] = "logo"
+
+    # The paper's adapter: r = 32, α = 16, embeddings and norms trained in full.
+    lora: LoraOptions | None = field(
+        default_factory=lambda: LoraOptions(r=32, alpha=16, modules_to_save=("embed_tokens", "norm"))
+    )
+    trainer: str = "trl"  # LOGO runs on TRL's CPOTrainer only
+    learning_rate: float = 5.0e-5
+    beta: float = 10.0  # β (the paper's Llama-3-8B value)
+    gamma_over_beta: float = 0.3  # γ/β, the reward margin
+    sft_weight: float = 0.1  # λ_sft, weight of CE(chosen)
+    num_rejected: int = 2  # M dis-preferred answers per row
+    chunk_size: int = 512  # tokens per context chunk: each chunk gets its own span of the virtual range
+    real_length: int | str = AUTO  # tokens per training sequence; auto = the model's training length
+    virtual_length: int = 65536  # the position range the real context is spread over
+    offsets_per_example: int | str = AUTO  # layouts drawn from per row; auto = the fewest that cover each span
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        section = "training"
+        if self.trainer != "trl":
+            raise RecipeError(
+                f"training.trainer must be trl for training.method logo (it subclasses TRL's CPOTrainer); "
+                f"got {self.trainer!r}."
+            )
+        check_number(section, "beta", self.beta, greater_than=0)
+        for name in ("gamma_over_beta", "sft_weight"):
+            check_number(section, name, getattr(self, name))
+            if getattr(self, name) < 0:
+                raise RecipeError(f"training.{name} must be a number >= 0; got {getattr(self, name)}.")
+        check_int(section, "num_rejected", self.num_rejected, minimum=1)
+        check_int(section, "chunk_size", self.chunk_size, minimum=1)
+        check_int(section, "real_length", self.real_length, minimum=2, allow_auto=True)
+        check_int(section, "virtual_length", self.virtual_length, minimum=2)
+        check_int(section, "offsets_per_example", self.offsets_per_example, minimum=1, allow_auto=True)
+        if self.real_length != AUTO and self.virtual_length < self.real_length:
+            raise RecipeError(
+                f"training.virtual_length must be >= training.real_length ({self.real_length}); "
+                f"got {self.virtual_length}."
+            )
+
+    def resolve(self, training_length: int):
+        if self.real_length != AUTO:
+            return self
+        return dataclasses.replace(self, real_length=training_length)
+
+
+TrainingMethod = CausalLMTraining | E2LLMTraining | LongPOTraining | LOGOTraining
+
+TRAINING_METHODS: dict[str, type] = {
+    cls.method: cls for cls in (CausalLMTraining, E2LLMTraining, LongPOTraining, LOGOTraining)
+}
 
 
 def training_from_dict(data: Any) -> TrainingMethod:
@@ -137,13 +270,19 @@ def training_to_dict(training: TrainingMethod) -> dict:
     out["data"] = list(training.data)
     if training.lora is not None:
         out["lora"]["target_modules"] = list(training.lora.target_modules)
+        out["lora"]["modules_to_save"] = list(training.lora.modules_to_save)
+    if isinstance(training, LongPOTraining):
+        out["stages"] = [stage.to_dict() for stage in training.stages]  # asdict would drop each rope's scaling name
     return out
 
 
 __all__ = [
     "CausalLMTraining",
     "E2LLMTraining",
+    "LOGOTraining",
     "LoraOptions",
+    "LongPOStage",
+    "LongPOTraining",
     "TRAINING_METHODS",
     "TrainingMethod",
     "training_from_dict",

@@ -1,0 +1,246 @@
+"""LOGO on SmolLM2-135M-Instruct (trained at 8k): preference rows built by the model from the Gutenberg
+books, a LoRA trained on them with `lcpatch.train` (the paper's adapter: r = 32, α = 16, embeddings and
+norms trained), and, before / after:
+
+- held-out preference accuracy: rows never trained on where r(chosen) > r(rejected_j) for every j
+  (r: mean answer-token log-prob), the context read at synthesised positions over --virtual-length
+  (as in training) and at its plain positions 0..n-1;
+- perplexity by position to --eval-length tokens of a held-out book (Moby Dick).
+
+On the GPU machine (the README's LOGO section has the device commands):
+    python3 scripts/logo_smollm2.py --gguf /tmp/lcm/model.gguf --data /tmp/gutenberg --out $OUT/logo --work /tmp/work
+CPU smoke run of the whole pipeline (a tiny random Llama with SmolLM2's tokenizer, small sizes):
+    python scripts/logo_smollm2.py --tiny --model ~/.cache/lcpatch/smollm2-135m-instruct --data ../shared/data/gutenberg --out /tmp/logo-tiny
+Writes results.json and results.md to --out; the rows, shards and adapter go to --work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+import lcpatch
+from lcpatch.data.logo import build_logo_rows, write_rows
+from lcpatch.eval.perplexity import perplexity_by_position
+from lcpatch.train import run
+from lcpatch.training import LOGOTraining
+from lcpatch.training.logo import LOGOCollator, answer_log_probs, tokenize_logo_row
+
+# --tiny: sizes for a CPU smoke run of every step.
+TINY = dict(
+    examples=12,
+    eval_examples=4,
+    chunk_size=32,
+    context_chunks=4,
+    answer_tokens=8,
+    question_tokens=8,
+    real_length=256,
+    virtual_length=1024,
+    steps=4,
+    eval_length=1024,
+    bucket=256,
+)
+
+
+def base_model(args) -> Path:
+    """The model folder: SmolLM2 converted once (--gguf), given (--model), or a tiny random Llama (--tiny)."""
+    if args.tiny:
+        folder = args.work / "tiny-model"
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=args.real_length,
+            tie_word_embeddings=True,  # as SmolLM2: the trained embedding copy must stay tied to the head
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        torch.manual_seed(args.seed)
+        LlamaForCausalLM(config).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        return folder
+    if args.model:
+        return args.model
+    from lcpatch import smollm2
+
+    cache = args.work / "cache"
+    smollm2.load_smollm2(cache_dir=cache, gguf_path=args.gguf)  # converts once, keeps a plain transformers copy
+    return cache / smollm2.CACHE_NAME
+
+
+def device_and_dtype() -> tuple[str, torch.dtype]:
+    return ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
+
+
+@torch.no_grad()
+def preference_accuracy(model, tokenizer, rows: list[dict], args) -> dict:
+    """Share of rows whose chosen answer out-scores each rejected one, at synthesised and at plain positions."""
+    num_rejected = len(rows[0]["rejected"])
+    tokenised = [tokenize_logo_row(tokenizer, row, num_rejected, args.chunk_size, args.real_length) for row in rows]
+    collator = LOGOCollator(tokenizer.pad_token_id, args.virtual_length, seed=args.seed)
+    wins = {"virtual": 0, "plain": 0}
+    model.eval()
+    for row in tokenised:
+        batch = {k: v.to(model.device) for k, v in collator([row]).items()}
+        for layout in wins:
+            if layout == "plain":
+                batch["position_ids"] = torch.arange(batch["input_ids"].shape[1], device=model.device).expand(
+                    num_rejected + 1, -1
+                )
+            sums, counts, _ = answer_log_probs(model, batch)
+            rewards = sums / counts
+            wins[layout] += bool((rewards[0] > rewards[1:]).all())
+    return {layout: count / len(tokenised) for layout, count in wins.items()}
+
+
+def measure(model, tokenizer, heldout_rows, ids, args, name: str) -> dict:
+    accuracy = preference_accuracy(model, tokenizer, heldout_rows, args)
+    ppl = perplexity_by_position(model, ids, bucket=args.bucket, chunk=args.chunk, desc=name)
+    print(name, accuracy, [round(b["ppl"], 2) for b in ppl["buckets"]], flush=True)
+    return {"accuracy": accuracy, "perplexity": ppl}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--gguf", type=Path, help="SmolLM2-135M-Instruct GGUF file (converted once into --work/cache)")
+    source.add_argument("--model", type=Path, help="a transformers model folder (with --tiny: only its tokenizer)")
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke run: a tiny random Llama, small sizes")
+    parser.add_argument("--data", type=Path, required=True, help="folder of .txt books (Project Gutenberg)")
+    parser.add_argument("--heldout", default="melville-moby_dick.txt", help="the book kept out and scored (ppl)")
+    parser.add_argument("--out", type=Path, required=True, help="results (JSON, Markdown table)")
+    parser.add_argument("--work", type=Path, help="rows, generation shards, adapter (default: --out/work)")
+    parser.add_argument("--examples", type=int, default=240, help="rows built, --eval-examples of them held out")
+    parser.add_argument("--eval-examples", type=int, default=40)
+    parser.add_argument("--chunk-size", type=int, default=512)
+    parser.add_argument("--context-chunks", type=int, default=7, help="chunks per row's real context")
+    parser.add_argument("--keep-chunks", type=int, default=2)
+    parser.add_argument("--answer-tokens", type=int, default=96)
+    parser.add_argument("--question-tokens", type=int, default=40)
+    parser.add_argument("--generation-batch", type=int, default=48)
+    parser.add_argument("--real-length", type=int, default=4096)
+    parser.add_argument("--virtual-length", type=int, default=32768)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=1, help="rows per step per device (each 3 sequences)")
+    parser.add_argument("--gradient-accumulation-steps", type=int, default=4)
+    parser.add_argument("--learning-rate", type=float, default=1.0e-4)
+    parser.add_argument("--eval-length", type=int, default=32768)
+    parser.add_argument("--bucket", type=int, default=4096)
+    parser.add_argument("--chunk", type=int, default=4096, help="tokens per forward pass when scoring perplexity")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.tiny:
+        if args.model is None:
+            parser.error("--tiny needs --model FOLDER (a tokenizer with a chat template, e.g. SmolLM2's)")
+        for name, value in TINY.items():
+            setattr(args, name, value)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.work = args.work or args.out / "work"
+    started = time.time()
+    folder = base_model(args)
+    device, dtype = device_and_dtype()
+    tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+
+    books = sorted(args.data.glob("*.txt"))
+    heldout = args.data / args.heldout
+    if heldout not in books:
+        parser.error(f"--heldout {args.heldout} is not a .txt file in {args.data}")
+    texts = [p.read_text(encoding="utf-8", errors="replace") for p in books if p != heldout]
+    rows = build_logo_rows(
+        model,
+        tokenizer,
+        texts,
+        args.examples,
+        chunk_size=args.chunk_size,
+        context_chunks=args.context_chunks,
+        keep_chunks=args.keep_chunks,
+        answer_tokens=args.answer_tokens,
+        question_tokens=args.question_tokens,
+        batch_size=args.generation_batch,
+        seed=args.seed,
+        work=args.work / "shards",
+    )
+    build_seconds = time.time() - started
+    train_rows, heldout_rows = rows[: -args.eval_examples], rows[-args.eval_examples :]
+    train_file = write_rows(train_rows, args.work / "logo-train.jsonl")
+    write_rows(heldout_rows, args.work / "logo-heldout.jsonl")
+
+    ids = tokenizer(heldout.read_text(encoding="utf-8"), add_special_tokens=False, return_tensors="pt").input_ids
+    ids = ids[0, : args.eval_length]
+    results = {"before": measure(model, tokenizer, heldout_rows, ids, args, "before")}
+    del model
+
+    training = LOGOTraining(
+        model=str(folder),
+        data=(str(train_file),),
+        chunk_size=args.chunk_size,
+        real_length=args.real_length,
+        virtual_length=args.virtual_length,
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        learning_rate=args.learning_rate,
+        warmup_steps=max(1, args.steps // 20),
+        logging_steps=max(1, args.steps // 20),
+        output_dir=str(args.work / "adapter"),
+        seed=args.seed,
+    )
+    train_started = time.time()
+    adapter = run(lcpatch.Recipe(name="logo", training=training))
+    train_seconds = time.time() - train_started
+    trained = lcpatch.from_pretrained(adapter, dtype=dtype).to(device)
+    results["after"] = measure(trained, tokenizer, heldout_rows, ids, args, "after")
+    log = json.loads((adapter / "trainer_state.json").read_text())["log_history"]
+
+    lines = [
+        "| model | held-out accuracy (virtual positions) | held-out accuracy (plain positions) | "
+        + " | ".join(
+            f"ppl {b['start'] / 1024:g}k-{b['end'] / 1024:g}k" for b in results["before"]["perplexity"]["buckets"]
+        )
+        + " |",
+        "|---" * (3 + len(results["before"]["perplexity"]["buckets"])) + "|",
+    ]
+    for name, result in results.items():
+        cells = [f"{result['accuracy']['virtual']:.3f}", f"{result['accuracy']['plain']:.3f}"]
+        cells += [f"{b['ppl']:.2f}" for b in result["perplexity"]["buckets"]]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    meta = {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "dtype": str(dtype),
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "lcpatch": lcpatch.__version__,
+        },
+        "tiny": args.tiny,
+        "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "train_rows": len(train_rows),
+        "heldout_rows": len(heldout_rows),
+        "eval_tokens": ids.numel(),
+        "seconds_to_build_rows": round(build_seconds),
+        "seconds_to_train": round(train_seconds),
+        "seconds_total": round(time.time() - started),
+        "train_log": log,
+    }
+    (args.out / "results.json").write_text(json.dumps({"results": results, "run": meta}, indent=2))
+    (args.out / "results.md").write_text(table + "\n")
+    print(table, {k: v for k, v in meta.items() if k not in ("train_log", "arguments")}, sep="\n")
+
+
+if __name__ == "__main__":
+    main()
