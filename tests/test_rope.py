@@ -22,6 +22,7 @@ LONG = 3 * L + 5
 
 # recipe rope section -> the rope_parameters a transformers model would be built with (theta kept)
 CASES = {
+    "base": ({"scaling": "base", "theta": 400000}, {"rope_type": "default", "rope_theta": 400000.0}),
     "linear": ({"scaling": "linear", "factor": 4}, {"rope_type": "linear", "factor": 4.0}),
     "dynamic": ({"scaling": "dynamic", "factor": 4}, {"rope_type": "dynamic", "factor": 4.0}),
     "yarn": (
@@ -98,6 +99,17 @@ def test_scaling_equals_transformers_model_with_that_config_and_remove_is_exact(
     assert torch.equal(logits(model, ids), original)
 
 
+def test_new_base_keeps_the_model_rope_type():
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    params = {"rope_theta": 10000.0, "original_max_position_embeddings": L, **llama3}
+    model = tiny_model(max_position_embeddings=L, rope_parameters=params)
+    ids = random_ids(LONG)
+    expected = logits(reference(model, LlamaForCausalLM, {**params, "rope_theta": 50000.0}), ids)
+    lcpatch.apply(model, {"rope": {"scaling": "base", "theta": 50000}})
+    assert torch.equal(logits(model, ids), expected)
+    assert not torch.equal(expected, logits(reference(model, LlamaForCausalLM, params), ids))
+
+
 def test_partial_rotary_family_scales_like_transformers():
     model = tiny_model("phi3", max_position_embeddings=L)
     ids = random_ids(LONG)
@@ -169,7 +181,7 @@ def test_failed_apply_leaves_rotary_untouched():
         ({"scaling": "e2llm", "factor": 0}, r"rope.factor must be a number > 0 or 'auto'; got 0"),
         (
             {"scaling": "ntk"},
-            r"unknown rope.scaling 'ntk'; accepted: none, linear, dynamic, yarn, llama3, longrope, e2llm",
+            r"unknown rope.scaling 'ntk'; accepted: none, base, linear, dynamic, yarn, llama3, longrope, e2llm",
         ),
         ({"scaling": "linear"}, r"rope.factor is 'auto'.*rope.target_length is not set"),
         (
@@ -183,6 +195,8 @@ def test_failed_apply_leaves_rotary_untouched():
         ({"scaling": "yarn", "factor": 2, "beta_fast": 1, "beta_slow": 2}, r"rope.beta_fast \(1\) must be greater"),
         ({"scaling": "llama3", "factor": 2, "low_freq_factor": 4}, r"rope.high_freq_factor \(4.0\) must be greater"),
         ({"scaling": "longrope", "factor": 2}, r"rope.short_factor must be a list of numbers > 0"),
+        ({"scaling": "base"}, r"rope.scaling base needs rope.theta"),
+        ({"scaling": "base", "theta": 0.5}, r"rope.theta must be a number > 1; got 0.5"),
         ({"scaling": "linear", "factor": "4"}, r"rope.factor must be a number > 0 or 'auto'; got '4' \(str\)"),
     ],
 )

@@ -13,12 +13,12 @@ from typing import Any
 from ..errors import RecipeError
 from ..fields import check_keys
 from .e2llm import E2LLM
-from .scaling import Dynamic, Linear, Llama3, LongRope, NoScaling, Yarn
+from .scaling import Base, Dynamic, Linear, Llama3, LongRope, NoScaling, Yarn
 
-RopeScaling = NoScaling | Linear | Dynamic | Yarn | Llama3 | LongRope | E2LLM
+RopeScaling = NoScaling | Base | Linear | Dynamic | Yarn | Llama3 | LongRope | E2LLM
 
 ROPE_SCALINGS: dict[str, type] = {
-    cls.scaling: cls for cls in (NoScaling, Linear, Dynamic, Yarn, Llama3, LongRope, E2LLM)
+    cls.scaling: cls for cls in (NoScaling, Base, Linear, Dynamic, Yarn, Llama3, LongRope, E2LLM)
 }
 
 
@@ -40,6 +40,7 @@ def rope_to_dict(rope: RopeScaling) -> dict:
 
 __all__ = [
     "ROPE_SCALINGS",
+    "Base",
     "E2LLM",
     "Dynamic",
     "Linear",

@@ -1,4 +1,4 @@
-"""Standard RoPE scaling (linear, dynamic, yarn, llama3, longrope) applied to a loaded model instance.
+"""Standard RoPE scaling (linear, dynamic, yarn, llama3, longrope) and a new base θ, applied to a loaded model instance.
 
 The new rotary tables come from transformers' own code: the model's rotary embedding class is
 built again from a copy of its config whose `rope_parameters` name the new scaling (so
@@ -34,13 +34,49 @@ class NoScaling:
 
 
 @dataclass(frozen=True)
-class FactorScaling:
-    """A transformers rope type stretched by `factor` (auto: target_length / the model's training length)."""
+class RebuiltRotary:
+    """A scaling whose tables come from the model's rotary class rebuilt with new `rope_parameters`."""
 
     scaling: ClassVar[str]
     # dynamic and longrope pick their frequencies from each input's length inside the rotary module;
     # Λ attention rotates keys itself with tables read once at apply, so it cannot follow them.
     length_dependent: ClassVar[bool] = False
+    # Factor scalings replace the model's rope type (and its parameters) with theirs; a new base keeps them.
+    keeps_rope_type: ClassVar[bool] = False
+
+    def resolve(self, training_length: int) -> RebuiltRotary:
+        return self
+
+    def rope_parameters(self, training_length: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def install(self, structure: ModelStructure, dense: bool, log: PatchLog) -> ModelStructure:
+        _swap_rotary_state(structure, self, log)
+        return find_structure(structure.model)  # re-read (and re-check) the tables Λ attention rotates with
+
+
+@dataclass(frozen=True)
+class Base(RebuiltRotary):
+    """A new RoPE base θ, the model's rope type kept: every frequency θ^(-2i/d) recomputed ("adjusted base
+    frequency", Xiong et al., 2023; LongPO raises θ at each context-extension stage)."""
+
+    scaling: ClassVar[str] = "base"
+    keeps_rope_type: ClassVar[bool] = True
+
+    theta: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.theta is None:
+            raise RecipeError("rope.scaling base needs rope.theta, the new RoPE base (e.g. 1000000).")
+        check_number("rope", "theta", self.theta, greater_than=1)
+
+    def rope_parameters(self, training_length: int) -> dict[str, Any]:
+        return {"rope_theta": float(self.theta)}
+
+
+@dataclass(frozen=True)
+class FactorScaling(RebuiltRotary):
+    """A transformers rope type stretched by `factor` (auto: target_length / the model's training length)."""
 
     factor: float | str = AUTO
     target_length: int | None = None
@@ -64,10 +100,6 @@ class FactorScaling:
     def rope_parameters(self, training_length: int) -> dict[str, Any]:
         """The `rope_parameters` entries transformers' init function for this type reads."""
         return {"rope_type": self.scaling, "factor": float(self.factor)}
-
-    def install(self, structure: ModelStructure, dense: bool, log: PatchLog) -> ModelStructure:
-        _swap_rotary_state(structure, self, log)
-        return find_structure(structure.model)  # re-read (and re-check) the tables Λ attention rotates with
 
 
 @dataclass(frozen=True)
@@ -197,14 +229,15 @@ class LongRope(FactorScaling):
         return super().install(structure, dense, log)
 
 
-def _scaled_config(structure: ModelStructure, scaling: FactorScaling):
+def _scaled_config(structure: ModelStructure, scaling: RebuiltRotary):
     """A copy of the decoder config whose rope_parameters ask for `scaling` on every non-sliding layer type."""
     config = copy.deepcopy(structure.config)
     params = copy.deepcopy(config.rope_parameters)
     new = scaling.rope_parameters(structure.training_length)
+    kept = None if scaling.keeps_rope_type else ("rope_theta", "partial_rotary_factor")  # else: the base stays
 
-    def updated(old: dict) -> dict:  # the base frequencies stay the model's own
-        return {**{k: old[k] for k in ("rope_theta", "partial_rotary_factor") if k in old}, **new}
+    def updated(old: dict) -> dict:
+        return {**{k: v for k, v in old.items() if kept is None or k in kept}, **new}
 
     nested = [key for key, value in params.items() if isinstance(value, dict)]
     if not nested:
@@ -224,7 +257,7 @@ def _scaled_config(structure: ModelStructure, scaling: FactorScaling):
     return config
 
 
-def _swap_rotary_state(structure: ModelStructure, scaling: FactorScaling, log: PatchLog) -> None:
+def _swap_rotary_state(structure: ModelStructure, scaling: RebuiltRotary, log: PatchLog) -> None:
     """Give the model's rotary module the buffers and attributes of the same class built for `scaling`."""
     module = structure.rotary_emb
     fresh = type(module)(_scaled_config(structure, scaling))
