@@ -61,7 +61,7 @@ def apply(model, recipe: RecipeLike):
             method = resolved.attention.build(structure)
             runtime = PatchRuntime(structure, method, resolved.attention.method)
             runtime.install(log, RUNTIMES)
-        install_generate(base, resolved, runtime.make_cache if runtime else None, log)
+        install_generate(base, resolved, runtime, log)
         announce_generate_length(base, log)  # after install_generate, whose chunked prefill must see it
         for owner in {id(base): base, id(model): model}.values():
             install_save_pretrained(owner, resolved, log)

@@ -10,7 +10,8 @@ random-weight model, for quick runs. The prompt is random token ids, the same fo
 
 Each cell is one `model.generate()` of 1 + --new-tokens tokens, after one untimed call per recipe and batch
 (kernel compilation, allocator growth): prefill is the time from the call to the first token's logits,
-decode the rate of the following tokens (per sequence; ×batch for the aggregate), peak memory the growth
+decode the rate of the tokens after the first decode step (per sequence; ×batch for the aggregate), peak
+memory the growth
 of CUDA-allocated memory (on a GPU) or of the process's resident memory (on a CPU, sampled every 2 ms)
 over what the model held before the call. A cell that runs out of memory is recorded as such and the
 longer lengths of that recipe and batch are skipped. Writes DIR/cost.json (rewritten after every cell),
@@ -27,6 +28,7 @@ import logging
 import platform
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -195,15 +197,20 @@ class PeakMemory:
         return False
 
 
-def measure(model, recipe: str, ids: torch.Tensor, new_tokens: int) -> dict:
-    """One generate() call of 1 + new_tokens tokens on `ids` under `recipe`: timings and memory."""
+def measure(model, recipe, ids: torch.Tensor, new_tokens: int, **generate_kwargs) -> dict:
+    """One greedy generate() of 1 + new_tokens tokens on `ids` under `recipe` (a recipe, or VANILLA / None
+    for the unpatched model): prefill time, the first decode step (where a CUDA graph is captured or a
+    compiled step built), the decode rate over the steps after it, peak memory, and lcpatch's warnings."""
     from .api import patched
 
+    if new_tokens < 2:
+        raise LcpatchError(f"new_tokens {new_tokens}: give at least 2 (the rate is timed after the first decode step).")
     clock = Clock(ids.device)
-    scope = contextlib.nullcontext() if recipe == VANILLA else patched(model, recipe)
-    with scope, torch.no_grad(), PeakMemory(ids.device) as memory:
+    scope = contextlib.nullcontext() if recipe in (None, VANILLA) else patched(model, recipe)
+    with scope, torch.no_grad(), PeakMemory(ids.device) as memory, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         start = time.perf_counter()
-        model.generate(
+        out = model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=1 + new_tokens,
@@ -211,17 +218,25 @@ def measure(model, recipe: str, ids: torch.Tensor, new_tokens: int) -> dict:
             do_sample=False,
             logits_processor=LogitsProcessorList([clock]),
             pad_token_id=0,
+            return_dict_in_generate=True,
+            **generate_kwargs,
         )
-    first, last = clock.times[0], clock.times[-1]
-    steps = len(clock.times) - 1
-    per_sequence = steps / (last - first) if steps else None
-    return {
-        "prefill_s": first - start,
-        "decode_tokens_per_s": per_sequence,
-        "decode_tokens_per_s_all": per_sequence * ids.shape[0] if per_sequence else None,
+    step = getattr(out.past_key_values, "decode_step", None)
+    del out
+    times = clock.times  # [first token (after prefill), after decode step 1, ...]
+    rate = (len(times) - 2) / (times[-1] - times[1])
+    row = {
+        "prefill_s": times[0] - start,
+        "first_step_s": times[1] - times[0],
+        "decode_tokens_per_s": rate,
+        "decode_tokens_per_s_all": rate * ids.shape[0],
         "peak_memory_mib": memory.peak_mib,
         "memory_kind": memory.kind,
+        "notes": sorted({str(w.message) for w in caught if "lcpatch" in str(w.message)}),
     }
+    if step is not None:
+        row["cuda_graph"] = step.graph is not None
+    return row
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -257,8 +272,8 @@ def run(args: argparse.Namespace) -> dict:
     recipes = parse_recipes(args.recipes)
     lengths = parse_lengths(args.lengths)
     batches = parse_batches(args.batch)
-    if args.new_tokens < 1:
-        raise LcpatchError(f"--new-tokens {args.new_tokens}: give at least 1 (decode is timed over them).")
+    if args.new_tokens < 2:
+        raise LcpatchError(f"--new-tokens {args.new_tokens}: give at least 2 (decode is timed after its first step).")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     torch.manual_seed(args.seed)
@@ -271,7 +286,7 @@ def run(args: argparse.Namespace) -> dict:
     for recipe in recipes:
         for batch in batches:
             # Untimed: the first call of a recipe pays one-off costs (kernel compilation, allocator growth).
-            measure(model, recipe, prompt[:batch, -min(lengths) :].to(device), 1)
+            measure(model, recipe, prompt[:batch, -min(lengths) :].to(device), 2)
             failed = None
             for length in lengths:
                 cell = {"recipe": recipe, "batch": batch, "length": length}
@@ -309,7 +324,7 @@ def markdown(result: dict) -> str:
     """One row per (recipe, batch), one column per length: prefill / decode per sequence / peak memory."""
     lengths = result["args"]["lengths"]
     lines = [
-        "| recipe | batch | " + " | ".join(_length_label(n) for n in lengths) + " |",
+        "| recipe | batch | " + " | ".join(length_label(n) for n in lengths) + " |",
         "|---|---|" + "---|" * len(lengths),
     ]
     for recipe in result["args"]["recipes"]:
@@ -320,7 +335,7 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n\ncells: prefill time / decode tokens/s per sequence / peak memory over the weights"
 
 
-def _length_label(n: int) -> str:
+def length_label(n: int) -> str:
     return f"{n // 2**20}M" if n % 2**20 == 0 else f"{n // 1024}k" if n % 1024 == 0 else str(n)
 
 

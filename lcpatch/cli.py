@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         "bench",
         help="cost against context length: `lcpatch bench --model M --recipes vanilla,lm-infinite --lengths 4k,16k "
         "--out DIR` (prefill, decode tokens/s, peak memory); `lcpatch bench attention --out DIR` times the Triton "
-        "kernels against dense SDPA, FlexAttention and SDPA with a boolean Λ mask (CUDA)",
+        "kernels against dense SDPA, FlexAttention and SDPA with a boolean Λ mask (CUDA); `lcpatch bench decode "
+        "--out DIR` compares generate() decode speed and memory of vanilla HF, HF static cache + torch.compile, "
+        "lcpatch eager and lcpatch's fast (CUDA graph) path",
     )
     bench_parser.add_argument("what", choices=list(BENCHMARKS))
     bench_parser.add_argument("options", nargs=argparse.REMAINDER, help="options of that benchmark (see its --help)")
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     return args.run(args)
 
 
-BENCHMARKS = {"cost": "bench_cost", "attention": "bench_attention"}
+BENCHMARKS = {"cost": "bench_cost", "attention": "bench_attention", "decode": "bench_decode"}
 # `lcpatch data NAME`: the module lcpatch.data.NAME, with add_arguments(parser) and run_cli(args).
 DATA_BUILDERS = ("longpo", "logo")
 

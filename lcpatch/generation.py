@@ -1,4 +1,10 @@
-"""`generate()` on a patched model: the method's cache and chunked prefill, through generate's own kwargs."""
+"""`generate()` on a patched model: the method's cache and chunked prefill, through generate's own kwargs.
+
+The prompt, but its last chunk, is streamed through the decoder alone (no LM head: no logits), one
+chunk of activations at a time; generate() then runs the last chunk itself, with `logits_to_keep=1`.
+Progress of that streaming goes to a `prefill_progress(done, total)` callable passed to generate(),
+or to a tqdm bar when the recipe sets `generation.progress: true`.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +14,33 @@ from collections.abc import Callable
 import torch
 from transformers import PreTrainedModel
 
+from .decode import install_fast_decode
 from .patching import PatchLog
 from .recipe import Recipe
 
+Progress = Callable[[int, int], None]
+
+
+class ProgressBar:
+    """`generation.progress: true`: a tqdm bar over the prompt tokens streamed in chunks, one per call."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, unit="tok", unit_scale=True, desc="lcpatch prefill")
+        self.bar.update(done - self.bar.n)
+        if done >= total:
+            self.bar.close()
+
 
 @torch.no_grad()
-def _prefill_all_but_last_chunk(model: PreTrainedModel, args: tuple, kwargs: dict, chunk: int) -> bool:
+def _prefill_all_but_last_chunk(
+    model: PreTrainedModel, args: tuple, kwargs: dict, chunk: int, progress: Progress | None
+) -> bool:
     """Feed the prompt, except its last `chunk` tokens, through the cache in chunks that end where it ends.
 
     Chunks counted back from the end split every row of a left-padded batch at the same distances
@@ -21,6 +48,7 @@ def _prefill_all_but_last_chunk(model: PreTrainedModel, args: tuple, kwargs: dic
     (InfLLM's execution blocks) need for a ragged batch to match each prompt alone. generate() then
     prefills the last chunk in one pass. False (nothing done) when the prompt is not given as ids,
     its padding would be inferred by generate from pad tokens, or only the tokens after a cache are given.
+    `progress(done, total)` follows the tokens streamed here (all but the last chunk), after each chunk.
     """
     ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
     if not torch.is_tensor(ids) or ids.ndim != 2 or ids.is_floating_point():
@@ -53,23 +81,30 @@ def _prefill_all_but_last_chunk(model: PreTrainedModel, args: tuple, kwargs: dic
             past_key_values=cache,
             use_cache=True,
         )
+        if progress is not None:
+            progress(stop - past, stops[0] - past)
     return True
 
 
-def install_generate(model: PreTrainedModel, recipe: Recipe, make_cache: Callable | None, log: PatchLog) -> None:
-    """Shadow `model.generate` on this instance with one that supplies the cache and prefills in chunks."""
+def install_generate(model: PreTrainedModel, recipe: Recipe, runtime, log: PatchLog) -> None:
+    """Shadow `model.generate` on this instance with one that supplies the cache (see `lcpatch.decode`)
+    and prefills in chunks; `runtime` is the patch's PatchRuntime, None for dense attention."""
     original = model.generate
+    plan = install_fast_decode(model, recipe.generation.decode, runtime, recipe.attention.method, log)
 
     @functools.wraps(original)
-    def generate(*args, **kwargs):
+    def generate(*args, prefill_progress: Progress | None = None, **kwargs):
         config = kwargs.get("generation_config") or model.generation_config
         if kwargs.get("use_cache", getattr(config, "use_cache", True)) is not False:
-            if make_cache is not None and kwargs.get("past_key_values") is None:
-                kwargs["past_key_values"] = make_cache()
+            if kwargs.get("past_key_values") is None:
+                cache = plan.make_cache(model.device)
+                if cache is not None:
+                    kwargs["past_key_values"] = cache
             chunk = kwargs.get("prefill_chunk_size") or getattr(config, "prefill_chunk_size", None)
             chunk = chunk or recipe.generation.prefill_chunk
+            progress = prefill_progress or (ProgressBar() if recipe.generation.progress else None)
             handled = kwargs.get("past_key_values") is not None and _prefill_all_but_last_chunk(
-                model, args, kwargs, chunk
+                model, args, kwargs, chunk, progress
             )
             # What remains is at most one chunk; generate's own chunking (which older transformers
             # restarts from token 0 after a prefilled cache) must not run again.

@@ -12,19 +12,28 @@ import yaml
 
 from .attention import AttentionMethod, Dense, attention_from_dict, attention_to_dict
 from .errors import RecipeError
-from .fields import check_int, check_keys
+from .fields import check_bool, check_choice, check_int, check_keys
 from .rope import NoScaling, RopeScaling, rope_from_dict, rope_to_dict
 from .training import TrainingMethod, training_from_dict, training_to_dict
+
+# `static` is the fast path without CUDA graph capture: same static-shape cache and step, run eagerly
+# (CPU tests, debugging a failing capture).
+DECODE_MODES = ("auto", "eager", "graph", "static")
 
 
 @dataclass(frozen=True)
 class GenerationOptions:
-    """How `generate()` feeds long prompts: `prefill_chunk` tokens per forward pass."""
+    """How `generate()` feeds long prompts (`prefill_chunk` tokens per forward pass, a progress bar
+    with `progress`) and how it decodes (`decode`, see `lcpatch.decode`)."""
 
     prefill_chunk: int = 4096
+    decode: str = "auto"
+    progress: bool = False
 
     def __post_init__(self) -> None:
         check_int("generation", "prefill_chunk", self.prefill_chunk, minimum=1)
+        check_choice("generation", "decode", self.decode, DECODE_MODES)
+        check_bool("generation", "progress", self.progress)
 
 
 SECTIONS = ("name", "attention", "rope", "generation", "training")

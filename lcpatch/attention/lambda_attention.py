@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..cache import LambdaCache, LambdaCacheLayer, StepInfo
+from ..cache import LambdaCache, LambdaCacheLayer, RingLambdaCache, StepInfo
 from ..errors import CacheError
 from ..models import ModelStructure
 from .dispatch import select_backend
@@ -36,6 +36,10 @@ class LambdaAttention:
     def make_cache(self) -> LambdaCache:
         return LambdaCache(self.specs)
 
+    def make_ring_cache(self) -> RingLambdaCache:
+        """The same bounded cache with static shapes, for the fast decode path (`lcpatch.decode`)."""
+        return RingLambdaCache(self.specs)
+
     def cache_sizes(self) -> list[int]:
         return [spec.cache_size for spec in self.specs]
 
@@ -59,11 +63,12 @@ class LambdaAttention:
 
 
 def key_metadata(layer: int, key: torch.Tensor, step: StepInfo, cache_layer: LambdaCacheLayer | None):
-    """Positions and validity of the keys a layer received: from its LambdaCacheLayer, or this pass's own."""
+    """Positions, validity and whether slots are in stream order, for the keys a layer received: from
+    its LambdaCacheLayer, or this pass's own."""
     if cache_layer is not None and cache_layer.key_step is step and cache_layer.key_positions.shape[1] == key.shape[2]:
-        return cache_layer.key_positions, cache_layer.key_valid
+        return cache_layer.key_positions, cache_layer.key_valid, cache_layer.keys_in_stream_order
     if key.shape[2] == step.positions.shape[1]:
-        return step.positions, step.valid
+        return step.positions, step.valid, True
     raise CacheError(
         f"layer {layer} received {key.shape[2]} keys for {step.positions.shape[1]} queries from a cache lcpatch "
         "does not manage; Λ attention needs the positions of every cached key. Let the patched model create its cache."
@@ -85,10 +90,10 @@ def lambda_layer_attention(
     dropout: float,
 ) -> torch.Tensor:
     """One layer's Λ attention on the chosen backend (Triton kernels or the PyTorch reference)."""
-    key_positions, key_valid = key_metadata(layer, key, step, cache_layer)
+    key_positions, key_valid, ordered = key_metadata(layer, key, step, cache_layer)
     args = (query, key, value, step.positions, key_positions, key_valid, spec, rotary, scaling)
     if select_backend(backend, query.device) == "triton":
         from ..kernels import lambda_attention
 
-        return lambda_attention(*args, softcap=softcap, dropout=dropout)
-    return lambda_attention_reference(*args, softcap=softcap, dropout=dropout)
+        return lambda_attention(*args, softcap=softcap, dropout=dropout, keys_in_stream_order=ordered)
+    return lambda_attention_reference(*args, softcap=softcap, dropout=dropout, keys_in_stream_order=ordered)

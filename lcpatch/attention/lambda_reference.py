@@ -10,7 +10,9 @@ never O(n²). For each chunk the candidate keys are
   these hold no global tokens, so only in-window (true-distance) pairs are visible there.
 
 Key slots are laid out in stream order after the prefix, so a query's window is a contiguous
-slice of slots (padding and evicted tokens only make slots invalid, never reorder them).
+slice of slots (padding and evicted tokens only make slots invalid, never reorder them). A cache
+that stores keys in another order (RingLambdaCache's ring buffer, while decoding) passes
+`keys_in_stream_order=False`: then every slot is a candidate, under the full Λ rule on positions.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ def lambda_attention_reference(
     softcap: float | None = None,
     dropout: float = 0.0,
     chunk_size: int = 512,
+    keys_in_stream_order: bool = True,
 ) -> torch.Tensor:
     """Λ attention over un-rotated q/k.
 
@@ -56,8 +59,11 @@ def lambda_attention_reference(
     q_pos = query_positions.repeat(1, group)
     k, v = key, value.to(torch.float32)
 
-    globals_ = (key_valid & (key_positions < spec.n_global)).any(dim=0)
-    prefix = int(globals_.nonzero().max()) + 1 if globals_.any() else 0
+    if keys_in_stream_order:
+        globals_ = (key_valid & (key_positions < spec.n_global)).any(dim=0)
+        prefix = int(globals_.nonzero().max()) + 1 if globals_.any() else 0
+    else:  # slot order says nothing: all slots are "prefix" (and no host sync, so a CUDA graph can hold this)
+        prefix = k_len
     first_query_slot = k_len - q_len
     out = torch.empty(batch, kv_heads, group, q_len, value.shape[-1], dtype=torch.float32, device=q.device)
 
@@ -65,7 +71,7 @@ def lambda_attention_reference(
         stop = min(q_len, start + chunk_size)
         rows = torch.cat([torch.arange(start, stop, device=q.device) + g * q_len for g in range(group)])
         qc, qp = q[:, :, rows], q_pos[:, rows]
-        last_slot = first_query_slot + stop
+        last_slot = first_query_slot + stop if keys_in_stream_order else k_len
         window_start = max(prefix, first_query_slot + start - spec.window + 1)
         pre = slice(0, min(prefix, last_slot))
         win = slice(window_start, last_slot)

@@ -2,6 +2,16 @@
 
 from .block_memory import BlockMemoryCache, BlockMemoryLayer
 from .lambda_cache import LambdaCache, LambdaCacheLayer
+from .ring import RingLambdaCache, RingLambdaCacheLayer
 from .step import StepAwareCache, StepInfo
 
-__all__ = ["BlockMemoryCache", "BlockMemoryLayer", "LambdaCache", "LambdaCacheLayer", "StepAwareCache", "StepInfo"]
+__all__ = [
+    "BlockMemoryCache",
+    "BlockMemoryLayer",
+    "LambdaCache",
+    "LambdaCacheLayer",
+    "RingLambdaCache",
+    "RingLambdaCacheLayer",
+    "StepAwareCache",
+    "StepInfo",
+]

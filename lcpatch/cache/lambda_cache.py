@@ -19,6 +19,8 @@ class LambdaCacheLayer(CacheLayerMixin):
     """One layer: sink slots indexed by position (0..n_global-1), then a window in stream order."""
 
     is_sliding = False
+    # Keys come back sinks, window, new tokens: slot order is stream order (Λ attention may slice by slot).
+    keys_in_stream_order = True
 
     def __init__(self, spec: LambdaSpec, owner: LambdaCache):
         super().__init__()
@@ -43,7 +45,8 @@ class LambdaCacheLayer(CacheLayerMixin):
         self.window_valid = torch.zeros(batch, 0, dtype=torch.bool, device=self.device)
         self.is_initialized = True
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+    def current_step(self, key_states: torch.Tensor) -> StepInfo:
+        """Positions and validity of the tokens being stored, recorded by the runtime for this forward."""
         step = self.owner.step
         if step is None or tuple(step.positions.shape) != (key_states.shape[0], key_states.shape[2]):
             raise CacheError(
@@ -51,6 +54,10 @@ class LambdaCacheLayer(CacheLayerMixin):
                 "(no token positions were recorded). Let the patched model create its own cache, "
                 "or pass one from lcpatch.make_cache(model)."
             )
+        return step
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        step = self.current_step(key_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         g = self.spec.n_global
@@ -110,10 +117,13 @@ class LambdaCacheLayer(CacheLayerMixin):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._select_batch(torch.as_tensor(indices, device=self.device).reshape(-1))
 
+    def batch_size(self) -> int:
+        return self.sink_keys.shape[0]
+
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
-            batch = self.sink_keys.shape[0]
-            self._select_batch(torch.arange(batch, device=self.device).repeat_interleave(repeats))
+            rows = torch.arange(self.batch_size(), device=self.device)
+            self._select_batch(rows.repeat_interleave(repeats))
 
     def crop(self, tokens_to_remove: int) -> None:
         raise CacheError(
@@ -130,9 +140,11 @@ class LambdaCacheLayer(CacheLayerMixin):
 class LambdaCache(StepAwareCache):
     """A transformers `Cache` holding at most `n_global + window` key/value positions per layer."""
 
+    layer_class = LambdaCacheLayer
+
     def __init__(self, specs: list[LambdaSpec]):
         self.step = None
-        super().__init__(layers=[LambdaCacheLayer(spec, self) for spec in specs])
+        super().__init__(layers=[self.layer_class(spec, self) for spec in specs])
 
     def stored_lengths(self) -> list[int]:
         """Key/value positions held per layer now."""

@@ -1,0 +1,298 @@
+"""Decode speed of `generate()` after long prompts: lcpatch's fast path next to transformers' own.
+
+    python -m lcpatch.bench_decode --out DIR                  # Llama-3-8B shape, random weights, bf16, CUDA
+    python -m lcpatch.bench_decode --out DIR --layers 4 --lengths 4k,32k --batch 1     # a quick look
+    python -m lcpatch.bench_decode --out DIR --tiny           # a toy model on the CPU: checks the script
+
+Methods, each a plain greedy `model.generate()` of 1 + --new-tokens tokens on random prompt ids:
+- vanilla: transformers' DynamicCache and SDPA; skipped where its KV cache would not fit in device memory;
+- hf-compile: transformers' static cache, whose decode step generate() compiles (torch.compile,
+  reduce-overhead); only at --compile-cells, since every new shape compiles anew; its error is recorded;
+- lcpatch-eager: --recipe (default lm-infinite: 10 sinks, window = training length), generation.decode eager;
+- lcpatch-fast: the same recipe with generation.decode graph (static on a CPU, which has no CUDA graphs).
+lcpatch prefills its prompts in chunks (generation.prefill_chunk). Decode tokens/s is per sequence, over
+the steps after the first decode step (which captures the graph or compiles: `first_step_s`); ×batch for
+the aggregate. Peak memory: its growth over the weights during the call (CUDA max_memory_allocated;
+the resident set on a CPU). Cells past --max-tokens (batch × length) or started after --budget-s are recorded
+as skipped. Writes DIR/decode.json (after every cell), DIR/decode.md and DIR/decode.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from .bench_cost import PRESETS, _weight_bytes, environment, length_label, load_model, measure, parse_batches
+from .demo import resolve_device, resolve_dtype
+from .errors import LcpatchError, run_reporting_errors
+from .eval.run import parse_lengths
+from .plotting import MISSING, pyplot
+from .recipe import load_recipe
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("vanilla", "hf-compile", "lcpatch-eager", "lcpatch-fast")
+# --tiny: the shape of the test models (tests/tiny_models.py), window auto = 64 tokens.
+TINY = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+DEFAULTS = {"lengths": "4k,32k,128k,1M", "batch": "1,8", "new_tokens": 64, "compile_cells": "4k:1", "max_tokens": 2**20}
+TINY_DEFAULTS = {"lengths": "64,256,1k", "batch": "1,2", "new_tokens": 16, "compile_cells": "", "max_tokens": 4096}
+RESULTS = "decode.json"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, required=True, help="folder for decode.json, decode.md and decode.png")
+    parser.add_argument("--model", default="llama3-8b", help=f"a preset ({', '.join(PRESETS)}) or a config.json")
+    parser.add_argument("--layers", type=int, help="keep the first N decoder layers (quicker runs)")
+    parser.add_argument("--lengths", help=f"prompt lengths (k = 1024, M = 1024²); default {DEFAULTS['lengths']}")
+    parser.add_argument("--batch", help=f"batch sizes; default {DEFAULTS['batch']}")
+    parser.add_argument("--new-tokens", type=int, help=f"tokens decoded per call; default {DEFAULTS['new_tokens']}")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"a subset of {','.join(METHODS)}")
+    parser.add_argument("--recipe", default="lm-infinite", help="lcpatch recipe (its generation.decode is set here)")
+    parser.add_argument(
+        "--compile-cells", help=f"LENGTH:BATCH cells where hf-compile runs; default {DEFAULTS['compile_cells']}"
+    )
+    parser.add_argument("--max-tokens", type=int, help="skip cells with batch × length above this; default 1M")
+    parser.add_argument("--budget-s", type=float, default=420.0, help="start no cell after this many seconds")
+    parser.add_argument(
+        "--tiny", action="store_true", help=f"a toy model on the CPU: checks the script; defaults {TINY_DEFAULTS}"
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _cells(spec: str) -> set[tuple[int, int]]:
+    cells = set()
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        length, _, batch = part.partition(":")
+        if not batch.isdigit():
+            raise LcpatchError(f"--compile-cells: {part!r} is not LENGTH:BATCH; give e.g. '4k:1,32k:1'.")
+        cells.add((parse_lengths(length)[0], int(batch)))
+    return cells
+
+
+def _methods(spec: str) -> list[str]:
+    methods = [m.strip() for m in spec.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise LcpatchError(f"--methods: {spec!r} names {unknown or 'nothing'}; choose among {', '.join(METHODS)}.")
+    return methods
+
+
+def lcpatch_recipe(spec: str, decode: str):
+    recipe = load_recipe(spec)
+    return dataclasses.replace(recipe, generation=dataclasses.replace(recipe.generation, decode=decode))
+
+
+def kv_cache_gib(config, batch: int, tokens: int, dtype: torch.dtype) -> float:
+    """Size of a full (unbounded) KV cache, as vanilla transformers keeps it."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype.itemsize
+    return per_token * batch * tokens / 2**30
+
+
+def _skip_reason(method, length, batch, args, model, dtype, device) -> str | None:
+    if batch * length > args.max_tokens:
+        return f"batch × length above --max-tokens {args.max_tokens}"
+    if method == "hf-compile":
+        if device.type != "cuda":
+            return "transformers compiles generate() on CUDA devices only"
+        if (length, batch) not in args.compile_cells:
+            return "not in --compile-cells"
+    if method in ("vanilla", "hf-compile") and device.type == "cuda":
+        kv = kv_cache_gib(model.config, batch, length + args.new_tokens + 1, dtype)
+        free = (torch.cuda.mem_get_info(device)[1] - torch.cuda.memory_allocated(device)) / 2**30
+        if kv > 0.9 * free:
+            return f"OOM: its KV cache alone would take {kv:.0f} GiB of {free:.0f} GiB left"
+    return None
+
+
+def run_method(method: str, model, ids: torch.Tensor, args, fast_mode: str) -> dict:
+    if method == "vanilla":
+        return measure(model, None, ids, args.new_tokens)
+    if method == "hf-compile":
+        from transformers import CompileConfig
+
+        kwargs = dict(cache_implementation="static", compile_config=CompileConfig(mode="reduce-overhead"))
+        start = time.perf_counter()
+        measure(model, None, ids, args.new_tokens, **kwargs)  # compiles for these shapes
+        return {"compile_call_s": time.perf_counter() - start} | measure(model, None, ids, args.new_tokens, **kwargs)
+    decode = "eager" if method == "lcpatch-eager" else fast_mode
+    return {"decode": decode} | measure(model, lcpatch_recipe(args.recipe, decode), ids, args.new_tokens)
+
+
+def _error(exc: BaseException) -> str:
+    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
+        return "OOM"
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
+
+
+def _load(args, device, dtype):
+    if not args.tiny:
+        return load_model(args.model, args.layers, device, dtype)
+    config = AutoConfig.for_model("llama", **{**TINY, "num_hidden_layers": args.layers or 2})
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    return model, "tiny llama (the tests' shape), random weights", _weight_bytes(model)
+
+
+def run(args: argparse.Namespace) -> dict:
+    for name, value in (TINY_DEFAULTS if args.tiny else DEFAULTS).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.tiny and args.device == "auto":
+        args.device = "cpu"
+    lengths, batches, methods = parse_lengths(args.lengths), parse_batches(args.batch), _methods(args.methods)
+    args.compile_cells = _cells(args.compile_cells)
+    if args.new_tokens < 2:
+        raise LcpatchError(f"--new-tokens {args.new_tokens}: give at least 2 (the rate is timed after step 1).")
+    lcpatch_recipe(args.recipe, "eager")  # a bad recipe fails now, not after the first cells
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    fast_mode = "graph" if device.type == "cuda" else "static"
+    torch.manual_seed(args.seed)
+    began = time.perf_counter()
+    model, described, weights = _load(args, device, dtype)
+    result = {
+        "schema": 1,
+        "environment": environment(device, dtype, described, weights),
+        "args": {
+            "lengths": lengths,
+            "batch": batches,
+            "methods": methods,
+            "new_tokens": args.new_tokens,
+            "recipe": lcpatch_recipe(args.recipe, fast_mode).to_dict(),
+            "compile_cells": sorted(args.compile_cells),
+            "max_tokens": args.max_tokens,
+        },
+        "runs": [],
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    prompt = torch.randint(3, model.config.vocab_size, (max(batches), max(lengths)), generator=torch.Generator())
+    # Untimed: kernel compilation and allocator growth are one-off costs, not decode speed.
+    for method in ("vanilla", "lcpatch-eager", "lcpatch-fast"):
+        if method in methods:
+            run_method(method, model, prompt[:1, -min(lengths) :].to(device), args, fast_mode)
+    for batch in batches:
+        for length in lengths:
+            for method in methods:
+                cell = {"method": method, "batch": batch, "length": length}
+                reason = _skip_reason(method, length, batch, args, model, dtype, device)
+                if reason is None and time.perf_counter() - began > args.budget_s:
+                    reason = f"time budget (--budget-s {args.budget_s:.0f}) spent"
+                if reason is not None:
+                    cell["skipped"] = reason
+                else:
+                    try:
+                        cell |= run_method(method, model, prompt[:batch, -length:].to(device), args, fast_mode)
+                    except Exception as exc:  # one method failing (OOM, compile error) must not end the run
+                        cell["error"] = _error(exc)
+                    gc.collect()
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                result["runs"].append(cell)
+                result["wall_s"] = time.perf_counter() - began
+                (args.out / RESULTS).write_text(json.dumps(result, indent=1))
+                logger.info("%s", json.dumps(cell))
+    table = markdown(result)
+    (args.out / "decode.md").write_text(table + "\n")
+    drawn = plot(result, args.out / "decode.png")
+    print(f"\n{described}, {result['environment']['device']}, {result['wall_s']:.0f} s:\n{table}\n")
+    print(f"wrote {args.out / RESULTS}, {args.out / 'decode.md'} " + (f"and {drawn}" if drawn else f"({MISSING})"))
+    return result
+
+
+def _format(cell: dict | None) -> str:
+    if cell is None:
+        return ""
+    if "skipped" in cell:
+        return "OOM (skipped)" if cell["skipped"].startswith("OOM") else "skipped"
+    if "error" in cell:
+        return cell["error"] if cell["error"] == "OOM" else "error"
+    return f"{cell['decode_tokens_per_s']:.1f} tok/s, {cell['peak_memory_mib'] / 1024:.2f} GiB"
+
+
+def markdown(result: dict) -> str:
+    """One row per (batch, prompt length), one column per method: decode tokens/s per sequence, peak memory."""
+    methods = result["args"]["methods"]
+    env = result["environment"]
+    lines = [
+        f"{env['model']}, {env['dtype']}, {env['device']}; torch {env['torch']}, transformers "
+        f"{env['transformers']}; {env['date']}",
+        "",
+        "| batch | prompt | " + " | ".join(methods) + " |",
+        "|---|---|" + "---|" * len(methods),
+    ]
+    for batch in result["args"]["batch"]:
+        for length in result["args"]["lengths"]:
+            cells = {c["method"]: c for c in result["runs"] if c["batch"] == batch and c["length"] == length}
+            row = " | ".join(_format(cells.get(m)) for m in methods)
+            lines.append(f"| {batch} | {length_label(length)} | {row} |")
+    lines += ["", "cells: decode tokens/s per sequence (after the first decode step), peak memory over the weights"]
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> Path | None:
+    plt = pyplot()
+    if plt is None:
+        return None
+    batches = result["args"]["batch"]
+    fig, axes = plt.subplots(2, len(batches), figsize=(6 * len(batches), 8), squeeze=False)
+    for column, batch in enumerate(batches):
+        for row, (key, label) in enumerate(
+            (
+                ("decode_tokens_per_s", "decode tokens/s per sequence"),
+                ("peak_memory_mib", "peak memory over weights (GiB)"),
+            )
+        ):
+            ax = axes[row][column]
+            for method in result["args"]["methods"]:
+                points = [
+                    (c["length"], c[key] / 1024 if key == "peak_memory_mib" else c[key])
+                    for c in result["runs"]
+                    if c["method"] == method and c["batch"] == batch and key in c
+                ]
+                if points:
+                    ax.plot(*zip(*points, strict=True), marker="o", label=method)
+            ax.set(xscale="log", xlabel="prompt length (tokens)", ylabel=label, title=f"batch {batch}")
+            ax.legend(fontsize=8)
+    env = result["environment"]
+    fig.suptitle(f"{env['model']}, {env['dtype']}, {env['device']}, {env['date']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lcpatch bench decode", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_reporting_errors(run, _parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

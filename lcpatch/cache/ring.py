@@ -1,0 +1,120 @@
+"""Λ cache with static shapes, for decoding in a CUDA graph: fixed sink slots + a ring buffer for the window.
+
+It holds what LambdaCache holds (n_global sink slots, the last `window` tokens, un-rotated keys with
+their positions and validity), but every tensor is allocated once and written in place: token number
+t of the stream goes to window slot t % window. A decode step (one new token per row) then has the
+same shapes and addresses at every step, which a captured CUDA graph needs. Slot order is no longer
+stream order, so attention must go by positions and validity alone (`keys_in_stream_order`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .lambda_cache import LambdaCache, LambdaCacheLayer
+from .step import StepInfo
+
+
+class RingLambdaCacheLayer(LambdaCacheLayer):
+    """One layer: slots [0, n_global) hold the sinks (slot = position), [n_global, n_global + window) the ring."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads, _, dim = key_states.shape
+        g, w = self.spec.n_global, self.spec.window
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.key_buffer = key_states.new_zeros(batch, heads, g + w, dim)
+        self.value_buffer = value_states.new_zeros(batch, heads, g + w, value_states.shape[-1])
+        self.slot_positions = torch.arange(g + w, device=self.device).repeat(batch, 1)  # ring slots: set when written
+        self.slot_valid = torch.zeros(batch, g + w, dtype=torch.bool, device=self.device)
+        # Tokens written so far, on the device: a captured step reads and advances it without the host.
+        self.written = torch.zeros((), dtype=torch.long, device=self.device)
+        self.sink_slots = torch.arange(g, device=self.device)
+        self.ring_offsets = torch.arange(w, device=self.device)
+        self.is_initialized = True
+        self.owner.layout_version += 1  # new addresses: a captured step must be captured again
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        step = self.current_step(key_states)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if key_states.shape[-2] == 1:
+            # Decode: store, then attend over the whole fixed buffer. The token the write evicts is
+            # `window` tokens back, outside the window of the new query, so it is not missed.
+            self._write(key_states, value_states, step)
+            keys, values = self.key_buffer, self.value_buffer
+            self.key_positions, self.key_valid = self.slot_positions, self.slot_valid
+            self.keys_in_stream_order = False
+        else:
+            # A prefill chunk's first queries see tokens that its later tokens evict: attend over the
+            # window unrolled into stream order plus the chunk (LambdaCache's layout), then store.
+            order = torch.cat(
+                (self.sink_slots, self.spec.n_global + (self.written + self.ring_offsets) % self.spec.window)
+            )
+            keys = torch.cat((self.key_buffer.index_select(2, order), key_states), dim=-2)
+            values = torch.cat((self.value_buffer.index_select(2, order), value_states), dim=-2)
+            self.key_positions = torch.cat((self.slot_positions.index_select(1, order), step.positions), dim=1)
+            self.key_valid = torch.cat((self.slot_valid.index_select(1, order), step.valid), dim=1)
+            self.keys_in_stream_order = True
+            self._write(key_states, value_states, step)
+        self.key_step = step
+        self.cumulative_length += key_states.shape[-2]
+        return keys, values
+
+    def _write(self, key_states: torch.Tensor, value_states: torch.Tensor, step: StepInfo) -> None:
+        """Store the new tokens in place: sinks in their slots, the last `window` of them in the ring."""
+        g, w = self.spec.n_global, self.spec.window
+        length = key_states.shape[-2]
+        is_sink = step.valid & (step.positions < g)
+        if g:
+            self._write_sinks(key_states, value_states, step)
+        kept = min(length, w)  # of a chunk longer than the window only its last `window` tokens stay
+        slots = g + (self.written + (length - kept) + self.ring_offsets[:kept]) % w
+        self.key_buffer.index_copy_(2, slots, key_states[:, :, -kept:])
+        self.value_buffer.index_copy_(2, slots, value_states[:, :, -kept:])
+        self.slot_positions.index_copy_(1, slots, step.positions[:, -kept:])
+        # A sink lives in its own slot; valid in the ring too, it would be counted twice.
+        self.slot_valid.index_copy_(1, slots, (step.valid & ~is_sink)[:, -kept:])
+        self.written += length
+
+    def _write_sinks(self, key_states: torch.Tensor, value_states: torch.Tensor, step: StepInfo) -> None:
+        # Without a host sync: each sink slot takes the chunk's token at its position, if there is one.
+        g = self.spec.n_global
+        hit = step.valid[:, :, None] & (step.positions[:, :, None] == self.sink_slots)  # (B, L, g)
+        found = hit.any(dim=1)
+        source = hit.to(torch.uint8).argmax(dim=1)[:, None, :, None]  # token index per sink slot (B, 1, g, 1)
+        for buffer, states in ((self.key_buffer, key_states), (self.value_buffer, value_states)):
+            picked = states.gather(2, source.expand(-1, states.shape[1], -1, states.shape[-1]))
+            buffer[:, :, :g] = torch.where(found[:, None, :, None], picked, buffer[:, :, :g])
+        self.slot_valid[:, :g] |= found
+
+    def batch_size(self) -> int:
+        return self.key_buffer.shape[0]
+
+    def stored_length(self) -> int:
+        """Key/value slots allocated: n_global + window from the first token on."""
+        return self.spec.cache_size if self.is_initialized else 0
+
+    def _select_batch(self, index: torch.Tensor) -> None:
+        if not self.is_initialized:
+            return
+        index = index.to(self.device)
+        for name in ("key_buffer", "value_buffer", "slot_positions", "slot_valid"):
+            tensor = getattr(self, name)
+            picked = tensor.index_select(0, index)
+            if picked.shape == tensor.shape:
+                tensor.copy_(picked)  # in place (beam reordering): a captured step keeps its addresses
+            else:
+                setattr(self, name, picked)
+                self.owner.layout_version += 1
+
+
+class RingLambdaCache(LambdaCache):
+    """A LambdaCache whose tensors keep their shapes and addresses from the first token on."""
+
+    layer_class = RingLambdaCacheLayer
+
+    def __init__(self, specs):
+        self.layout_version = 0  # bumped whenever a layer (re)allocates its tensors
+        # Set by lcpatch.decode: the runner of this cache's decode steps (captured as a CUDA graph).
+        self.decode_step = None
+        super().__init__(specs)

@@ -1,0 +1,128 @@
+"""`generation.decode`: how `generate()` decodes on a patched model.
+
+- eager: the model's own forward over LambdaCache, step by step.
+- graph: RingLambdaCache (static shapes, written in place) and every single-token step replayed as a
+  CUDA graph (`DecodeStep`); a token costs one graph launch, whatever the context length.
+- static: the same cache and step without capture (CPU tests, or to rule capture out while debugging).
+- auto (default): graph where it can run (a CUDA device; lm-infinite or streaming-llm), eager elsewhere.
+
+Where graph or static was asked for and cannot run, generate() decodes eagerly and says why, once per
+patched model (a RuntimeWarning). The fast path shadows `forward` on this instance only, and only
+keyword calls of one token per row on a RingLambdaCache go to the step; `lcpatch.remove` restores it.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+from transformers.cache_utils import Cache
+
+from .cache.ring import RingLambdaCache
+from .decode_step import DecodeStep
+from .patching import PatchLog
+
+# What generate() passes to a decode step; any other argument (output_attentions, ...) runs eagerly.
+STEP_ARGUMENTS = frozenset(
+    {"input_ids", "attention_mask", "position_ids", "past_key_values", "use_cache", "return_dict", "logits_to_keep"}
+)
+
+
+class DecodePlan:
+    """The decode path of one patched model: which cache generate() gets, and the one-time fall-back notes."""
+
+    def __init__(self, requested: str, runtime, method_name: str, forward):
+        self.requested = requested
+        self.runtime = runtime
+        self.method_name = method_name
+        self.forward = forward
+        self.supported = runtime is not None and hasattr(runtime.method, "make_ring_cache")
+        self.failure: str | None = None  # why capture failed on this model: later calls decode eagerly
+        self._said: set[str] = set()
+
+    def make_cache(self, device: torch.device) -> Cache | None:
+        """A fresh cache for one generate() call: RingLambdaCache with its DecodeStep, or the eager one."""
+        mode = self._mode(device)
+        if self.runtime is None:  # a dense model: transformers makes its own cache
+            return None
+        if mode == "eager":
+            return self.runtime.make_cache()
+        cache = self.runtime.method.make_ring_cache()
+        cache.decode_step = DecodeStep(self.forward, capture=mode == "graph", on_fallback=self._capture_failed)
+        return cache
+
+    def _mode(self, device: torch.device) -> str:
+        if self.requested == "eager":
+            return "eager"
+        reason = self._unavailable(device)
+        if reason is None:
+            return "graph" if self.requested == "auto" else self.requested
+        if self.requested != "auto":
+            self._say(reason)
+        return "eager"
+
+    def _unavailable(self, device: torch.device) -> str | None:
+        if not self.supported:
+            return (
+                f"attention method {self.method_name} has no fixed-size cache "
+                "(the fast decode path serves lm-infinite and streaming-llm)"
+            )
+        if self.requested != "static" and device.type != "cuda":
+            return f"the model is on {device.type}, and CUDA graphs need a CUDA device"
+        return self.failure
+
+    def _capture_failed(self, reason: str) -> None:
+        self.failure = reason
+        self._say(reason)  # even under auto: on a CUDA device the fast path was expected to run
+
+    def _say(self, reason: str) -> None:
+        if reason in self._said:
+            return
+        self._said.add(reason)
+        warnings.warn(
+            f"lcpatch: generation.decode is '{self.requested}' but {reason}; decoding eagerly instead. "
+            "Set generation.decode: eager to choose that path (and silence this note).",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+def _decode_step_inputs(kwargs: dict):
+    """(ids, positions, valid) of a call that the cache's DecodeStep can run, else None."""
+    cache, ids = kwargs.get("past_key_values"), kwargs.get("input_ids")
+    if not isinstance(cache, RingLambdaCache) or cache.decode_step is None or torch.is_grad_enabled():
+        return None
+    given = {name for name, value in kwargs.items() if value is not None}  # wrappers (PEFT) pass None for the rest
+    if not torch.is_tensor(ids) or ids.ndim != 2 or ids.shape[1] != 1 or not STEP_ARGUMENTS.issuperset(given):
+        return None
+    if kwargs.get("use_cache") is False or kwargs.get("return_dict") is False:
+        return None
+    positions, mask = kwargs.get("position_ids"), kwargs.get("attention_mask")
+    if positions is None:  # as the model's forward would number them
+        positions = torch.full_like(ids, cache.get_seq_length())
+    if positions.ndim != 2 or (mask is not None and (not torch.is_tensor(mask) or mask.ndim != 2)):
+        return None
+    valid = mask[:, -1:] if mask is not None else torch.ones_like(ids)
+    return ids, positions.expand_as(ids), valid
+
+
+def install_fast_decode(model, requested: str, runtime, method_name: str, log: PatchLog) -> DecodePlan:
+    """The model's DecodePlan; shadow `model.forward` so that single-token steps on a RingLambdaCache
+    run through its DecodeStep (only where the plan can ever make one)."""
+    original = model.forward
+    plan = DecodePlan(requested, runtime, method_name, original)
+    if not plan.supported or requested == "eager":
+        return plan
+
+    # functools.wraps keeps the signature, which generate() inspects (position_ids, logits_to_keep).
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        inputs = None if args else _decode_step_inputs(kwargs)
+        if inputs is None:
+            return original(*args, **kwargs)
+        cache = kwargs["past_key_values"]
+        return cache.decode_step(cache, *inputs)
+
+    log.set_instance_attr(model, "forward", forward)
+    return plan

@@ -1,0 +1,268 @@
+"""The fast decode path (generation.decode): static-shape ring cache, its decode step, fall-backs, chunked prefill.
+
+On a CPU the step runs without CUDA graph capture (`decode: static`): the same cache, buffers and
+forward that a graph records, so these tests check what a graph replays. Tests marked `gpu` check
+the capture itself:  pytest -m gpu tests/test_fast_decode.py  (on a CUDA machine).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+import lcpatch
+from lcpatch.attention.lambda_reference import lambda_attention_reference
+from lcpatch.attention.lm_infinite import LambdaSpec
+from lcpatch.attention.rotary import Rotary
+from lcpatch.cache import LambdaCache, RingLambdaCache
+
+from naive_lambda import naive_logits
+from tiny_models import CollectStreamer, random_ids, tiny_model
+
+G, W = 4, 8
+NEW = 20
+
+
+def recipe(decode, method="lm-infinite", prefill_chunk=5, **generation):
+    return {
+        "attention": {"method": method, "n_global": G, "window": W},
+        "generation": {"decode": decode, "prefill_chunk": prefill_chunk, **generation},
+    }
+
+
+def generate(model, decode, ids, method="lm-infinite", **kwargs):
+    """Greedy by default; returns generate's output with raw logits and the cache it used."""
+    options = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, return_dict_in_generate=True)
+    with lcpatch.patched(model, recipe(decode, method)):
+        return model.generate(ids, output_logits=True, **{**options, **kwargs})
+
+
+def assert_same_run(fast, eager):
+    assert isinstance(fast.past_key_values, RingLambdaCache)
+    assert type(eager.past_key_values) is LambdaCache
+    assert torch.equal(fast.sequences, eager.sequences)
+    for a, b in zip(fast.logits, eager.logits, strict=True):
+        assert (a - b).abs().max() <= 1e-4
+    assert fast.past_key_values.get_seq_length() == eager.past_key_values.get_seq_length()
+
+
+# Around and far past the window (8) and the prefill chunk (5): with 20 new tokens the ring wraps
+# at many phases, during prefill and during decoding.
+LENGTHS = [1, 2, 3, 5, 7, 8, 9, 12, 13, 17, 26, 40]
+
+
+@torch.no_grad()
+def test_static_equals_eager_and_naive_at_every_wraparound():
+    model = tiny_model()
+    for length in LENGTHS:
+        ids = random_ids(length, seed=length)
+        fast, eager = generate(model, "static", ids), generate(model, "eager", ids)
+        assert_same_run(fast, eager)
+        # The naive O(n²) reference scores the whole sequence in one pass: logits of every generated token.
+        expected = naive_logits(model, fast.sequences, G, W, W)[0, length - 1 : -1]
+        assert (torch.cat(fast.logits) - expected).abs().max() <= 1e-4, f"prompt of {length} tokens"
+
+
+@pytest.mark.parametrize("family, method", [("llama", "streaming-llm"), ("gemma3", "lm-infinite")])
+@torch.no_grad()
+def test_static_equals_eager_other_rules_and_families(family, method):
+    # streaming-llm's far rule; Gemma3's local layer keeps its own window and no sinks (n_global 0).
+    model = tiny_model(family)
+    for length in (3, 26):
+        ids = random_ids(length, seed=length)
+        assert_same_run(generate(model, "static", ids, method), generate(model, "eager", ids, method))
+
+
+@torch.no_grad()
+def test_sampling_same_tokens_with_a_fixed_seed():
+    model = tiny_model()
+    ids = random_ids(19)
+    runs = []
+    for decode in ("static", "eager"):
+        torch.manual_seed(7)
+        runs.append(generate(model, decode, ids, do_sample=True, temperature=0.8, top_k=30, top_p=0.9).sequences)
+    assert torch.equal(*runs)
+
+
+def left_padded(lengths):
+    prompts = [random_ids(n, seed=n)[0] for n in lengths]
+    width = max(lengths)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :], mask[row, width - len(prompt) :] = prompt, 1
+    return prompts, ids, mask
+
+
+@torch.no_grad()
+def test_left_padded_batch_equals_eager_and_each_prompt_alone():
+    model = tiny_model()
+    prompts, ids, mask = left_padded([2, 11, 23])
+    fast = generate(model, "static", ids, attention_mask=mask)
+    assert_same_run(fast, generate(model, "eager", ids, attention_mask=mask))
+    alone = generate(model, "static", prompts[0][None]).sequences  # the row that is mostly padding
+    assert torch.equal(fast.sequences[0, ids.shape[1] :], alone[0, len(prompts[0]) :])
+
+
+class StopAt(StoppingCriteria):
+    def __init__(self, length):
+        self.length = length
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.length, dtype=torch.bool)
+
+
+@torch.no_grad()
+def test_streamer_and_stopping_criteria_on_the_fast_path():
+    model = tiny_model()
+    prompt = random_ids(20)
+    lcpatch.apply(model, recipe("static"))
+    streamer = CollectStreamer()
+    out = model.generate(prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False, streamer=streamer)
+    assert streamer.tokens[-1] == "end" and len(streamer.tokens) == 14  # prompt, 12 tokens, end
+    assert [t[0] for t in streamer.tokens[1:-1]] == out[0, 20:].tolist()
+    stopper = StoppingCriteriaList([StopAt(26)])
+    stopped = model.generate(prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False, stopping_criteria=stopper)
+    assert torch.equal(stopped, out[:, :26])
+    eos = int(out[0, 24])  # as an end token; token 2 stays suppressed, as min_new_tokens did above
+    ended = model.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=eos, suppress_tokens=[2])
+    assert int(ended[0, -1]) == eos and torch.equal(ended, out[:, : ended.shape[1]])
+    lcpatch.remove(model)
+
+
+@torch.no_grad()
+def test_graph_on_cpu_falls_back_to_eager_with_one_note():
+    model = tiny_model()
+    ids = random_ids(12)
+    eager = generate(model, "eager", ids).sequences
+    lcpatch.apply(model, recipe("graph"))
+    with pytest.warns(RuntimeWarning, match="'graph' but the model is on cpu, and CUDA graphs need a CUDA device"):
+        out = model.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, return_dict_in_generate=True)
+    assert type(out.past_key_values) is LambdaCache and torch.equal(out.sequences, eager)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once per patched model
+        model.generate(ids, max_new_tokens=3)
+    lcpatch.remove(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # auto on a CPU: eager, silently
+        with lcpatch.patched(model, recipe("auto")):
+            assert (
+                type(model.generate(ids, max_new_tokens=3, return_dict_in_generate=True).past_key_values) is LambdaCache
+            )
+
+
+@torch.no_grad()
+def test_graph_with_a_method_without_fixed_size_cache_says_why():
+    model = tiny_model()
+    with lcpatch.patched(model, {"attention": {"method": "dense"}, "generation": {"decode": "static"}}):
+        with pytest.warns(RuntimeWarning, match="attention method dense has no fixed-size cache"):
+            model.generate(random_ids(10), max_new_tokens=3)
+
+
+@pytest.mark.parametrize(
+    "generation, names",
+    [
+        ({"decode": "fast"}, "generation.decode"),
+        ({"decode": 1}, "generation.decode"),
+        ({"progress": "yes"}, "progress"),
+    ],
+)
+def test_recipe_fields_are_validated(generation, names):
+    with pytest.raises(lcpatch.RecipeError) as info:
+        lcpatch.load_recipe({"generation": generation})
+    assert names in str(info.value)
+    if "decode" in generation:
+        assert "auto, eager, graph" in str(info.value)
+
+
+def test_recipe_round_trips_the_new_fields():
+    loaded = lcpatch.load_recipe(recipe("graph", progress=True))
+    assert loaded.generation.decode == "graph" and loaded.generation.progress is True
+    assert lcpatch.Recipe.from_yaml(loaded.to_yaml()) == loaded
+    assert lcpatch.load_recipe("lm-infinite").generation.decode == "auto"
+
+
+@torch.no_grad()
+def test_remove_restores_forward_generate_and_logits():
+    model = tiny_model()
+    ids = random_ids(30)
+    before = model(ids).logits
+    lcpatch.apply(model, recipe("static"))
+    assert "forward" in model.__dict__
+    generate_out = model.generate(ids, max_new_tokens=4, return_dict_in_generate=True)
+    assert isinstance(generate_out.past_key_values, RingLambdaCache)
+    lcpatch.remove(model)
+    assert "forward" not in model.__dict__ and "generate" not in model.__dict__
+    assert torch.equal(model(ids).logits, before)
+    assert type(model(ids, use_cache=True).past_key_values).__name__ == "DynamicCache"
+
+
+@torch.no_grad()
+def test_chunked_prefill_streams_chunks_and_computes_last_logits_only():
+    model = tiny_model()
+    chunks, logit_rows, progress = [], [], []
+    model.get_decoder().register_forward_pre_hook(
+        lambda m, args, kwargs: chunks.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    model.lm_head.register_forward_hook(lambda m, args, out: logit_rows.append(out.shape[1]))
+    with lcpatch.patched(model, recipe("static", prefill_chunk=16)):
+        model.generate(random_ids(100), max_new_tokens=3, prefill_progress=lambda *p: progress.append(p))
+    assert max(chunks) == 16 and sum(chunks[:7]) == 100  # 6 chunks here, the 7th in generate(), then decode
+    assert logit_rows == [1, 1, 1]  # the LM head never sees more than the last token
+    assert progress == [(done, 84) for done in (4, 20, 36, 52, 68, 84)]  # chunks end where the prompt ends
+
+
+@torch.no_grad()
+def test_progress_bar_from_the_recipe(capsys):
+    model = tiny_model()
+    with lcpatch.patched(model, recipe("static", prefill_chunk=16, progress=True)):
+        model.generate(random_ids(70), max_new_tokens=2)
+    assert "lcpatch prefill" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_reference_ignores_slot_order_given_positions(batch):
+    # A ring buffer holds the window in rotated slot order: attention must go by positions alone.
+    torch.manual_seed(0)
+    spec, rotary = LambdaSpec(G, W, 12), Rotary(1.0 / (10000 ** (torch.arange(0, 16, 2) / 16.0)))
+    slots, q_pos = G + W, 40
+    positions = torch.cat((torch.arange(G), torch.arange(q_pos - W + 1, q_pos + 1))).expand(batch, -1)
+    valid = torch.ones(batch, slots, dtype=torch.bool)
+    valid[0, 1] = False
+    q = torch.randn(batch, 4, 1, 16)
+    k, v = torch.randn(batch, 2, slots, 16), torch.randn(batch, 2, slots, 16)
+    args = (spec, rotary, 0.25)
+    ordered = lambda_attention_reference(q, k, v, positions[:, -1:], positions, valid, *args)
+    perm = torch.randperm(slots)
+    shuffled = lambda_attention_reference(
+        q,
+        k[:, :, perm],
+        v[:, :, perm],
+        positions[:, -1:],
+        positions[:, perm],
+        valid[:, perm],
+        *args,
+        keys_in_stream_order=False,
+    )
+    assert (ordered - shuffled).abs().max() <= 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@torch.no_grad()
+def test_graph_is_captured_and_replays_the_static_step():
+    model = tiny_model(hidden_size=256, head_dim=64).cuda()  # head_dim 64: the Triton decode kernel
+    prompts, ids, mask = left_padded([3, 17, 40])
+    ids, mask = ids.cuda(), mask.cuda()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        graph = generate(model, "graph", ids, attention_mask=mask)
+    assert not [w for w in caught if "lcpatch" in str(w.message)]
+    assert graph.past_key_values.decode_step.graph is not None
+    static = generate(model, "static", ids, attention_mask=mask)
+    assert torch.equal(graph.sequences, static.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(graph.logits, static.logits, strict=True))
+    assert_same_run(graph, generate(model, "eager", ids, attention_mask=mask))
