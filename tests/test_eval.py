@@ -176,3 +176,28 @@ def test_resume_refuses_other_settings(setup, tmp_path):
         _, model_dir, text = setup
         argv = ["--model", str(model_dir), "--task", "ppl", "--text", str(text), "--out", str(tmp_path)]
         eval_run.run(parser.parse_args([*argv, "--lengths", "128", "--bucket", "32", "--device", "cpu"]))
+
+
+def test_text_from_a_datasets_name(setup, tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    _, model_dir, text = setup
+    words = text.read_text().split()
+    rows = datasets.Dataset.from_dict({"body": [" ".join(words[:300]), " ".join(words[300:])]})
+    asked = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: asked.append((a, k)) or rows)
+    argv = ["eval", "--model", str(model_dir), "--task", "ppl", "--text", "someone/books", "--text-field", "body"]
+    argv += ["--out", str(tmp_path), "--device", "cpu", "--no-progress", "--recipes", "vanilla", "--lengths", "128"]
+    assert main(argv) == 0
+    assert asked == [(("someone/books", None), {"split": "train"})]
+    assert json.loads((tmp_path / "results.json").read_text())["records"][0]["overall"]["tokens"] == 127
+
+
+def test_text_path_typo_never_reaches_the_hub(setup, tmp_path, monkeypatch, capsys):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("a missing file went to the Hub"))
+    assert _run(setup, tmp_path, "ppl", "--lengths", "64") == 0  # the fixture's text loads
+    for typo in ("book.txt", "./book", "~/books/*.txt"):
+        _, model_dir, _ = setup
+        argv = ["eval", "--model", str(model_dir), "--task", "ppl", "--text", typo, "--out", str(tmp_path / "x")]
+        assert main([*argv, "--device", "cpu", "--no-progress", "--lengths", "64"]) == 2
+        assert "is not a file, folder or glob match" in capsys.readouterr().err

@@ -44,6 +44,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..data import load_texts
+from ..data.documents import local_files
 from ..demo import VANILLA, format_table, parse_recipes, resolve_device, resolve_dtype
 from ..errors import LcpatchError, run_reporting_errors
 from ..plotting import MISSING, pyplot
@@ -116,7 +118,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", default="1k", help="comma-separated prompt lengths in tokens, e.g. 1k,2k,4096")
     parser.add_argument("--depths", default="0,0.5,1", help="needle depths in [0, 1] (passkey, needle)")
     parser.add_argument("--samples", type=int, default=5, help="prompts per (length, depth) cell (default 5)")
-    parser.add_argument("--text", type=Path, required=True, help="a long plain-text file: the text or haystack")
+    parser.add_argument(
+        "--text",
+        required=True,
+        help="the text or haystack: a plain-text file, a folder or glob of .txt files, or a datasets name "
+        "(its train split's documents joined)",
+    )
+    parser.add_argument("--text-config", help="with a datasets name for --text: its configuration")
+    parser.add_argument("--text-field", default="text", help="with a datasets name for --text: the text column")
     parser.add_argument("--out", type=Path, required=True, help="output folder (results.json, plots)")
     parser.add_argument("--bucket", type=int, default=2048, help="ppl: tokens per position bucket (default 2048)")
     parser.add_argument("--chunk", type=int, default=4096, help="ppl: tokens per forward pass (default 4096)")
@@ -135,14 +144,16 @@ class Plan:
     lengths: list[int]
     depths: list[float]
     samples: int
-    text: Path
+    text: str
+    text_config: str | None
+    text_field: str
     out: Path
     bucket: int
     chunk: int
     seed: int
 
     def settings(self) -> dict:
-        settings = {"lengths": self.lengths, "seed": self.seed, "text": self.text.name}
+        settings = {"lengths": self.lengths, "seed": self.seed, "text": Path(self.text).name}
         if self.task == "ppl":
             return {**settings, "bucket": self.bucket}
         return {**settings, "depths": self.depths, "samples": self.samples, "max_new_tokens": MAX_NEW_TOKENS[self.task]}
@@ -160,8 +171,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     for name in ("samples", "bucket", "chunk"):
         if getattr(args, name) < 1:
             raise LcpatchError(f"--{name} must be a positive integer; got {getattr(args, name)}.")
-    if not args.text.is_file():
-        raise LcpatchError(f"--text {str(args.text)!r} is not a file; pass a long plain-text file.")
+    local_files(args.text, source="--text")  # a path that matches nothing fails now, not after loading
     if args.model != SMOLLM2 and not Path(args.model).is_dir():
         raise LcpatchError(
             f"--model {args.model!r} is neither a local model folder (config.json, weights, tokenizer) nor '{SMOLLM2}'."
@@ -178,6 +188,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
         depths=parse_depths(args.depths),
         samples=args.samples,
         text=args.text,
+        text_config=args.text_config,
+        text_field=args.text_field,
         out=args.out,
         bucket=args.bucket,
         chunk=args.chunk,
@@ -333,14 +345,13 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype, gguf: Path |
 
 
 def read_text_ids(tokenizer, plan: Plan) -> list[int]:
-    ids = _encode(tokenizer, plan.text.read_text(encoding="utf-8", errors="replace"))
+    documents = load_texts((plan.text,), plan.text_config, plan.text_field, source="--text")
+    ids = _encode(tokenizer, "\n\n".join(documents))
     need = max(plan.lengths)
     if plan.task == "ppl" and len(ids) < need:
-        raise LcpatchError(
-            f"--text {str(plan.text)!r} has only {len(ids)} tokens, fewer than the longest --lengths {need}."
-        )
+        raise LcpatchError(f"--text {plan.text!r} has only {len(ids)} tokens, fewer than the longest --lengths {need}.")
     if not ids:
-        raise LcpatchError(f"--text {str(plan.text)!r} holds no tokens.")
+        raise LcpatchError(f"--text {plan.text!r} holds no tokens.")
     return ids
 
 
