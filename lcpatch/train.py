@@ -2,6 +2,7 @@
 
     lcpatch train e2llm --model HuggingFaceTB/SmolLM2-135M --data "books/*.txt" --max-steps 200
     python -m lcpatch.train my-recipe.yaml --sequence-length 2048 --g-max 8
+    accelerate launch --config_file $(lcpatch train --accelerate-config fsdp2) -m lcpatch.train e2llm ...
     accelerate launch --num_processes 2 -m lcpatch.train e2llm --output-dir out ...
     (on a CPU-only machine add --multi_gpu: accelerate's --cpu starts one process unless mpirun is set up;
     --multi_gpu without GPUs starts torchrun processes that train on CPU over gloo)
@@ -20,6 +21,7 @@ import importlib
 import itertools
 import logging
 import sys
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +34,7 @@ from .data import load_texts
 from .errors import RecipeError
 from .recipe import Recipe, RecipeLike, load_recipe
 from .serialization import RECIPE_FILE
-from .training import TRAINING_METHODS, CausalLMTraining, training_from_dict, training_to_dict
+from .training import TRAINING_METHODS, CausalLMTraining, sequence_parallel, training_from_dict, training_to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +53,29 @@ def _flag_value(text: str):
 FIELDS = tuple(dict.fromkeys(f.name for cls in TRAINING_METHODS.values() for f in dataclasses.fields(cls)))
 
 
+# The Accelerate launch configs shipped in recipes/accelerate/ (README, "Multi-GPU training").
+ACCELERATE_CONFIGS = ("ddp", "fsdp2", "zero3", "zero3-ulysses")
+
+
+def accelerate_config(name: str) -> Path:
+    """The file of a shipped Accelerate config, for `accelerate launch --config_file FILE -m lcpatch.train ...`."""
+    if name not in ACCELERATE_CONFIGS:
+        raise RecipeError(f"unknown Accelerate config {name!r}; shipped: {', '.join(ACCELERATE_CONFIGS)}.")
+    return Path(str(resources.files("lcpatch.recipes") / "accelerate" / f"{name}.yaml"))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", help="a recipe with a training section: built-in name (e2llm) or YAML file")
+    parser.add_argument(
+        "recipe", nargs="?", help="a recipe with a training section: built-in name (e2llm) or YAML file"
+    )
+    parser.add_argument(
+        "--accelerate-config",
+        metavar="NAME",
+        choices=ACCELERATE_CONFIGS,
+        default=argparse.SUPPRESS,  # like the field flags: absent from the parsed namespace unless given
+        help="print the path of a shipped Accelerate config and exit: "
+        "accelerate launch --config_file $(lcpatch train --accelerate-config fsdp2) -m lcpatch.train RECIPE ...",
+    )
     for name in FIELDS:
         parser.add_argument(
             f"--{name.replace('_', '-')}",
@@ -88,7 +111,10 @@ def _blocks(texts: list[str], tokenizer, length: int) -> list[dict]:
 
 def _next_token_batch(rows: list[dict]) -> dict:
     ids = torch.stack([row["input_ids"] for row in rows])
-    return {"input_ids": ids, "labels": ids.clone()}
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    if sequence_parallel.configured_size() > 1:  # DeepSpeed's Ulysses loader keeps them global when it cuts rows
+        batch["position_ids"] = torch.arange(ids.shape[1]).expand_as(ids)
+    return batch
 
 
 def language_model_trainer(training: CausalLMTraining, model, tokenizer, settings: dict):
@@ -100,6 +126,11 @@ def language_model_trainer(training: CausalLMTraining, model, tokenizer, setting
         from .training.e2llm import E2LLMCallback
 
         callbacks.append(E2LLMCallback(training.g_max, training.sink_tokens))
+    if training.sequence_length % sequence_parallel.configured_size():
+        raise RecipeError(
+            f"training.sequence_length {training.sequence_length} must be a multiple of the sequence-parallel size "
+            f"{sequence_parallel.configured_size()} (every rank of the group holds an equal shard of each row)."
+        )
     texts = load_texts(training.data, training.dataset_config, training.text_field)
     if training.trainer == "trl":
         from datasets import Dataset
@@ -174,6 +205,8 @@ def run(recipe: RecipeLike) -> Path:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(training.model, dtype=dtype)
     apply(model, recipe)
+    if sequence_parallel.configured_size() > 1:
+        sequence_parallel.check_attention(model)  # Λ / InfLLM cannot attend over sequence shards
     resolved = patched_recipe(model)
     training = resolved.training
     if training.lora is not None:
@@ -232,6 +265,11 @@ def run(recipe: RecipeLike) -> Path:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    if hasattr(args, "accelerate_config"):
+        print(accelerate_config(args.accelerate_config))
+        return 0
+    if args.recipe is None:
+        raise RecipeError("lcpatch train needs a recipe (e.g. `lcpatch train e2llm --model ...`).")
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     overrides = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
     run(with_overrides(args.recipe, overrides))

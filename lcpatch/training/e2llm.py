@@ -20,6 +20,7 @@ from transformers import TrainerCallback
 from ..errors import LcpatchError
 from ..fields import check_int
 from ..rope.e2llm import e2llm_positions_of
+from . import sequence_parallel
 
 
 def e2llm_positions(positions: torch.Tensor, g: torch.Tensor, t: torch.Tensor, sink_tokens: int) -> torch.Tensor:
@@ -52,7 +53,9 @@ class E2LLMAugmentation:
         return g.to(torch.float32), t.to(torch.float32)
 
     def __call__(self, positions: torch.Tensor) -> torch.Tensor:
-        g, t = self.draw(positions.amax(dim=1) + 1)
+        # Under sequence parallelism this is one shard of each row: its length is the largest position of
+        # any shard, so that every rank of the group draws the same (g, t) for the row (same seed, same R).
+        g, t = self.draw(sequence_parallel.reduce_max(positions.amax(dim=1) + 1, sequence_parallel.active()))
         return e2llm_positions(positions, g, t, self.sink_tokens)
 
 
@@ -77,8 +80,8 @@ def stop_augmentation(model) -> None:
 class E2LLMCallback(TrainerCallback):
     """E2-LLM augmentation for the model a transformers Trainer or TRL SFTTrainer trains.
 
-    Each process draws from its own seed (`seed` or TrainingArguments.seed, plus the process index),
-    so data-parallel ranks see different (g, t).
+    Each data-parallel rank draws from its own seed (`seed` or TrainingArguments.seed, plus the rank), so
+    they see different (g, t); the processes of one sequence-parallel group share it, as they share rows.
     """
 
     def __init__(self, g_max: int, sink_tokens: int = 4, seed: int | None = None):
@@ -86,7 +89,9 @@ class E2LLMCallback(TrainerCallback):
         self.g_max, self.sink_tokens, self.seed = g_max, sink_tokens, seed
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        seed = (args.seed if self.seed is None else self.seed) + args.process_index
+        # SP groups are consecutive ranks (DeepSpeed's and lcpatch's): the group's index is the data rank.
+        base = args.seed if self.seed is None else self.seed
+        seed = base + args.process_index // sequence_parallel.configured_size()
         start_augmentation(model, self.g_max, self.sink_tokens, seed)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):

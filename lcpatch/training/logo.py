@@ -27,7 +27,7 @@ from ..api import patched_recipe
 from ..data.logo import encode_prompt, read_rows, split_chunks
 from ..errors import LcpatchError
 from ..fields import AUTO
-from . import LOGOTraining
+from . import LOGOTraining, sequence_parallel
 from .positions import covering_offsets, synthesize_positions
 
 
@@ -78,6 +78,7 @@ class LOGOCollator:
             for row, positions in zip(rows, layouts, strict=True)
         ]
         width = max(len(prompt) + len(answer) for prompt, answer, _ in sequences)
+        width += -width % sequence_parallel.configured_size()  # DeepSpeed's Ulysses loader cuts rows evenly
         batch = {
             "input_ids": torch.full((len(sequences), width), self.pad_token_id),
             "attention_mask": torch.zeros(len(sequences), width, dtype=torch.long),
@@ -93,10 +94,31 @@ class LOGOCollator:
         return batch
 
 
+def _target_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the sum of log-probs of the targets (-100: none) that logits[:, i] predicts, and their count."""
+    mask = targets != -100
+    logps = logits.log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+    return (logps * mask).sum(-1), mask.sum(-1)
+
+
+def _sharded_answer_log_probs(model, batch: dict[str, torch.Tensor], sp) -> tuple[torch.Tensor, ...]:
+    """answer_log_probs on this rank's shard (sharded here, or already by DeepSpeed's Ulysses data loader),
+    sums and counts summed over the SP group before any reward is formed; logits: this shard's."""
+    shard = dict(batch) if "shift_labels" in batch else sequence_parallel.shard_batch(batch, sp)
+    targets = shard.pop("shift_labels")
+    logits = model(**shard, use_cache=False).logits.float()
+    sums, counts = _target_log_probs(logits, targets)
+    return sequence_parallel.reduce_sum(sums, sp), sequence_parallel.reduce_sum(counts, sp), logits
+
+
 def answer_log_probs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per sequence: the sum of its answer tokens' log-probs, their count, and the logits (fp32) over the
     batch's answer region. Only that region goes through the LM head (`logits_to_keep`); the attention
-    mask is always passed, so transformers never reads the position jumps as packed-sequence boundaries."""
+    mask is always passed, so transformers never reads the position jumps as packed-sequence boundaries.
+    Under sequence parallelism, each rank scores its shard and the sums are reduced over the group."""
+    sp = sequence_parallel.active()
+    if sp is not None:
+        return _sharded_answer_log_probs(model, batch, sp)
     labels = batch["labels"]
     first_answer = int((labels != -100).int().argmax(-1).min())
     keep = labels.shape[1] - first_answer + 1  # from the token that predicts the earliest answer token
@@ -107,10 +129,7 @@ def answer_log_probs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tenso
         use_cache=False,
         logits_to_keep=keep,
     ).logits.float()
-    targets = labels[:, first_answer:]
-    mask = targets != -100
-    logps = logits[:, :-1].log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
-    return (logps * mask).sum(-1), mask.sum(-1), logits
+    return (*_target_log_probs(logits[:, :-1], labels[:, first_answer:]), logits)
 
 
 def tokenize_logo_row(tokenizer, row: dict, num_rejected: int, chunk_size: int, real_length: int) -> dict:

@@ -27,7 +27,7 @@ from ..data.longpo import build_pairs, load_pairs, prompt_ids  # build_pairs: th
 from ..errors import RecipeError
 from ..models.structure import training_length, unwrap
 from ..recipe import Recipe
-from . import LongPOStage, LongPOTraining
+from . import LongPOStage, LongPOTraining, sequence_parallel
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,13 @@ class LongPOTrainer(DPOTrainer):
         )
         collator = LongShortCollator(long, dataclasses.replace(long, max_length=None))  # short prompts fit
         self.stages: tuple[LongPOStage, ...] = tuple(stages)
+        if sequence_parallel.uses_deepspeed():
+            raise RecipeError(
+                "LongPO does not run under DeepSpeed's Ulysses data loader (accelerate parallelism_config sp_size > 1): "
+                "it cuts every batch tensor to the long rows' length, and the short-prompt reference rows are "
+                "shorter. Use recipes/accelerate/zero3.yaml, or lcpatch's sequence parallelism "
+                "(lcpatch.training.sequence_parallel.enable) in your own launcher."
+            )
         super().__init__(
             model, ref_model, args=args, data_collator=collator, processing_class=processing_class, **kwargs
         )
@@ -107,14 +114,16 @@ class LongPOTrainer(DPOTrainer):
         return super()._precompute_ref_logps(dataset, name, batch_size)
 
     def compute_ref_log_probs(self, model, inputs):
-        return super().compute_ref_log_probs(model, _short_batch(inputs))
+        return super().compute_ref_log_probs(sequence_parallel.sharded(model), _short_batch(inputs))
 
     def _compute_loss(self, model, inputs, return_outputs):
         long_inputs = {key: value for key, value in inputs.items() if not key.startswith(SHORT)}
         if REF_COLUMNS[0] not in long_inputs:
             chosen, rejected = self.compute_ref_log_probs(self.ref_model or self.model, inputs)
             long_inputs.update(zip(REF_COLUMNS, (chosen, rejected), strict=True))
-        return super()._compute_loss(model, long_inputs, return_outputs)
+        # Under sequence parallelism TRL sees whole rows; the wrapper runs this rank's shard and gathers the
+        # per-token log-probs back, so the DPO and NLL terms read whole-sequence sums.
+        return super()._compute_loss(sequence_parallel.sharded(model), long_inputs, return_outputs)
 
     def train(self, *args, **kwargs):
         """One run, or one per stage: each re-patches the model with its RoPE scaling and trains its steps
