@@ -80,6 +80,17 @@ PRESETS = {
         rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
         tie_word_embeddings=True,
     ),
+    # The shape of the test models (tests/tiny_models.py): scripts check themselves on a CPU with it.
+    "tiny": dict(
+        model_type="llama",
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    ),
 }
 __doc__ = __doc__.format(presets=", ".join(PRESETS))
 RESULTS = "cost.json"
@@ -111,14 +122,21 @@ def parse_batches(spec: str) -> list[int]:
     return batches
 
 
+def preset_config(name: str):
+    """The transformers config of a shape preset."""
+    from transformers import AutoConfig
+
+    settings = dict(PRESETS[name])
+    return AutoConfig.for_model(settings.pop("model_type"), **settings)
+
+
 def load_model(name: str, layers: int | None, device: torch.device, dtype: torch.dtype):
     """(model in eval mode, description, weights in bytes) from a preset, a config.json or a model folder."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(name).expanduser()
     if name in PRESETS:
-        settings = dict(PRESETS[name])
-        config = AutoConfig.for_model(settings.pop("model_type"), **settings)
+        config = preset_config(name)
         described = f"{name} shape, random weights"
     elif path.is_file() and path.suffix == ".json":
         config = AutoConfig.from_pretrained(path)
@@ -305,12 +323,18 @@ def run(args: argparse.Namespace) -> dict:
                 (args.out / RESULTS).write_text(json.dumps(result, indent=1))
                 if not args.no_progress:
                     logger.info("%s", json.dumps(cell))
-    table = markdown(result)
-    (args.out / "cost.md").write_text(table + "\n")
-    drawn = plot(result, args.out / "cost.png")
-    print(f"\n{described}, {result['environment']['device']}:\n{table}\n")
-    print(f"wrote {args.out / RESULTS}, {args.out / 'cost.md'} " + (f"and {drawn}" if drawn else f"({MISSING})"))
+    report(result, args.out / RESULTS, markdown(result), plot)
     return result
+
+
+def report(result: dict, results_file: Path, table: str, draw) -> None:
+    """Next to the results JSON: the table (.md) and the figure (.png, `draw(result, path)`); both printed."""
+    markdown_file, figure = results_file.with_suffix(".md"), results_file.with_suffix(".png")
+    markdown_file.write_text(table + "\n")
+    drawn = draw(result, figure)
+    env = result["environment"]
+    print(f"\n{env['model']}, {env['device']}:\n{table}\n")
+    print(f"wrote {results_file}, {markdown_file} " + (f"and {figure}" if drawn else f"({MISSING})"))
 
 
 def _format(cell: dict) -> str:

@@ -28,28 +28,17 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
-from .bench_cost import PRESETS, _weight_bytes, environment, length_label, load_model, measure, parse_batches
+from .bench_cost import PRESETS, environment, length_label, load_model, measure, parse_batches, report
 from .demo import resolve_device, resolve_dtype
 from .errors import LcpatchError, run_reporting_errors
 from .eval.run import parse_lengths
-from .plotting import MISSING, pyplot
+from .plotting import pyplot
 from .recipe import load_recipe
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("vanilla", "hf-compile", "lcpatch-eager", "lcpatch-fast")
-# --tiny: the shape of the test models (tests/tiny_models.py), window auto = 64 tokens.
-TINY = dict(
-    vocab_size=96,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-)
 DEFAULTS = {"lengths": "4k,32k,128k,1M", "batch": "1,8", "new_tokens": 64, "compile_cells": "4k:1", "max_tokens": 2**20}
 TINY_DEFAULTS = {"lengths": "64,256,1k", "batch": "1,2", "new_tokens": 16, "compile_cells": "", "max_tokens": 4096}
 RESULTS = "decode.json"
@@ -143,15 +132,6 @@ def _error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
 
 
-def _load(args, device, dtype):
-    if not args.tiny:
-        return load_model(args.model, args.layers, device, dtype)
-    config = AutoConfig.for_model("llama", **{**TINY, "num_hidden_layers": args.layers or 2})
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-    return model, "tiny llama (the tests' shape), random weights", _weight_bytes(model)
-
-
 def run(args: argparse.Namespace) -> dict:
     for name, value in (TINY_DEFAULTS if args.tiny else DEFAULTS).items():
         if getattr(args, name) is None:
@@ -168,7 +148,7 @@ def run(args: argparse.Namespace) -> dict:
     fast_mode = "graph" if device.type == "cuda" else "static"
     torch.manual_seed(args.seed)
     began = time.perf_counter()
-    model, described, weights = _load(args, device, dtype)
+    model, described, weights = load_model("tiny" if args.tiny else args.model, args.layers, device, dtype)
     result = {
         "schema": 1,
         "environment": environment(device, dtype, described, weights),
@@ -210,11 +190,7 @@ def run(args: argparse.Namespace) -> dict:
                 result["wall_s"] = time.perf_counter() - began
                 (args.out / RESULTS).write_text(json.dumps(result, indent=1))
                 logger.info("%s", json.dumps(cell))
-    table = markdown(result)
-    (args.out / "decode.md").write_text(table + "\n")
-    drawn = plot(result, args.out / "decode.png")
-    print(f"\n{described}, {result['environment']['device']}, {result['wall_s']:.0f} s:\n{table}\n")
-    print(f"wrote {args.out / RESULTS}, {args.out / 'decode.md'} " + (f"and {drawn}" if drawn else f"({MISSING})"))
+    report(result, args.out / RESULTS, markdown(result), plot)
     return result
 
 

@@ -30,45 +30,13 @@ from pathlib import Path
 import torch
 import transformers
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import lcpatch
+from lcpatch.bench_cost import preset_config
 
-SHAPES = {
-    # HuggingFaceTB/SmolLM2-135M's config.
-    "smollm2-135m": dict(
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        vocab_size=49152,
-        max_position_embeddings=8192,
-        rope_theta=100000.0,
-        tie_word_embeddings=True,
-    ),
-    # meta-llama/Llama-3.2-1B's sizes (without its llama3 RoPE scaling: positions past 8k train all the same).
-    "llama-1b": dict(
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-        tie_word_embeddings=True,
-    ),
-}
-TINY_SHAPE = dict(
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=96,
-    max_position_embeddings=64,
-)
+# Shapes from lcpatch.bench_cost.PRESETS (random weights: memory and speed depend on the shape only).
+SHAPES = ("smollm2-135m", "llama3.2-1b")
 SETTINGS = {
     "baseline": dict(recipe=None, checkpointing=False),
     "checkpointing": dict(recipe=None, checkpointing=True),
@@ -76,8 +44,9 @@ SETTINGS = {
 }
 
 
-def build(shape: dict, setting: dict, device: str, dtype: torch.dtype):
-    config = LlamaConfig(**shape, attn_implementation="sdpa")
+def build(shape: str, setting: dict, device: str, dtype: torch.dtype):
+    config = preset_config(shape)
+    config._attn_implementation = "sdpa"
     model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
     if setting["recipe"] is not None:
         lcpatch.apply(model, setting["recipe"])
@@ -111,7 +80,7 @@ def train_steps(model, optimizer, length: int, steps: int, device: str, vocab: i
     return (time.perf_counter() - start) / steps
 
 
-def longest(shape: dict, setting: dict, args, device: str, dtype: torch.dtype) -> list[dict]:
+def longest(shape: str, setting: dict, args, device: str, dtype: torch.dtype) -> list[dict]:
     """Rows {length, tokens_per_s, peak_gib} for doubling lengths; the last has oom: true if one was hit."""
     model, optimizer = build(shape, setting, device, dtype)
     rows, length = [], args.start
@@ -119,7 +88,7 @@ def longest(shape: dict, setting: dict, args, device: str, dtype: torch.dtype) -
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         try:
-            seconds = train_steps(model, optimizer, length, args.steps, device, shape["vocab_size"])
+            seconds = train_steps(model, optimizer, length, args.steps, device, model.config.vocab_size)
         except torch.OutOfMemoryError:
             rows.append({"length": length, "oom": True})
             break
@@ -158,7 +127,7 @@ def markdown(results: dict, device_name: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=sorted(SHAPES))
+    parser.add_argument("--shapes", nargs="+", choices=SHAPES, default=list(SHAPES))
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     parser.add_argument("--start", type=int, default=2048, help="first length (doubled each round)")
     parser.add_argument("--max-length", type=int, default=2**20, help="stop doubling past this (no OOM reached)")
@@ -167,15 +136,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    shapes = {"tiny": TINY_SHAPE} if args.tiny else {name: SHAPES[name] for name in args.shapes}
+    shapes = ["tiny"] if args.tiny else args.shapes
     if args.tiny:
         args.start, args.max_length, args.steps = 16, 128, 1
     results = {}
-    for name, shape in shapes.items():
+    for name in shapes:
         results[name] = {}
         for setting in args.settings:
             print(f"{name} / {setting}")
-            results[name][setting] = longest(shape, SETTINGS[setting], args, device, dtype)
+            results[name][setting] = longest(name, SETTINGS[setting], args, device, dtype)
     device_name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"device": device_name, "torch": torch.__version__, "transformers": transformers.__version__}
