@@ -146,15 +146,32 @@ class LongPOStage:
 
 
 @dataclass(frozen=True)
-class LongPOTraining(CausalLMTraining):
+class TRLTraining(CausalLMTraining):
+    """A method whose trainer subclasses one of TRL's (named by `trl_trainer`): `trainer` can only be trl."""
+
+    trl_trainer: ClassVar[str]
+
+    trainer: str = "trl"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.trainer != "trl":
+            raise RecipeError(
+                f"training.trainer must be trl for training.method {self.method} (it subclasses TRL's "
+                f"{self.trl_trainer}); got {self.trainer!r}."
+            )
+
+
+@dataclass(frozen=True)
+class LongPOTraining(TRLTraining):
     """LongPO (Chen et al., 2025, arXiv 2502.13922) on TRL's DPOTrainer: pairs from `lcpatch data longpo`
     (`data`: their folder, JSONL files or a datasets name); loss NLL(chosen | long prompt) + dpo_weight ·
     DPO_beta, whose log-ratios put the policy on the long prompt and the reference on the short one.
     `sequence_length` caps the policy's sequence (long prompt + answer; `auto`: no cap, pairs as built)."""
 
     method: ClassVar[str] = "longpo"
+    trl_trainer: ClassVar[str] = "DPOTrainer"
 
-    trainer: str = "trl"  # LongPO runs on TRL's DPOTrainer only
     beta: float = 0.01  # β of the DPO term (the paper's default)
     dpo_weight: float = 0.01  # λ: loss = NLL(chosen | long) + λ · DPO_β (the paper's default)
     reference: str = "model"  # model: the frozen start (LoRA: adapter off); precomputed: once before training
@@ -163,11 +180,6 @@ class LongPOTraining(CausalLMTraining):
     def __post_init__(self) -> None:
         super().__post_init__()
         section = "training"
-        if self.trainer != "trl":
-            raise RecipeError(
-                f"training.trainer must be trl for training.method longpo (it subclasses TRL's DPOTrainer); "
-                f"got {self.trainer!r}."
-            )
         check_number(section, "beta", self.beta, greater_than=0)
         check_number(section, "dpo_weight", self.dpo_weight, greater_than=0)
         check_choice(section, "reference", self.reference, LONGPO_REFERENCES)
@@ -192,7 +204,7 @@ class LongPOTraining(CausalLMTraining):
 
 
 @dataclass(frozen=True)
-class LOGOTraining(CausalLMTraining):
+class LOGOTraining(TRLTraining):
     """LOGO (Tang et al., 2024, arXiv 2410.18533) on TRL's CPOTrainer: rows from `lcpatch data logo`
     (`data`: JSONL files or folders of them); loss −log σ(β·[r(chosen) − mean_j r(rejected_j) − γ/β])
     + sft_weight · CE(chosen), r = mean token log-prob. Each row's real context (at most `real_length`
@@ -200,12 +212,12 @@ class LOGOTraining(CausalLMTraining):
     (`lcpatch.training.positions`). `sequence_length` and `text_field` are not used."""
 
     method: ClassVar[str] = "logo"
+    trl_trainer: ClassVar[str] = "CPOTrainer"
 
     # The paper's adapter: r = 32, α = 16, embeddings and norms trained in full.
     lora: LoraOptions | None = field(
         default_factory=lambda: LoraOptions(r=32, alpha=16, modules_to_save=("embed_tokens", "norm"))
     )
-    trainer: str = "trl"  # LOGO runs on TRL's CPOTrainer only
     learning_rate: float = 5.0e-5
     beta: float = 10.0  # β (the paper's Llama-3-8B value)
     gamma_over_beta: float = 0.3  # γ/β, the reward margin
@@ -219,11 +231,6 @@ class LOGOTraining(CausalLMTraining):
     def __post_init__(self) -> None:
         super().__post_init__()
         section = "training"
-        if self.trainer != "trl":
-            raise RecipeError(
-                f"training.trainer must be trl for training.method logo (it subclasses TRL's CPOTrainer); "
-                f"got {self.trainer!r}."
-            )
         check_number(section, "beta", self.beta, greater_than=0)
         for name in ("gamma_over_beta", "sft_weight"):
             check_number(section, name, getattr(self, name))
