@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     demo_parser.set_defaults(run=demo.run_cli)
     train_parser = commands.add_parser(
         "train",
-        help="fine-tune a model as a recipe's training section says (E2-LLM)",
+        help="fine-tune a model as a recipe's training section says (E2-LLM, LongPO, LOGO, plain causal LM)",
         description=train.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
