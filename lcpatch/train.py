@@ -1,4 +1,4 @@
-"""Fine-tune a causal LM as a recipe's `training` section says (E2-LLM, or a plain causal-LM baseline).
+"""Fine-tune a causal LM as a recipe's `training` section says (E2-LLM, LongPO, LOGO, or a plain causal-LM baseline).
 
     lcpatch train e2llm --model HuggingFaceTB/SmolLM2-135M --data "books/*.txt" --max-steps 200
     python -m lcpatch.train my-recipe.yaml --sequence-length 2048 --g-max 8
