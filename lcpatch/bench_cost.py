@@ -328,13 +328,20 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def report(result: dict, results_file: Path, table: str, draw) -> None:
-    """Next to the results JSON: the table (.md) and the figure (.png, `draw(result, path)`); both printed."""
+    """Next to the results JSON: the table (.md) and the figure (.png: `draw(result, plt)` returns it, titled
+    here with the model, dtype, device and date); both printed."""
     markdown_file, figure = results_file.with_suffix(".md"), results_file.with_suffix(".png")
     markdown_file.write_text(table + "\n")
-    drawn = draw(result, figure)
     env = result["environment"]
+    plt = pyplot()
+    if plt is not None:
+        fig = draw(result, plt)
+        fig.suptitle(f"{env['model']}, {env['dtype']}, {env['device']}, {env['date']}")
+        fig.tight_layout()
+        fig.savefig(figure, dpi=120)
+        plt.close(fig)
     print(f"\n{env['model']}, {env['device']}:\n{table}\n")
-    print(f"wrote {results_file}, {markdown_file} " + (f"and {figure}" if drawn else f"({MISSING})"))
+    print(f"wrote {results_file}, {markdown_file} " + (f"and {figure}" if plt else f"({MISSING})"))
 
 
 def _format(cell: dict) -> str:
@@ -363,10 +370,8 @@ def length_label(n: int) -> str:
     return f"{n // 2**20}M" if n % 2**20 == 0 else f"{n // 1024}k" if n % 1024 == 0 else str(n)
 
 
-def plot(result: dict, path: Path) -> Path | None:
-    plt = pyplot()
-    if plt is None:
-        return None
+def plot(result: dict, plt):
+    """Prefill, decode and memory against prompt length: a line per recipe and batch."""
     panels = (("prefill_s", "prefill (s)"), ("decode_tokens_per_s", "decode (tokens/s per sequence)"))
     panels += (("peak_memory_mib", "peak memory over weights (MiB)"),)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
@@ -381,12 +386,7 @@ def plot(result: dict, path: Path) -> Path | None:
                     ax.plot(*zip(*points, strict=True), marker="o", label=f"{recipe}, batch {batch}")
         ax.set(xscale="log", xlabel="prompt length (tokens)", ylabel=label)
         ax.legend(fontsize=8)
-    env = result["environment"]
-    fig.suptitle(f"{env['model']}, {env['dtype']}, {env['device']}, {env['date']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def run_cli(args: argparse.Namespace) -> int:

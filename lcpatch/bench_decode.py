@@ -33,7 +33,6 @@ from .bench_cost import PRESETS, environment, length_label, load_model, measure,
 from .demo import resolve_device, resolve_dtype
 from .errors import LcpatchError, run_reporting_errors
 from .eval.run import parse_lengths
-from .plotting import pyplot
 from .recipe import load_recipe
 
 logger = logging.getLogger(__name__)
@@ -224,10 +223,8 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(result: dict, path: Path) -> Path | None:
-    plt = pyplot()
-    if plt is None:
-        return None
+def plot(result: dict, plt):
+    """Decode speed and memory against prompt length, a column per batch size, a line per method."""
     batches = result["args"]["batch"]
     fig, axes = plt.subplots(2, len(batches), figsize=(6 * len(batches), 8), squeeze=False)
     for column, batch in enumerate(batches):
@@ -248,12 +245,7 @@ def plot(result: dict, path: Path) -> Path | None:
                     ax.plot(*zip(*points, strict=True), marker="o", label=method)
             ax.set(xscale="log", xlabel="prompt length (tokens)", ylabel=label, title=f"batch {batch}")
             ax.legend(fontsize=8)
-    env = result["environment"]
-    fig.suptitle(f"{env['model']}, {env['dtype']}, {env['device']}, {env['date']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def _parser() -> argparse.ArgumentParser:
