@@ -10,25 +10,7 @@ from lcpatch.attention.rotary import Rotary
 
 from .lambda_decode import DECODE_MAX_ROWS, lambda_decode
 from .lambda_prefill import lambda_prefill
-from .utils import interpreting, warn_once
-
-HEAD_DIMS = (64, 128)
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _fallback_reason(query, key, value, rotary: Rotary, dropout: float) -> str | None:
-    dim = query.shape[-1]
-    if dim not in HEAD_DIMS or key.shape[-1] != dim or value.shape[-1] != dim:
-        return f"head dims q/k/v {dim}/{key.shape[-1]}/{value.shape[-1]} (kernels: {HEAD_DIMS}, all equal)"
-    if rotary.dim != dim:
-        return f"partial rotary ({rotary.dim} of {dim} dims rotated)"
-    if query.dtype not in DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
-        return f"dtypes q/k/v {query.dtype}/{key.dtype}/{value.dtype} (kernels: one of fp16, bf16, fp32)"
-    if dropout > 0.0:
-        return f"attention dropout {dropout}"
-    if query.device.type != "cuda" and not interpreting():
-        return f"tensors on {query.device.type} (set TRITON_INTERPRET=1 to run the kernels on CPU)"
-    return None
+from .utils import fallback_reason, warn_once
 
 
 def lambda_attention(
@@ -53,7 +35,7 @@ def lambda_attention(
     needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
     rows = query.shape[2] * (query.shape[1] // key.shape[1])
     decode = not needs_grad and rows <= DECODE_MAX_ROWS
-    reason = _fallback_reason(query, key, value, rotary, dropout)
+    reason = fallback_reason(query, key, value, rotary, dropout)
     if reason is None and not (decode or keys_in_stream_order):
         reason = f"{rows} query rows per KV head over keys out of stream order (decode kernel: <= {DECODE_MAX_ROWS})"
     if reason is not None:

@@ -22,27 +22,8 @@ from lcpatch.attention.lm_infinite import LambdaSpec
 from lcpatch.attention.rotary import Rotary
 
 from .lambda_prefill import _forward
-from .utils import interpreting
 
-HEAD_DIMS = (64, 128)
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 EVERY_KEY = 1 << 30  # n_global above any position: the Λ rule then hides no causal key
-
-
-def fallback_reason(query: torch.Tensor, near_keys: torch.Tensor, rotary: Rotary, dropout: float) -> str | None:
-    """Why the kernel cannot run these tensors (None if it can)."""
-    dim = query.shape[-1]
-    if dim not in HEAD_DIMS or near_keys.shape[-1] != dim:
-        return f"head dim {dim} (kernels: {HEAD_DIMS})"
-    if rotary.dim != dim:
-        return f"partial rotary ({rotary.dim} of {dim} dims rotated)"
-    if query.dtype not in DTYPES or near_keys.dtype != query.dtype:
-        return f"dtypes q/k {query.dtype}/{near_keys.dtype} (kernels: one of fp16, bf16, fp32)"
-    if dropout > 0.0:
-        return f"attention dropout {dropout}"
-    if query.device.type != "cuda" and not interpreting():
-        return f"tensors on {query.device.type} (set TRITON_INTERPRET=1 to run the kernels on CPU)"
-    return None
 
 
 def execution_block_attention_triton(

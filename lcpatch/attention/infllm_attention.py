@@ -57,18 +57,18 @@ class InfLLMAttention:
             plan, _ = build_plan(step, [0] * key.shape[0], spec)
         else:
             plan = cache.plan(step)
-        block_attention = self._block_attention(query, key, rotary, dropout)
+        block_attention = self._block_attention(query, key, value, rotary, dropout)
         return infllm_attention_reference(
             query, key, value, plan, layer, spec, rotary, scaling, softcap, dropout, block_attention
         )
 
-    def _block_attention(self, query, key, rotary, dropout):
+    def _block_attention(self, query, key, value, rotary, dropout):
         if select_backend(self.method.backend, query.device) != "triton":
             return execution_block_attention
-        from ..kernels.infllm import execution_block_attention_triton, fallback_reason
-        from ..kernels.utils import warn_once
+        from ..kernels.infllm import execution_block_attention_triton
+        from ..kernels.utils import fallback_reason, warn_once
 
-        reason = fallback_reason(query, key, rotary, dropout)
+        reason = fallback_reason(query, key, value, rotary, dropout)
         if reason is None:
             return execution_block_attention_triton
         warn_once(f"lcpatch.kernels: {reason} is not supported by the InfLLM kernel; using the PyTorch reference.")
