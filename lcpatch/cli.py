@@ -14,30 +14,25 @@ from .eval import run as eval_run
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lcpatch", description="Long context for Hugging Face causal LMs.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    demo_parser = commands.add_parser(
-        "demo",
-        help="perplexity by position on a long text: SmolLM2-135M vanilla vs lcpatch recipes",
-        description=demo.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    jobs = (
+        (demo, "demo", "perplexity by position on a long text: SmolLM2-135M vanilla vs lcpatch recipes"),
+        (
+            train,
+            "train",
+            "fine-tune a model as a recipe's training section says (E2-LLM, LongPO, LOGO, plain causal LM)",
+        ),
+        (
+            eval_run,
+            "eval",
+            "long-context quality (ppl, passkey, needle) of a model under several recipes: JSON, plots, table",
+        ),
     )
-    demo.add_arguments(demo_parser)
-    demo_parser.set_defaults(run=demo.run_cli)
-    train_parser = commands.add_parser(
-        "train",
-        help="fine-tune a model as a recipe's training section says (E2-LLM, LongPO, LOGO, plain causal LM)",
-        description=train.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    train.add_arguments(train_parser)
-    train_parser.set_defaults(run=train.run_cli)
-    eval_parser = commands.add_parser(
-        "eval",
-        help="long-context quality (ppl, passkey, needle) of a model under several recipes: JSON, plots, table",
-        description=eval_run.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    eval_run.add_arguments(eval_parser)
-    eval_parser.set_defaults(run=eval_run.run_cli)
+    for module, name, summary in jobs:  # each module brings its own arguments and runner
+        job = commands.add_parser(
+            name, help=summary, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+        module.add_arguments(job)
+        job.set_defaults(run=module.run_cli)
     data_parser = commands.add_parser(
         "data",
         help="training data written by the model itself: `lcpatch data longpo --model M --data BOOKS --out PAIRS` "
