@@ -272,8 +272,24 @@ def run_cli(args: argparse.Namespace) -> int:
         raise RecipeError("lcpatch train needs a recipe (e.g. `lcpatch train e2llm --model ...`).")
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     overrides = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
-    run(with_overrides(args.recipe, overrides))
+    try:
+        run(with_overrides(args.recipe, overrides))
+    finally:
+        _end_process_group()
     return 0
+
+
+def _end_process_group() -> None:
+    """Tear down the process group the Trainer started, once every rank is done.
+
+    A torchrun rank that exits with a live gloo group can abort in the group's destructor ("terminate called
+    without an active exception", SIGABRT) while rank 0 is still saving, and the launcher then fails the run.
+    Only the command line does this: a caller of `run()` owns its own process group.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if sys.exc_info()[0] is None:  # after a failure the other ranks may never reach a barrier
+            torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:
