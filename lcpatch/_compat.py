@@ -20,6 +20,32 @@ SUPPORTED = {
 TRANSFORMERS_RANGE = SpecifierSet(SUPPORTED["transformers"])
 
 
+def _transformers_release() -> tuple[int, ...]:
+    try:
+        return Version(metadata.version("transformers")).release
+    except (metadata.PackageNotFoundError, InvalidVersion):
+        return (0,)  # the import-time check reports the problem
+
+
+# Renames inside the supported range; the old names still work there, with a deprecation warning, until 6.0.
+# 5.24: the cache argument of forward() / generate() and the output field `past_key_values` became `cache`.
+# 5.23: TrainingArguments' `gradient_checkpointing` became `activation_checkpointing`.
+CACHE_ARG = "cache" if _transformers_release() >= (5, 24) else "past_key_values"
+CHECKPOINTING_ARG = "activation_checkpointing" if _transformers_release() >= (5, 23) else "gradient_checkpointing"
+_OLD_CACHE_ARG = "past_key_values"
+
+
+def with_cache_argument(kwargs: dict) -> dict:
+    """`kwargs` with a cache passed under the old name moved to `CACHE_ARG`, as transformers' own rename does."""
+    if CACHE_ARG == _OLD_CACHE_ARG or _OLD_CACHE_ARG not in kwargs:
+        return kwargs
+    if kwargs.get(CACHE_ARG) is not None:
+        raise TypeError(f"pass the cache once, as `{CACHE_ARG}` (not also as `{_OLD_CACHE_ARG}`).")
+    kwargs = dict(kwargs)
+    kwargs[CACHE_ARG] = kwargs.pop(_OLD_CACHE_ARG)
+    return kwargs
+
+
 def check_version(package: str, version: str | None = None) -> None:
     """Raise `UnsupportedVersionError` unless `package` (installed, or at `version`) lies in its supported range."""
     supported = SUPPORTED[package]

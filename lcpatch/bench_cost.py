@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from ._compat import CACHE_ARG
 from .demo import VANILLA, parse_recipes, resolve_device, resolve_dtype
 from .errors import LcpatchError, run_reporting_errors
 from .eval.run import parse_lengths
@@ -239,7 +240,7 @@ def measure(model, recipe, ids: torch.Tensor, new_tokens: int, **generate_kwargs
             return_dict_in_generate=True,
             **generate_kwargs,
         )
-    step = getattr(out.past_key_values, "decode_step", None)
+    step = getattr(getattr(out, CACHE_ARG), "decode_step", None)
     del out
     times = clock.times  # [first token (after prefill), after decode step 1, ...]
     rate = (len(times) - 2) / (times[-1] - times[1])

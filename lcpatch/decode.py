@@ -19,13 +19,14 @@ import warnings
 import torch
 from transformers.cache_utils import Cache
 
+from ._compat import CACHE_ARG
 from .cache.ring import RingLambdaCache
 from .decode_step import DecodeStep
 from .patching import PatchLog
 
 # What generate() passes to a decode step; any other argument (output_attentions, ...) runs eagerly.
 STEP_ARGUMENTS = frozenset(
-    {"input_ids", "attention_mask", "position_ids", "past_key_values", "use_cache", "return_dict", "logits_to_keep"}
+    {"input_ids", "attention_mask", "position_ids", CACHE_ARG, "use_cache", "return_dict", "logits_to_keep"}
 )
 
 
@@ -90,7 +91,7 @@ class DecodePlan:
 
 def _decode_step_inputs(kwargs: dict):
     """(ids, positions, valid) of a call that the cache's DecodeStep can run, else None."""
-    cache, ids = kwargs.get("past_key_values"), kwargs.get("input_ids")
+    cache, ids = kwargs.get(CACHE_ARG), kwargs.get("input_ids")
     if not isinstance(cache, RingLambdaCache) or cache.decode_step is None or torch.is_grad_enabled():
         return None
     given = {name for name, value in kwargs.items() if value is not None}  # wrappers (PEFT) pass None for the rest
@@ -121,7 +122,7 @@ def install_fast_decode(model, requested: str, runtime, method_name: str, log: P
         inputs = None if args else _decode_step_inputs(kwargs)
         if inputs is None:
             return original(*args, **kwargs)
-        cache = kwargs["past_key_values"]
+        cache = kwargs[CACHE_ARG]
         return cache.decode_step(cache, *inputs)
 
     log.set_instance_attr(model, "forward", forward)

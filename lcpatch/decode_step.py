@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import torch
 
+from ._compat import CACHE_ARG
 from .cache.ring import RingLambdaCache
 
 
@@ -46,7 +47,7 @@ class DecodeStep:
             self.graph.replay()
             for layer in cache.layers:  # a replay runs no Python: count its token here
                 layer.cumulative_length += 1
-            return self.output_type(logits=self.logits.clone(), past_key_values=cache)
+            return self.output_type(logits=self.logits.clone(), **{CACHE_ARG: cache})
         if not self.capture:
             return self._run(cache)
         # Warm up (and run this token) on a side stream, as CUDA graph capture requires; then record.
@@ -61,7 +62,7 @@ class DecodeStep:
     def _run(self, cache: RingLambdaCache):
         ids, positions, valid = self.inputs
         return self.forward(
-            input_ids=ids, attention_mask=valid, position_ids=positions, past_key_values=cache, use_cache=True
+            input_ids=ids, attention_mask=valid, position_ids=positions, use_cache=True, **{CACHE_ARG: cache}
         )
 
     def _capture(self, cache: RingLambdaCache) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 from transformers import PreTrainedModel
 
+from ._compat import CACHE_ARG, with_cache_argument
 from .decode import install_fast_decode
 from .patching import PatchLog
 from .recipe import Recipe
@@ -68,7 +69,7 @@ def _prefill_all_but_last_chunk(
         kwargs.get("num_return_sequences", config.num_return_sequences or 1),
     )
     ids, mask = ids.repeat_interleave(expand, dim=0), mask.repeat_interleave(expand, dim=0)
-    cache = kwargs["past_key_values"]
+    cache = kwargs[CACHE_ARG]
     past = cache.get_seq_length()
     positions = (mask.long().cumsum(-1) - 1).clamp_min(0)  # as generate() derives them
     stops = range(ids.shape[1] - chunk, past, -chunk)
@@ -78,8 +79,8 @@ def _prefill_all_but_last_chunk(
             input_ids=ids[:, start:stop],
             attention_mask=mask[:, :stop],
             position_ids=positions[:, start:stop],
-            past_key_values=cache,
             use_cache=True,
+            **{CACHE_ARG: cache},
         )
         if progress is not None:
             progress(stop - past, stops[0] - past)
@@ -94,16 +95,17 @@ def install_generate(model: PreTrainedModel, recipe: Recipe, runtime, log: Patch
 
     @functools.wraps(original)
     def generate(*args, prefill_progress: Progress | None = None, **kwargs):
+        kwargs = with_cache_argument(kwargs)
         config = kwargs.get("generation_config") or model.generation_config
         if kwargs.get("use_cache", getattr(config, "use_cache", True)) is not False:
-            if kwargs.get("past_key_values") is None:
+            if kwargs.get(CACHE_ARG) is None:
                 cache = plan.make_cache(model.device)
                 if cache is not None:
-                    kwargs["past_key_values"] = cache
+                    kwargs[CACHE_ARG] = cache
             chunk = kwargs.get("prefill_chunk_size") or getattr(config, "prefill_chunk_size", None)
             chunk = chunk or recipe.generation.prefill_chunk
             progress = prefill_progress or (ProgressBar() if recipe.generation.progress else None)
-            handled = kwargs.get("past_key_values") is not None and _prefill_all_but_last_chunk(
+            handled = kwargs.get(CACHE_ARG) is not None and _prefill_all_but_last_chunk(
                 model, args, kwargs, chunk, progress
             )
             # What remains is at most one chunk; generate's own chunking (which older transformers

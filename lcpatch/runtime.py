@@ -18,6 +18,7 @@ from typing import Protocol
 import torch
 from transformers.cache_utils import Cache
 
+from ._compat import CACHE_ARG, with_cache_argument
 from .cache import StepAwareCache, StepInfo
 from .errors import CacheError, SequenceLimitError, UnsupportedModelError
 from .models import ModelStructure
@@ -65,6 +66,7 @@ class PatchRuntime:
 
     # -- hooks -------------------------------------------------------------------------------
     def _before_decoder(self, module, args, kwargs):
+        kwargs = with_cache_argument(kwargs)
         values = dict(zip(self._decoder_params, args, strict=False))
         values.update(kwargs)
         tokens = values.get("input_ids")
@@ -80,7 +82,7 @@ class PatchRuntime:
             valid = mask[:, -length:].to(device=tokens.device, dtype=torch.bool)
         else:
             valid = torch.ones(batch, length, dtype=torch.bool, device=tokens.device)
-        cache = values.get("past_key_values")
+        cache = values.get(CACHE_ARG)
         if cache is None:
             use_cache = values.get("use_cache")
             use_cache = module.config.use_cache if use_cache is None else use_cache
@@ -91,7 +93,7 @@ class PatchRuntime:
         elif not isinstance(cache, self.method.cache_class):
             raise CacheError(
                 f"this model is patched with {self.method_name}, whose keys are stored un-rotated in its own "
-                f"{self.method.cache_class.__name__}; got a {type(cache).__name__}. Pass past_key_values=None "
+                f"{self.method.cache_class.__name__}; got a {type(cache).__name__}. Pass {CACHE_ARG}=None "
                 "(the model makes its own), a cache returned by this model, or lcpatch.make_cache(model)."
             )
         self._pending = (valid, batch, length)
@@ -100,11 +102,11 @@ class PatchRuntime:
         return args, kwargs
 
     def _inject_cache(self, args, kwargs, cache):
-        index = self._decoder_params.index("past_key_values")
+        index = self._decoder_params.index(CACHE_ARG)
         if index < len(args):
             args = (*args[:index], cache, *args[index + 1 :])
         else:
-            kwargs = {**kwargs, "past_key_values": cache}
+            kwargs = {**kwargs, CACHE_ARG: cache}
         return args, kwargs
 
     def _after_decoder(self, module, args, output):

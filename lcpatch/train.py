@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import yaml
 
-from ._compat import check_version
+from ._compat import CHECKPOINTING_ARG, check_version
 from .api import apply, patched_recipe
 from .data import load_texts
 from .errors import RecipeError
@@ -242,9 +242,8 @@ def run(recipe: RecipeLike) -> Path:
         use_cpu=not torch.cuda.is_available(),
         ddp_find_unused_parameters=False,
         remove_unused_columns=False,
+        **{CHECKPOINTING_ARG: training.gradient_checkpointing},  # always: TRL's configs default it to on
     )
-    if training.gradient_checkpointing:  # only when asked: transformers 5.23 warns that this argument is being renamed
-        settings["gradient_checkpointing"] = True
     module, name = TRAINER_BUILDERS[training.method].split(":")
     trainer = getattr(importlib.import_module(module), name)(training, model, tokenizer, settings)
     trainer.train()

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, TextStreamer, pipeline
 
 import lcpatch
+from lcpatch._compat import CACHE_ARG
 
 from naive_lambda import naive_logits
 from tiny_models import random_ids, tiny_model, tiny_tokenizer
@@ -133,6 +134,29 @@ def test_long_stream_keeps_memory_bounded():
     assert out.shape[1] == 51 and max(sizes) == 4 + 16 and cache.get_seq_length() == 20_050
     keys = cache.layers[0].keys
     assert keys.shape[-2] == 16 and keys.untyped_storage().nbytes() <= keys.numel() * keys.element_size() * 2
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", sorted({"past_key_values", CACHE_ARG}))
+def test_a_cache_passed_under_either_name_is_used(name):
+    """transformers 5.24 renamed `past_key_values` to `cache`: a cache given under the name the installed version
+    uses, or under the old one that it still accepts, is the one forward, the decoder and generate fill."""
+    model = lcpatch.apply(tiny_model(), RECIPE)
+    ids = random_ids(40)
+    whole = model(ids).logits
+    cache = lcpatch.make_cache(model)
+    model(ids[:, :30], **{name: cache})
+    rest = model(ids[:, 30:], attention_mask=torch.ones_like(ids), **{name: cache}).logits
+    assert cache.get_seq_length() == 40 and torch.allclose(rest, whole[:, 30:], atol=1e-5)
+    cache = lcpatch.make_cache(model)
+    model.get_decoder()(input_ids=ids, **{name: cache})
+    assert cache.get_seq_length() == 40
+    cache = lcpatch.make_cache(model)
+    model.generate(ids, max_new_tokens=3, do_sample=False, **{name: cache})
+    assert cache.get_seq_length() == 42
+    if name != CACHE_ARG:
+        with pytest.raises(TypeError, match="pass the cache once"):
+            model.generate(ids, max_new_tokens=1, **{name: cache, CACHE_ARG: cache})
 
 
 def test_failed_apply_leaves_the_model_unchanged(monkeypatch):

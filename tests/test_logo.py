@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import lcpatch
 from lcpatch import Recipe, RecipeError
+from lcpatch._compat import CHECKPOINTING_ARG
 from lcpatch.cli import main as cli_main
 from lcpatch.data.logo import bm25_scores, build_logo_rows, read_rows
 from lcpatch.errors import LcpatchError
@@ -55,7 +56,7 @@ def logo_trainer(tmp_path, model, rows, **fields) -> LOGOTrainer:
         bf16=False,
         save_strategy="no",
         logging_steps=5,
-        **{**config, **fields},
+        **{CHECKPOINTING_ARG: False, **config, **fields},  # TRL's configs default checkpointing to on
     )
     return LOGOTrainer(model, args, Dataset.from_list(rows), tiny_tokenizer())
 

@@ -15,6 +15,7 @@ from peft import LoraConfig, get_peft_model
 
 import lcpatch
 from lcpatch import Recipe, RecipeError
+from lcpatch._compat import CHECKPOINTING_ARG
 from lcpatch.data.generation import JsonlShards, generate_batched
 from lcpatch.data.longpo import PairOptions
 from lcpatch.training import LongPOTraining
@@ -61,6 +62,7 @@ def settings(tmp_path, **extra) -> dict:
         disable_tqdm=True,
         remove_unused_columns=False,
         seed=0,
+        **{CHECKPOINTING_ARG: False},
         **extra,
     )
 

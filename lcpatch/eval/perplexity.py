@@ -13,6 +13,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from .._compat import CACHE_ARG
 from ..errors import LcpatchError
 from ..models.structure import unwrap
 
@@ -56,8 +57,8 @@ def token_nll(model, input_ids, chunk: int = 4096, progress: bool = True, desc: 
             cache = None
             for start in range(0, n, chunk):
                 stop = min(n, start + chunk)
-                out = decoder(input_ids=ids[None, start:stop], past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
+                out = decoder(input_ids=ids[None, start:stop], use_cache=True, **{CACHE_ARG: cache})
+                cache = getattr(out, CACHE_ARG)
                 # Position i predicts token i + 1, so the chunk's last row predicts the next chunk's first token.
                 hidden = out.last_hidden_state[0, : min(stop, n - 1) - start]
                 for row in range(0, hidden.shape[0], LOGIT_ROWS):

@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 import lcpatch
+from lcpatch._compat import CACHE_ARG
 
 
 def resident_mib() -> float:
@@ -58,10 +59,10 @@ def soak(
     series, start = [], time.perf_counter()
     for step in tqdm(range(steps), desc="soak", unit=f"x{chunk} tok", mininterval=2.0):
         if chunk == 1:
-            logits = model(token, past_key_values=cache).logits[:, -1].float()
+            logits = model(token, **{CACHE_ARG: cache}).logits[:, -1].float()
             token = torch.multinomial(torch.softmax(logits, -1), 1)
         else:
-            model.model(torch.randint(0, vocab, (1, chunk), device=device), past_key_values=cache)
+            model.model(torch.randint(0, vocab, (1, chunk), device=device), **{CACHE_ARG: cache})
         if step % every == 0 or step == steps - 1:
             gpu = torch.cuda.memory_allocated() / 2**20 if device.startswith("cuda") else None
             series.append(

@@ -6,9 +6,11 @@ import inspect
 from dataclasses import dataclass
 
 import torch
+import transformers
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 
+from .._compat import CACHE_ARG
 from ..attention.rotary import Rotary
 from ..errors import UnsupportedModelError
 from .families import Family, family_of
@@ -87,6 +89,11 @@ def find_structure(model: object) -> ModelStructure:
         raise UnsupportedModelError(
             f"{type(base).__name__}: expected `rotary_emb` and `layers` on its decoder {type(decoder).__name__}; "
             "this transformers version lays the model out differently."
+        )
+    if CACHE_ARG not in inspect.signature(decoder.forward).parameters:
+        raise UnsupportedModelError(
+            f"{type(decoder).__name__}.forward has no `{CACHE_ARG}` argument, which transformers "
+            f"{transformers.__version__} passes the KV cache as; this model's code predates or postdates it."
         )
     params = inspect.signature(rotary_emb.forward).parameters
     if "position_ids" not in params:

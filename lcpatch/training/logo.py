@@ -42,7 +42,6 @@ class LOGOConfig(CPOConfig):
     chunk_size: int = LOGOTraining.chunk_size
     virtual_length: int = LOGOTraining.virtual_length
     offsets_per_example: int | None = None  # None: the fewest covering layouts of each row
-    gradient_checkpointing: bool = False
 
     def __post_init__(self):
         self.loss_type = "simpo"
@@ -211,7 +210,7 @@ def build_trainer(training: LOGOTraining, model, tokenizer, settings: dict) -> L
     from datasets import Dataset
 
     args = LOGOConfig(
-        **{**settings, "gradient_checkpointing": training.gradient_checkpointing},
+        **settings,
         beta=training.beta,
         gamma_over_beta=training.gamma_over_beta,
         sft_weight=training.sft_weight,

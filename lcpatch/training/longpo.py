@@ -185,7 +185,7 @@ def build_trainer(training: LongPOTraining, model, tokenizer, settings: dict) ->
     _check_stages(training, model)
     precomputed = training.reference == "precomputed"
     args = DPOConfig(
-        **{"gradient_checkpointing": False, **settings},
+        **settings,
         beta=training.beta,
         loss_type=["sft", "sigmoid"],
         loss_weights=[1.0, training.dpo_weight],
