@@ -7,7 +7,7 @@ from importlib import metadata
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-from .errors import UnsupportedVersionError
+from .errors import CacheError, UnsupportedVersionError
 
 # Keep in step with pyproject.toml (dependencies and the `train` extra); CI tests transformers at both ends.
 SUPPORTED = {
@@ -40,7 +40,10 @@ def with_cache_argument(kwargs: dict) -> dict:
     if CACHE_ARG == _OLD_CACHE_ARG or _OLD_CACHE_ARG not in kwargs:
         return kwargs
     if kwargs.get(CACHE_ARG) is not None:
-        raise TypeError(f"pass the cache once, as `{CACHE_ARG}` (not also as `{_OLD_CACHE_ARG}`).")
+        raise CacheError(
+            f"a cache was passed twice, as `{CACHE_ARG}` and as `{_OLD_CACHE_ARG}`; pass it once, as `{CACHE_ARG}` "
+            "(transformers >= 5.24's name)."
+        )
     kwargs = dict(kwargs)
     kwargs[CACHE_ARG] = kwargs.pop(_OLD_CACHE_ARG)
     return kwargs

@@ -155,7 +155,7 @@ def test_a_cache_passed_under_either_name_is_used(name):
     model.generate(ids, max_new_tokens=3, do_sample=False, **{name: cache})
     assert cache.get_seq_length() == 42
     if name != CACHE_ARG:
-        with pytest.raises(TypeError, match="pass the cache once"):
+        with pytest.raises(lcpatch.CacheError, match="passed twice"):
             model.generate(ids, max_new_tokens=1, **{name: cache, CACHE_ARG: cache})
 
 
