@@ -30,8 +30,9 @@ def _transformers_release() -> tuple[int, ...]:
 # Renames inside the supported range; the old names still work there, with a deprecation warning, until 6.0.
 # 5.24: the cache argument of forward() / generate() and the output field `past_key_values` became `cache`.
 # 5.23: TrainingArguments' `gradient_checkpointing` became `activation_checkpointing`.
-CACHE_ARG = "cache" if _transformers_release() >= (5, 24) else "past_key_values"
-CHECKPOINTING_ARG = "activation_checkpointing" if _transformers_release() >= (5, 23) else "gradient_checkpointing"
+_TRANSFORMERS_RELEASE = _transformers_release()
+CACHE_ARG = "cache" if _TRANSFORMERS_RELEASE >= (5, 24) else "past_key_values"
+CHECKPOINTING_ARG = "activation_checkpointing" if _TRANSFORMERS_RELEASE >= (5, 23) else "gradient_checkpointing"
 _OLD_CACHE_ARG = "past_key_values"
 
 

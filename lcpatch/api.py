@@ -128,7 +128,8 @@ def patched_recipe(model) -> Recipe | None:
 
 
 def make_cache(model):
-    """A fresh cache of the patched method (e.g. a bounded LambdaCache), to pass as the cache argument of forward() or generate()."""
+    """A fresh cache of the patched method (e.g. a bounded LambdaCache), to pass as the cache argument of
+    forward() or generate()."""
     state = _PATCHED.get(unwrap(model))
     if state is None or state.runtime is None:
         raise LcpatchError(
