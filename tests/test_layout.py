@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -26,3 +27,74 @@ def test_top_level_kernels_folder_never_shadows_another_kernels_package():
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
     assert not (ROOT / "kernels" / "__init__.py").exists()
+
+
+# -- the import rules, read from the source (imports inside functions count too) ------------------------------
+PACKAGE = ROOT / "lcpatch"
+CORE = {"__init__", "api", "recipe", "runtime", "patching", "errors", "fields", "_compat", "serialization"}
+TOOLS = ("lcpatch.bench", "lcpatch.demo", "lcpatch.cli", "lcpatch.eval")
+
+
+def _module_name(path: Path) -> str:
+    if path.is_relative_to(ROOT / "kernels"):
+        parts = ("lcpatch", "kernels", *path.relative_to(ROOT / "kernels").with_suffix("").parts)
+    else:
+        parts = ("lcpatch", *path.relative_to(PACKAGE).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Absolute names of the modules `path` imports, wherever in the file the import stands."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")
+            base = base[: len(base) - node.level + 1] if node.level else []
+            module = ".".join([*base, node.module] if node.module else base)
+            found.add(module)
+            found.update(f"{module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def _sources() -> dict[str, Path]:
+    files = [p for p in PACKAGE.rglob("*.py") if "kernels" not in p.relative_to(PACKAGE).parts]
+    files += list((ROOT / "kernels").glob("*.py"))
+    return {_module_name(p): p for p in files}
+
+
+def test_kernels_know_no_models():
+    for path in (ROOT / "kernels").glob("*.py"):
+        assert "lcpatch" not in path.read_text(), f"{path.name} names lcpatch: kernels import only torch and triton"
+        outside = {m for m in _imports(path) if m.startswith("lcpatch") and not m.startswith("lcpatch.kernels")}
+        assert not outside, f"{path.name} imports {sorted(outside)}"
+
+
+def test_top_level_holds_the_face_and_the_core_only():
+    assert {p.stem for p in PACKAGE.glob("*.py")} == CORE
+
+
+def test_the_library_imports_no_tool():
+    for name, path in _sources().items():
+        if name.startswith(TOOLS):
+            continue
+        tools = {m for m in _imports(path) if m.startswith(TOOLS)}
+        assert not tools, f"{name} (library) imports the tools {sorted(tools)}"
+
+
+def test_attention_cache_models_and_kernels_import_one_way():
+    layers = ("lcpatch.kernels", "lcpatch.models", "lcpatch.cache", "lcpatch.attention", "lcpatch.rope")
+    graph: dict[str, set[str]] = {layer: set() for layer in layers}
+    for name, path in _sources().items():
+        here = ".".join(name.split(".")[:2])
+        if here in graph:
+            graph[here] |= {".".join(m.split(".")[:2]) for m in _imports(path)} & set(layers) - {here}
+
+    def reaches(node: str, goal: str, seen: set[str]) -> bool:
+        return any(nxt == goal or (nxt not in seen and reaches(nxt, goal, seen | {nxt})) for nxt in graph[node])
+
+    circles = [layer for layer in layers if reaches(layer, layer, {layer})]
+    assert not circles, f"these subpackages import each other in a circle: {circles} ({graph})"
