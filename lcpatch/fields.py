@@ -77,7 +77,7 @@ def check_bool(section: str, name: str, value: Any) -> None:
 def check_mapping(section: str, value: Any) -> None:
     """Accept a mapping of fields (what YAML gives for a section)."""
     if not isinstance(value, dict):
-        raise RecipeError(f"the {section} section must be a mapping; got {value!r} ({type(value).__name__}).")
+        raise RecipeError(f"the {section} section must be a mapping; got {_describe(value)}.")
 
 
 def _plain(value: Any) -> Any:
@@ -139,6 +139,7 @@ class Registry(Mapping[str, type]):
         return file
 
     def names(self) -> tuple[str, ...]:
+        """Every registered name, in registration order."""
         return tuple(self._configs)
 
     def __getitem__(self, name: str) -> type:
