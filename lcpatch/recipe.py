@@ -6,15 +6,15 @@ import dataclasses
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
-from .attention import AttentionMethod, Dense, attention_from_dict, attention_to_dict
+from .attention import ATTENTION_METHODS, AttentionMethod, Dense
 from .errors import RecipeError
-from .fields import check_bool, check_choice, check_int, check_keys
-from .rope import NoScaling, RopeScaling, rope_from_dict, rope_to_dict
-from .training import TrainingMethod, training_from_dict, training_to_dict
+from .fields import SectionConfig, check_bool, check_choice, check_int, check_keys
+from .rope import ROPE_SCALINGS, NoScaling, RopeScaling
+from .training import TRAINING_METHODS, TrainingMethod
 
 # `static` is the fast path without CUDA graph capture: same static-shape cache and step, run eagerly
 # (CPU tests, debugging a failing capture).
@@ -22,9 +22,11 @@ DECODE_MODES = ("auto", "eager", "graph", "static")
 
 
 @dataclass(frozen=True)
-class GenerationOptions:
+class GenerationOptions(SectionConfig):
     """How `generate()` feeds long prompts (`prefill_chunk` tokens per forward pass, a progress bar
     with `progress`) and how it decodes (`decode`, see `lcpatch.decode`)."""
+
+    section: ClassVar[str] = "generation"
 
     prefill_chunk: int = 4096
     decode: str = "auto"
@@ -70,28 +72,21 @@ class Recipe:
         if not isinstance(data, dict):
             raise RecipeError(f"a recipe must be a mapping of sections; got {type(data).__name__}.")
         check_keys("recipe", data, SECTIONS)
-        generation = data.get("generation") or {}
-        if not isinstance(generation, dict):
-            raise RecipeError(f"the generation section must be a mapping; got {generation!r}.")
-        check_keys("generation", generation, tuple(f.name for f in dataclasses.fields(GenerationOptions)))
         training = data.get("training")
         return cls(
-            attention=attention_from_dict(data.get("attention") or {}),
-            generation=GenerationOptions(**generation),
+            attention=ATTENTION_METHODS.from_dict(data.get("attention") or {}),
+            generation=GenerationOptions.from_dict(data.get("generation") or {}),
             name=data.get("name"),
-            rope=rope_from_dict(data.get("rope") or {}),
-            training=training_from_dict(training) if training is not None else None,
+            rope=ROPE_SCALINGS.from_dict(data.get("rope") or {}),
+            training=TRAINING_METHODS.from_dict(training) if training is not None else None,
         )
 
     def to_dict(self) -> dict:
-        out: dict[str, Any] = {}
-        if self.name is not None:
-            out["name"] = self.name
-        out["attention"] = attention_to_dict(self.attention)
-        out["rope"] = rope_to_dict(self.rope)
-        out["generation"] = dataclasses.asdict(self.generation)
-        if self.training is not None:
-            out["training"] = training_to_dict(self.training)
+        out: dict[str, Any] = {} if self.name is None else {"name": self.name}
+        for section in ("attention", "rope", "generation", "training"):
+            config = getattr(self, section)
+            if config is not None:  # only training is optional
+                out[section] = config.to_dict()
         return out
 
     @classmethod

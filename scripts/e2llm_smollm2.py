@@ -31,8 +31,8 @@ from lcpatch.eval.perplexity import perplexity_by_position
 from lcpatch.models.structure import training_length
 from lcpatch.plotting import MISSING, pyplot
 from lcpatch.rope import E2LLM
-from lcpatch.train import run
 from lcpatch.training import CausalLMTraining, E2LLMTraining
+from lcpatch.training.runner import run
 
 
 def model_folder(args) -> Path:

@@ -5,7 +5,7 @@ books, one book held out. It is then continued three ways for the same number of
 plain, linear position interpolation at g = 8 (PI), and E2-LLM with g_max = 8. Perplexity on the
 held-out book is measured in windows of 256, 512, 1024 and 2048 bytes, each model with its own
 positions: plain g = 1, PI g = 8, E2-LLM g = ceil(n / 256) (its recipe's `factor: auto`). All
-training goes through `lcpatch.train.run`, all loading through `lcpatch.from_pretrained`.
+training goes through `lcpatch.training.runner.run`, all loading through `lcpatch.from_pretrained`.
 
     python scripts/e2llm_tiny.py --data ../shared/data/gutenberg --out results/e2llm-tiny \
         [--fixture tests/fixtures/tiny-e2llm] [--eval-only]
@@ -32,8 +32,8 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 import lcpatch
 from lcpatch.plotting import MISSING, pyplot
 from lcpatch.rope import E2LLM, Linear, NoScaling
-from lcpatch.train import run
 from lcpatch.training import CausalLMTraining, E2LLMTraining
+from lcpatch.training.runner import run
 
 L = 256
 LENGTHS = (256, 512, 1024, 2048)

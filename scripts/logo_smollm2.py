@@ -29,9 +29,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 import lcpatch
 from lcpatch.data.logo import build_logo_rows, write_rows
 from lcpatch.eval.perplexity import perplexity_by_position
-from lcpatch.train import run
 from lcpatch.training import LOGOTraining
 from lcpatch.training.logo import LOGOCollator, answer_log_probs, tokenize_logo_row
+from lcpatch.training.runner import run
 
 # --tiny: sizes for a CPU smoke run of every step.
 TINY = dict(

@@ -40,8 +40,8 @@ from lcpatch.data import generate_batched
 from lcpatch.data.longpo import PairOptions, build_pairs, prompt_ids
 from lcpatch.eval.perplexity import perplexity_by_position
 from lcpatch.recipe import load_recipe
-from lcpatch.train import run
 from lcpatch.training.longpo import LongPOTrainer
+from lcpatch.training.runner import run
 
 # GPU sizes (about 8 minutes on one H100) and the tiny CPU smoke sizes.
 SIZES = {
@@ -194,7 +194,7 @@ def main() -> None:
         perplexity["start (recipe)"] = perplexity_by_position(model, eval_ids, bucket=sizes["bucket"], desc="start")
     del model
 
-    # 3. LongPO LoRA through lcpatch.train (what `lcpatch train longpo` runs)
+    # 3. LongPO LoRA through lcpatch.training.runner.run (what `lcpatch train longpo` runs)
     steps = math.ceil(len(train_pairs) / args.gradient_accumulation)
     training = dataclasses.replace(
         recipe.training,

@@ -23,9 +23,9 @@ from test_longpo import pair_rows, trainer_for
 
 import lcpatch
 from lcpatch.errors import LcpatchError
-from lcpatch.train import ACCELERATE_CONFIGS, accelerate_config
 from lcpatch.training import e2llm, sequence_parallel
 from lcpatch.training.logo import LOGOCollator
+from lcpatch.training.runner import ACCELERATE_CONFIGS, accelerate_config
 
 from tiny_models import random_ids, tiny_model, tiny_tokenizer
 
@@ -102,7 +102,7 @@ def test_sharding_keeps_positions_global_and_shifts_labels_before_cutting():
 def test_under_deepspeed_ulysses_batches_fit_its_loader_and_longpo_refuses(tmp_path, monkeypatch):
     """accelerate launch exports the parallelism config; DeepSpeed's loader needs position_ids and rows it can
     cut evenly, and the E2-LLM draw is shared by the SP group (seeded per data-parallel rank)."""
-    from lcpatch.train import _next_token_batch
+    from lcpatch.training.causal_lm import _next_token_batch
 
     monkeypatch.setenv("PARALLELISM_CONFIG_SP_SIZE", "2")
     assert sequence_parallel.uses_deepspeed() and sequence_parallel.configured_size() == 2

@@ -269,20 +269,15 @@ def test_trl_sft_trainer_packed_with_callback(tmp_path):
 
 
 def test_every_training_method_has_a_trainer_that_imports():
-    import importlib
-
-    from lcpatch.train import TRAINER_BUILDERS
     from lcpatch.training import TRAINING_METHODS
 
-    assert set(TRAINER_BUILDERS) == set(TRAINING_METHODS)
-    for target in TRAINER_BUILDERS.values():
-        module, name = target.split(":")
-        assert callable(getattr(importlib.import_module(module), name))
+    for name in TRAINING_METHODS.names():
+        assert callable(TRAINING_METHODS[name].trainer_builder())
 
 
 def test_training_run_checks_the_versions_of_the_libraries_it_uses():
-    from lcpatch.train import training_packages
     from lcpatch.training import TRAINING_METHODS
+    from lcpatch.training.runner import training_packages
 
     assert training_packages(TRAINING_METHODS["e2llm"]()) == ["accelerate", "peft"]
     assert training_packages(TRAINING_METHODS["e2llm"](lora=None)) == ["accelerate"]
@@ -294,7 +289,8 @@ def test_training_run_checks_the_versions_of_the_libraries_it_uses():
 def test_flags_override_the_recipe():
     import argparse
 
-    from lcpatch.train import add_arguments, with_overrides
+    from lcpatch.train import add_arguments
+    from lcpatch.training.runner import with_overrides
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

@@ -18,10 +18,10 @@ from lcpatch.cli import main as cli_main
 from lcpatch.data.logo import bm25_scores, build_logo_rows, read_rows
 from lcpatch.errors import LcpatchError
 from lcpatch.recipe import load_recipe
-from lcpatch.train import run, with_overrides
 from lcpatch.training import LOGOTraining
 from lcpatch.training.logo import LOGOCollator, LOGOConfig, LOGOTrainer, answer_log_probs
 from lcpatch.training.positions import covering_offsets, synthesize_positions
+from lcpatch.training.runner import run, with_overrides
 
 from tiny_models import VOCAB, random_ids, tiny_model, tiny_tokenizer
 

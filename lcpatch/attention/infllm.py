@@ -12,10 +12,9 @@ from the paper) is written out in `infllm_reference.py`.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import ClassVar
 
 from ..errors import RecipeError
-from ..fields import AUTO, check_choice, check_int
+from ..fields import ATTENTION_METHODS, AUTO, SectionConfig, check_choice, check_int
 
 OFFLOADS = ("auto", "gpu", "cpu")
 BACKENDS = ("auto", "torch", "triton")
@@ -43,8 +42,9 @@ class InfLLMSpec:
         return self.n_local + self.block_size + self.exc_block_size - 1
 
 
+@ATTENTION_METHODS.register("infllm")
 @dataclass(frozen=True)
-class InfLLM:
+class InfLLM(SectionConfig):
     """InfLLM block memory. `auto` values derive from the model's training length T:
 
     n_local = min(4096, T // 2); n_init = block_size = n_local / 32, exc_block_size = n_local / 8
@@ -52,7 +52,6 @@ class InfLLM:
     chunk_size = 16 x exc_block_size. For T = 8192 this is the published configuration.
     """
 
-    method: ClassVar[str] = "infllm"
     n_init: int | str = AUTO
     n_local: int | str = AUTO
     block_size: int | str = AUTO

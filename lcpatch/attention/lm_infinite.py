@@ -18,12 +18,11 @@ lets the kernels fuse them into the same pass as the in-window pairs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
 from ..errors import RecipeError
-from ..fields import AUTO, check_choice, check_int
+from ..fields import ATTENTION_METHODS, AUTO, SectionConfig, check_choice, check_int
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -64,14 +63,14 @@ def _check_backend(section: str, backend: str) -> None:
     check_choice(section, "backend", backend, BACKENDS)
 
 
+@ATTENTION_METHODS.register("lm-infinite")
 @dataclass(frozen=True)
-class LMInfinite:
+class LMInfinite(SectionConfig):
     """LM-Infinite (Han et al., 2023): Λ-shaped attention with a relative-distance cap.
 
     `window` defaults to the model's pretraining length and `max_distance` to `window`.
     """
 
-    method: ClassVar[str] = "lm-infinite"
     n_global: int = 10
     window: int | str = AUTO
     max_distance: int | str = AUTO
@@ -103,15 +102,15 @@ class LMInfinite:
         return LambdaAttention(structure, self)
 
 
+@ATTENTION_METHODS.register("streaming-llm")
 @dataclass(frozen=True)
-class StreamingLLM:
+class StreamingLLM(SectionConfig):
     """StreamingLLM (Xiao et al., 2023): attention sinks + recent window, positions re-assigned in cache.
 
     `window` defaults to the pretraining length minus `n_global`, so that every in-cache
     position stays inside the trained range.
     """
 
-    method: ClassVar[str] = "streaming-llm"
     n_global: int = 4
     window: int | str = AUTO
     # Accepted so that one recipe shape serves both Λ methods; only `auto` is meaningful, since

@@ -25,18 +25,18 @@ import torch
 
 from ..attention.rotary import Rotary
 from ..errors import LcpatchError
-from ..fields import AUTO, check_number
+from ..fields import AUTO, ROPE_SCALINGS, SectionConfig, check_number
 from ..models.structure import ModelStructure, unwrap
 from ..patching import PatchLog
 
 _POSITIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+@ROPE_SCALINGS.register("e2llm")
 @dataclass(frozen=True)
-class E2LLM:
+class E2LLM(SectionConfig):
     """E2-LLM inference: `factor` is the scale g (a number >= 1), or auto = ceil(input length / training length)."""
 
-    scaling: ClassVar[str] = "e2llm"
     length_dependent: ClassVar[bool] = False
 
     factor: float | str = AUTO

@@ -14,16 +14,16 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..errors import RecipeError, UnsupportedModelError
-from ..fields import AUTO, check_int, check_number
+from ..fields import AUTO, ROPE_SCALINGS, SectionConfig, check_int, check_number
 from ..models.structure import ModelStructure, find_structure
 from ..patching import PatchLog
 
 
+@ROPE_SCALINGS.register("none")
 @dataclass(frozen=True)
-class NoScaling:
+class NoScaling(SectionConfig):
     """The model's own RoPE, untouched."""
 
-    scaling: ClassVar[str] = "none"
     length_dependent: ClassVar[bool] = False
 
     def resolve(self, training_length: int) -> NoScaling:
@@ -34,10 +34,10 @@ class NoScaling:
 
 
 @dataclass(frozen=True)
-class RebuiltRotary:
+class RebuiltRotary(SectionConfig):
     """A scaling whose tables come from the model's rotary class rebuilt with new `rope_parameters`."""
 
-    scaling: ClassVar[str]
+    scaling: ClassVar[str]  # given by ROPE_SCALINGS.register
     # dynamic and longrope pick their frequencies from each input's length inside the rotary module;
     # Λ attention rotates keys itself with tables read once at apply, so it cannot follow them.
     length_dependent: ClassVar[bool] = False
@@ -55,12 +55,12 @@ class RebuiltRotary:
         return find_structure(structure.model)  # re-read (and re-check) the tables Λ attention rotates with
 
 
+@ROPE_SCALINGS.register("base")
 @dataclass(frozen=True)
 class Base(RebuiltRotary):
     """A new RoPE base θ, the model's rope type kept: every frequency θ^(-2i/d) recomputed ("adjusted base
     frequency", Xiong et al., 2023; LongPO raises θ at each context-extension stage)."""
 
-    scaling: ClassVar[str] = "base"
     keeps_rope_type: ClassVar[bool] = True
 
     theta: float | None = None
@@ -102,26 +102,25 @@ class FactorScaling(RebuiltRotary):
         return {"rope_type": self.scaling, "factor": float(self.factor)}
 
 
+@ROPE_SCALINGS.register("linear")
 @dataclass(frozen=True)
 class Linear(FactorScaling):
     """Position interpolation (Chen et al., 2023): every frequency divided by `factor`."""
 
-    scaling: ClassVar[str] = "linear"
 
-
+@ROPE_SCALINGS.register("dynamic")
 @dataclass(frozen=True)
 class Dynamic(FactorScaling):
     """Dynamic NTK: the RoPE base grows with the input length past the training length."""
 
-    scaling: ClassVar[str] = "dynamic"
     length_dependent: ClassVar[bool] = True
 
 
+@ROPE_SCALINGS.register("yarn")
 @dataclass(frozen=True)
 class Yarn(FactorScaling):
     """YaRN (Peng et al., 2023): per-frequency interpolation ramp between beta_slow and beta_fast, plus mscale."""
 
-    scaling: ClassVar[str] = "yarn"
     beta_fast: float = 32.0
     beta_slow: float = 1.0
     attention_factor: float | None = None  # None: transformers' default 0.1·ln(factor) + 1
@@ -150,11 +149,11 @@ class Yarn(FactorScaling):
         return params
 
 
+@ROPE_SCALINGS.register("llama3")
 @dataclass(frozen=True)
 class Llama3(FactorScaling):
     """Llama 3.1's scaling: low frequencies divided by `factor`, high ones kept, a smooth ramp between."""
 
-    scaling: ClassVar[str] = "llama3"
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
 
@@ -177,12 +176,12 @@ class Llama3(FactorScaling):
         }
 
 
+@ROPE_SCALINGS.register("longrope")
 @dataclass(frozen=True)
 class LongRope(FactorScaling):
     """LongRoPE (Ding et al., 2024): one rescale factor per frequency, `short_factor` within the training
     length and `long_factor` past it; `factor` sets the default attention factor."""
 
-    scaling: ClassVar[str] = "longrope"
     length_dependent: ClassVar[bool] = True
     short_factor: tuple[float, ...] | None = None
     long_factor: tuple[float, ...] | None = None

@@ -27,7 +27,8 @@ from ..api import patched_recipe
 from ..data.logo import encode_prompt, read_rows, split_chunks
 from ..errors import LcpatchError
 from ..fields import AUTO
-from . import LOGOTraining, sequence_parallel
+from . import sequence_parallel
+from .config import LOGOTraining
 from .positions import covering_offsets, synthesize_positions
 
 

@@ -27,7 +27,8 @@ from ..data.longpo import build_pairs, load_pairs, prompt_ids  # build_pairs: th
 from ..errors import RecipeError
 from ..models.structure import training_length, unwrap
 from ..recipe import Recipe
-from . import LongPOStage, LongPOTraining, sequence_parallel
+from . import sequence_parallel
+from .config import LongPOStage, LongPOTraining
 
 logger = logging.getLogger(__name__)
 
