@@ -94,7 +94,7 @@ class Prefill:
     def __init__(self, n: int):
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-        from ..kernels import lambda_attention
+        from ..kernels.dispatch import lambda_attention
 
         self.n = n
         gen = torch.Generator(device="cuda").manual_seed(0)
@@ -195,7 +195,7 @@ def cache_layout(seen: int, new: int = 1):
 
 
 def run_decode(contexts: list[int], methods: list[str] | None = None) -> list[dict]:
-    from ..kernels import lambda_attention
+    from ..kernels.dispatch import lambda_attention
 
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -278,7 +278,7 @@ def run_sweep(n: int) -> list[dict]:
     del case
     torch.cuda.empty_cache()
 
-    from ..kernels import lambda_attention
+    from ..kernels.dispatch import lambda_attention
 
     q_pos, k_pos, valid = cache_layout(32768)
     gen = torch.Generator(device="cuda").manual_seed(0)
