@@ -24,7 +24,7 @@ from .utils import LOG2E, dot_precision, interpreting, sm_count, tanh
 
 # Rows = query heads per KV head x new tokens; more than this goes to the prefill kernel.
 DECODE_MAX_ROWS = 64
-# (BLOCK_N, num_warps, num_stages, programs per SM), measured on an H100 (bench_attention --sweep).
+# (BLOCK_N, num_warps, num_stages, programs per SM), measured on an H100 (`lcpatch bench attention --sweep`).
 DECODE_CONFIG = (64, 4, 3, 4)
 
 

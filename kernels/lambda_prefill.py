@@ -978,7 +978,7 @@ def _lambda_bwd_kv(
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, head dim and float32-or-not; measured on an
-# H100 with `python -m lcpatch.bench_attention --sweep`. Fixed rather than autotuned: a new prompt
+# H100 with `lcpatch bench attention --sweep`. Fixed rather than autotuned: a new prompt
 # length never stalls on tuning, and each variant compiles once.
 GPU_CONFIGS: dict[tuple[str, int, bool], tuple[int, int, int, int]] = {
     ("fwd", 64, False): (128, 64, 4, 3),

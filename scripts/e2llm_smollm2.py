@@ -27,9 +27,9 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import lcpatch
+from lcpatch.cli.common import MISSING, pyplot
 from lcpatch.eval.perplexity import perplexity_by_position
 from lcpatch.models.structure import training_length
-from lcpatch.plotting import MISSING, pyplot
 from lcpatch.rope import E2LLM
 from lcpatch.training import CausalLMTraining, E2LLMTraining
 from lcpatch.training.runner import run
@@ -38,7 +38,7 @@ from lcpatch.training.runner import run
 def model_folder(args) -> Path:
     if args.model:
         return args.model
-    from lcpatch import smollm2
+    from lcpatch.demo import smollm2
 
     cache = args.work / "cache"
     smollm2.load_smollm2(cache_dir=cache, gguf_path=args.gguf)  # converts once, keeps a plain transformers copy

@@ -30,7 +30,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 import lcpatch
-from lcpatch.plotting import MISSING, pyplot
+from lcpatch.cli.common import MISSING, pyplot
 from lcpatch.rope import E2LLM, Linear, NoScaling
 from lcpatch.training import CausalLMTraining, E2LLMTraining
 from lcpatch.training.runner import run

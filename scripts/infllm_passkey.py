@@ -28,8 +28,8 @@ import torch
 import transformers
 
 import lcpatch
+from lcpatch.demo.smollm2 import load_smollm2, model_facts
 from lcpatch.eval.passkey import passkey_accuracy, training_example
-from lcpatch.smollm2 import load_smollm2, model_facts
 
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 VANILLA = "vanilla"

@@ -73,7 +73,7 @@ def base_model(args) -> Path:
         return folder
     if args.model:
         return args.model
-    from lcpatch import smollm2
+    from lcpatch.demo import smollm2
 
     cache = args.work / "cache"
     smollm2.load_smollm2(cache_dir=cache, gguf_path=args.gguf)  # converts once, keeps a plain transformers copy

@@ -33,9 +33,9 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaForCausalLM
 
 import lcpatch
-from lcpatch.bench_cost import preset_config
+from lcpatch.bench.presets import preset_config
 
-# Shapes from lcpatch.bench_cost.PRESETS (random weights: memory and speed depend on the shape only).
+# Shapes from lcpatch.bench.presets.PRESETS (random weights: memory and speed depend on the shape only).
 SHAPES = ("smollm2-135m", "llama3.2-1b")
 SETTINGS = {
     "baseline": dict(recipe=None, checkpointing=False),

@@ -55,7 +55,7 @@ SIZES = {
 def model_folder(args) -> Path:
     """The model the run starts from: a converted SmolLM2 folder, or (--tiny) a random 2-layer Llama with its tokenizer."""
     if args.gguf:
-        from lcpatch import smollm2
+        from lcpatch.demo import smollm2
 
         smollm2.load_smollm2(cache_dir=args.work / "cache", gguf_path=args.gguf)
         folder = args.work / "cache" / smollm2.CACHE_NAME

@@ -7,7 +7,9 @@ import json
 import pytest
 import torch
 
-from lcpatch import bench_cost
+from lcpatch.bench import cost as bench_cost
+from lcpatch.bench import presets
+from lcpatch.bench.timing import Clock
 from lcpatch.cli import main
 
 from tiny_models import VOCAB, tiny_model
@@ -45,7 +47,7 @@ def test_clock_counts_one_time_per_generated_token():
     model = tiny_model()
     ids = torch.randint(3, VOCAB, (2, 20))
     cell = bench_cost.measure(model, "vanilla", ids, new_tokens=5)
-    clock = bench_cost.Clock(ids.device)
+    clock = Clock(ids.device)
     model.generate(ids, max_new_tokens=6, min_new_tokens=6, logits_processor=[clock], do_sample=False, pad_token_id=0)
     assert len(clock.times) == 6 and clock.times == sorted(clock.times)
     assert cell["decode_tokens_per_s"] > 0
@@ -73,11 +75,11 @@ def test_out_of_memory_is_recorded_and_longer_lengths_skipped(model_dir, tmp_pat
 def test_presets_are_the_public_shapes():
     from transformers import AutoConfig
 
-    settings = dict(bench_cost.PRESETS["llama3-8b"])
+    settings = dict(presets.PRESETS["llama3-8b"])
     config = AutoConfig.for_model(settings.pop("model_type"), **settings)
     head_dim = config.hidden_size // config.num_attention_heads
     assert (config.num_hidden_layers, config.num_key_value_heads, head_dim) == (32, 8, 128)
-    model, described, weights = bench_cost.load_model("smollm2-135m", 1, torch.device("cpu"), torch.float32)
+    model, described, weights = presets.load_model("smollm2-135m", 1, torch.device("cpu"), torch.float32)
     assert model.config.num_hidden_layers == 1 and "first 1 layers" in described
     assert weights == sum(p.numel() for p in model.parameters()) * 4
 

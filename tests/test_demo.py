@@ -8,29 +8,22 @@ import re
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import lcpatch
-from lcpatch import demo, smollm2
 from lcpatch.cli import main as cli_main
+from lcpatch.demo import run as demo
+from lcpatch.demo import smollm2
 from lcpatch.eval.perplexity import bucket_perplexity, perplexity_by_position, token_nll
+
+from tiny_models import tiny_model
 
 VOCAB = 97
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        tie_word_embeddings=True,
+def tiny_llama(seed: int = 0):
+    return tiny_model(
+        seed=seed, vocab_size=VOCAB, intermediate_size=128, max_position_embeddings=32, tie_word_embeddings=True
     )
-    return LlamaForCausalLM(config).eval()
 
 
 def full_forward_nll(model, ids: torch.Tensor) -> torch.Tensor:

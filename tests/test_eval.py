@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from lcpatch.cli import main
+from lcpatch.cli.common import parse_lengths
 from lcpatch.errors import LcpatchError, RecipeError
 from lcpatch.eval import run as eval_run
 
@@ -131,10 +132,10 @@ def test_scorers():
 
 
 def test_parse_lengths_and_depths():
-    assert eval_run.parse_lengths("1k, 2k,512,1.5k,1m") == [1024, 2048, 512, 1536, 1024**2]
+    assert parse_lengths("1k, 2k,512,1.5k,1m") == [1024, 2048, 512, 1536, 1024**2]
     for bad in ("", "1x", "0", "-1k", "1.3", "1k,1024"):
         with pytest.raises(LcpatchError, match="--lengths"):
-            eval_run.parse_lengths(bad)
+            parse_lengths(bad)
     assert eval_run.parse_depths("0,0.5,1") == [0.0, 0.5, 1.0]
     for bad in ("1.5", "x", "0,0"):
         with pytest.raises(LcpatchError, match="--depths"):

@@ -1,66 +1,15 @@
-"""Tiny random models of every supported family, built from configs (no downloads)."""
+"""Tiny random models of every supported family (lcpatch.bench.presets builds them from configs: no downloads),
+their prompts and tokenizer."""
 
 from __future__ import annotations
 
 import torch
-from transformers import (
-    Gemma3ForCausalLM,
-    Gemma3TextConfig,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Phi3Config,
-    Phi3ForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
 
-VOCAB = 96
-COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    # Peaked logits, so greedy decoding is not decided by float noise.
-    initializer_range=0.15,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+from lcpatch.bench.presets import FAMILIES, TINY, tiny_model
 
-FAMILIES = {
-    "llama": (LlamaConfig, LlamaForCausalLM, {}),
-    # Mistral's default 4096-token sliding window is wider than any test window: Λ applies.
-    "mistral": (MistralConfig, MistralForCausalLM, {}),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
-    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 16}),
-    # Partial rotary: only half of each head is rotated.
-    "phi3": (Phi3Config, Phi3ForCausalLM, {"partial_rotary_factor": 0.5}),
-    # One local (sliding, own RoPE base) and one global layer.
-    "gemma3": (
-        Gemma3TextConfig,
-        Gemma3ForCausalLM,
-        {
-            "head_dim": 16,
-            "sliding_window": 8,
-            "layer_types": ["sliding_attention", "full_attention"],
-            "query_pre_attn_scalar": 16,
-        },
-    ),
-}
+__all__ = ["FAMILIES", "VOCAB", "CollectStreamer", "random_ids", "tiny_model", "tiny_tokenizer"]
 
-
-def tiny_model(family: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
-    config_cls, model_cls, extra = FAMILIES[family]
-    config = config_cls(**{**COMMON, **extra, **overrides})
-    torch.manual_seed(seed)
-    return model_cls(config).to(dtype).eval()
+VOCAB = TINY["vocab_size"]
 
 
 def random_ids(length: int, batch: int = 1, seed: int = 0) -> torch.Tensor:

@@ -44,11 +44,19 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..cli.common import (
+    MISSING,
+    VANILLA,
+    format_table,
+    parse_lengths,
+    parse_recipes,
+    pyplot,
+    resolve_device,
+    resolve_dtype,
+)
 from ..data import load_texts
 from ..data.documents import local_files
-from ..demo import VANILLA, format_table, parse_recipes, resolve_device, resolve_dtype
 from ..errors import LcpatchError, run_reporting_errors
-from ..plotting import MISSING, pyplot
 from .passkey import random_key
 from .perplexity import perplexity_by_position
 
@@ -75,20 +83,6 @@ MAX_NEW_TOKENS = {"passkey": 8, "needle": 8}
 
 
 # --- arguments --------------------------------------------------------------------------------------------
-
-
-def parse_lengths(spec: str) -> list[int]:
-    """'1k,2k,512' -> [1024, 2048, 512]; k = 1024, m = 1024²; each a positive integer."""
-    lengths = []
-    for part in (p.strip() for p in spec.split(",")):
-        match = re.fullmatch(r"(\d+(?:\.\d+)?)([kKmM]?)", part)
-        value = float(match.group(1)) * {"": 1, "k": 1024, "m": 1024**2}[match.group(2).lower()] if match else 0
-        if not match or value < 1 or value != int(value):
-            raise LcpatchError(f"--lengths: {part!r} is not a length; give e.g. '1k,2k,4096' (k = 1024 tokens).")
-        lengths.append(int(value))
-    if len(set(lengths)) != len(lengths):
-        raise LcpatchError(f"--lengths names a length twice: {spec!r}.")
-    return lengths
 
 
 def parse_depths(spec: str) -> list[float]:
@@ -335,7 +329,7 @@ def save_results(results: dict, out: Path) -> None:
 def load_model(name: str, device: torch.device, dtype: torch.dtype, gguf: Path | None):
     """(model in eval mode, tokenizer) from a local folder or the SmolLM2 GGUF loader."""
     if name == SMOLLM2:
-        from .. import smollm2
+        from ..demo import smollm2
 
         return smollm2.load_smollm2(dtype=dtype, device=device, gguf_path=gguf)
     from transformers import AutoModelForCausalLM, AutoTokenizer

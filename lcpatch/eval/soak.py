@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -22,28 +21,9 @@ from tqdm import tqdm
 
 import lcpatch
 from lcpatch._compat import CACHE_ARG
-
-
-def resident_mib() -> float:
-    """Resident set size of this process, from /proc (Linux)."""
-    pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return pages * 4096 / 2**20
-
-
-def tiny_llama(layers: int = 2, hidden: int = 64, context: int = 256):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=context,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
+from lcpatch.bench.presets import tiny_model
+from lcpatch.bench.timing import resident_mib
+from lcpatch.cli.common import environment
 
 
 @torch.no_grad()
@@ -86,8 +66,7 @@ def soak(
         "rss_growth_after_warmup_mib": round(series[-1]["rss_mib"] - warm, 1),
         "max_cache_positions": max(s["cache_positions"] for s in series),
         "seen_tokens": cache.get_seq_length(),
-        "machine": platform.platform(),
-        "torch": torch.__version__,
+        "environment": environment(device),
         "series": series,
     }
 
@@ -99,7 +78,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk", type=int, default=1, help="tokens per forward (1: sampled decode)")
     parser.add_argument("--out", type=Path, default=Path("soak.json"))
     args = parser.parse_args(argv)
-    result = soak(tiny_llama(), args.tokens, args.recipe, args.chunk)
+    # 256 positions: the training length, which the recipes' windows default to.
+    model = tiny_model("llama", vocab_size=256, intermediate_size=128, max_position_embeddings=256)
+    result = soak(model, args.tokens, args.recipe, args.chunk)
     args.out.write_text(json.dumps(result, indent=1))
     print({k: v for k, v in result.items() if k not in ("series", "recipe")})
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .errors import LcpatchError
-from .models.structure import training_length
+from ..errors import LcpatchError
+from ..models.structure import training_length
 
 logger = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """Decode speed of `generate()` after long prompts: lcpatch's fast path next to transformers' own.
 
-    python -m lcpatch.bench_decode --out DIR                  # Llama-3-8B shape, random weights, bf16, CUDA
-    python -m lcpatch.bench_decode --out DIR --layers 4 --lengths 4k,32k --batch 1     # a quick look
-    python -m lcpatch.bench_decode --out DIR --tiny           # a toy model on the CPU: checks the script
+    python -m lcpatch.bench.decode --out DIR                  # Llama-3-8B shape, random weights, bf16, CUDA
+    python -m lcpatch.bench.decode --out DIR --layers 4 --lengths 4k,32k --batch 1     # a quick look
+    python -m lcpatch.bench.decode --out DIR --tiny           # a toy model on the CPU: checks the script
 
 Methods, each a plain greedy `model.generate()` of 1 + --new-tokens tokens on random prompt ids:
 - vanilla: transformers' DynamicCache and SDPA; skipped where its KV cache would not fit in device memory;
@@ -29,11 +29,12 @@ from pathlib import Path
 
 import torch
 
-from .bench_cost import PRESETS, environment, length_label, load_model, measure, parse_batches, report
-from .demo import resolve_device, resolve_dtype
-from .errors import LcpatchError, run_reporting_errors
-from .eval.run import parse_lengths
-from .recipe import load_recipe
+from ..cli.common import DTYPES, length_label, parse_batches, parse_lengths, resolve_device, resolve_dtype
+from ..errors import LcpatchError, run_reporting_errors
+from ..recipe import load_recipe
+from .presets import PRESETS, load_model
+from .report import report, run_environment
+from .timing import measure
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tiny", action="store_true", help=f"a toy model on the CPU: checks the script; defaults {TINY_DEFAULTS}"
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -150,7 +151,7 @@ def run(args: argparse.Namespace) -> dict:
     model, described, weights = load_model("tiny" if args.tiny else args.model, args.layers, device, dtype)
     result = {
         "schema": 1,
-        "environment": environment(device, dtype, described, weights),
+        "environment": run_environment(device, dtype, described, weights),
         "args": {
             "lengths": lengths,
             "batch": batches,

@@ -1,8 +1,8 @@
 """Benchmark Λ attention on a CUDA GPU: lcpatch's Triton kernels next to dense causal SDPA,
 FlexAttention with the same Λ mask, and SDPA with an explicit boolean Λ mask.
 
-    python -m lcpatch.bench_attention --out bench/            # prefill 16k/64k/128k + decode
-    python -m lcpatch.bench_attention --out bench/ --sweep    # also time kernel block configs
+    python -m lcpatch.bench.attention --out bench/            # prefill 16k/64k/128k + decode
+    python -m lcpatch.bench.attention --out bench/ --sweep    # also time kernel block configs
 
 Prefill: B=1, 32 query heads, 8 KV heads, D=128, n_global=4, window=4096, bf16 (forward, and
 forward + backward). Decode: batch 8, one new token; lcpatch reads its bounded cache
@@ -18,10 +18,8 @@ and DIR/attention.png (when matplotlib is installed).
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib
 import json
-import platform
 import sys
 import traceback
 from pathlib import Path
@@ -29,9 +27,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .attention.lm_infinite import LambdaSpec
-from .attention.rotary import Rotary
-from .plotting import MISSING, pyplot
+from ..attention.lm_infinite import LambdaSpec
+from ..attention.rotary import Rotary
+from ..cli.common import MISSING, environment, pyplot
 
 BATCH, Q_HEADS, KV_HEADS, DIM = 1, 32, 8, 128
 N_GLOBAL, WINDOW = 4, 4096
@@ -96,7 +94,7 @@ class Prefill:
     def __init__(self, n: int):
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-        from .kernels import lambda_attention
+        from ..kernels.dispatch import lambda_attention
 
         self.n = n
         gen = torch.Generator(device="cuda").manual_seed(0)
@@ -197,7 +195,7 @@ def cache_layout(seen: int, new: int = 1):
 
 
 def run_decode(contexts: list[int], methods: list[str] | None = None) -> list[dict]:
-    from .kernels import lambda_attention
+    from ..kernels.dispatch import lambda_attention
 
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -280,7 +278,7 @@ def run_sweep(n: int) -> list[dict]:
     del case
     torch.cuda.empty_cache()
 
-    from .kernels import lambda_attention
+    from ..kernels.dispatch import lambda_attention
 
     q_pos, k_pos, valid = cache_layout(32768)
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -329,9 +327,9 @@ def _ms(rows, **match) -> float | None:
 
 
 def markdown(result: dict) -> str:
+    env = result["environment"]
     lines = [
-        f"Device: {result['device']}; torch {result['torch']}, triton {result['triton']}; {result['dtype']}; "
-        f"{result['date']}",
+        f"Device: {env['device']}; torch {env['torch']}, triton {env['triton']}; {env['dtype']}; {env['date']}",
         "",
     ]
     prefill = result["prefill"]
@@ -394,14 +392,14 @@ def plot(result: dict, path: Path) -> bool:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
     ax.set(xscale="log", yscale="log", xlabel="context tokens", ylabel="ms", title=f"decode, batch {DECODE_BATCH}")
     ax.legend(fontsize=8)
-    fig.suptitle(f"{result['device']}, {result['dtype']}")
+    fig.suptitle(f"{result['environment']['device']}, {result['environment']['dtype']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return True
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lcpatch.bench_attention", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="lcpatch bench attention", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for attention.json and attention.png")
     parser.add_argument("--lengths", type=int, nargs="+", default=[16384, 65536, 131072])
     parser.add_argument(
@@ -422,21 +420,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print(
-            "lcpatch.bench_attention needs a CUDA GPU (the Triton kernels and the baselines it times run "
+            "lcpatch bench attention needs a CUDA GPU (the Triton kernels and the baselines it times run "
             "there); no CUDA device is visible here.",
             file=sys.stderr,
         )
         return 2
-    import triton
-
     result = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "dtype": str(DTYPE).removeprefix("torch."),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "environment": environment() | {"cuda": torch.version.cuda, "dtype": str(DTYPE).removeprefix("torch.")},
         "shapes": {
             "prefill": {
                 "batch": BATCH,

@@ -6,12 +6,15 @@ import argparse
 import importlib
 import sys
 
-from . import demo, train
-from .errors import run_reporting_errors
-from .eval import run as eval_run
+from ..errors import run_reporting_errors
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Imported here, not above: the commands import lcpatch.cli.common, which must not pull in every command.
+    from .. import train
+    from ..demo import run as demo
+    from ..eval import run as eval_run
+
     parser = argparse.ArgumentParser(prog="lcpatch", description="Long context for Hugging Face causal LMs.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     jobs = (
@@ -50,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         "--out DIR` compares generate() decode speed and memory of vanilla HF, HF static cache + torch.compile, "
         "lcpatch eager and lcpatch's fast (CUDA graph) path",
     )
-    bench_parser.add_argument("what", choices=list(BENCHMARKS))
+    bench_parser.add_argument("what", choices=BENCHMARKS)
     bench_parser.add_argument("options", nargs=argparse.REMAINDER, help="options of that benchmark (see its --help)")
     bench_parser.set_defaults(run=_bench)
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -60,18 +63,19 @@ def main(argv: list[str] | None = None) -> int:
     return args.run(args)
 
 
-BENCHMARKS = {"cost": "bench_cost", "attention": "bench_attention", "decode": "bench_decode"}
+# `lcpatch bench NAME`: the module lcpatch.bench.NAME, with main(argv).
+BENCHMARKS = ("cost", "attention", "decode")
 # `lcpatch data NAME`: the module lcpatch.data.NAME, with add_arguments(parser) and run_cli(args).
 DATA_BUILDERS = ("longpo", "logo")
 
 
 def _bench(args: argparse.Namespace) -> int:
-    module = importlib.import_module(f".{BENCHMARKS[args.what]}", __package__)
+    module = importlib.import_module(f"lcpatch.bench.{args.what}")
     return module.main(args.options)
 
 
 def _data(args: argparse.Namespace) -> int:
-    module = importlib.import_module(f".data.{args.builder}", __package__)
+    module = importlib.import_module(f"lcpatch.data.{args.builder}")
     parser = argparse.ArgumentParser(
         prog=f"lcpatch data {args.builder}",
         description=module.__doc__,
@@ -79,7 +83,3 @@ def _data(args: argparse.Namespace) -> int:
     )
     module.add_arguments(parser)
     return run_reporting_errors(module.run_cli, parser.parse_args(args.options))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """The main demo: perplexity by position on a long text, SmolLM2-135M-Instruct vanilla vs lcpatch recipes.
 
     lcpatch demo --text book.txt --max-length 16384 --bucket 2048 --recipes vanilla,lm-infinite
-    python -m lcpatch.demo ...
+    python -m lcpatch.demo.run ...
 
 SmolLM2 was trained at 8k tokens: unpatched, its perplexity explodes past 8k; a long-context
 recipe should keep it near its short-context level.
@@ -12,23 +12,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
-import transformers
 
-from . import __version__, smollm2
-from .api import patched, patched_recipe
-from .errors import LcpatchError, RecipeError, run_reporting_errors
-from .eval.perplexity import perplexity_by_position
-from .recipe import load_recipe
+from ..api import patched, patched_recipe
+from ..cli.common import DTYPES, VANILLA, environment, format_table, parse_recipes, resolve_device, resolve_dtype
+from ..errors import LcpatchError, run_reporting_errors
+from ..eval.perplexity import perplexity_by_position
+from . import smollm2
 
-VANILLA = "vanilla"
 BOOK = "melville-moby_dick.txt"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _GUTENBERG = Path("shared", "data", "gutenberg")
 
 logger = logging.getLogger(__name__)
@@ -69,7 +65,7 @@ def _positive(args: argparse.Namespace, name: str) -> int:
 
 def default_text() -> Path:
     """A Gutenberg book from the project's shared data, looked for next to the working and source folders."""
-    for root in (Path.cwd(), Path(__file__).resolve().parents[1]):
+    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
         candidate = root.parent / _GUTENBERG / BOOK
         if candidate.is_file():
             return candidate
@@ -77,41 +73,6 @@ def default_text() -> Path:
         f"no --text given and no {BOOK} found in ../{_GUTENBERG.as_posix()}. Pass --text with any long "
         "plain-text file, e.g. a book from Project Gutenberg (https://www.gutenberg.org, 'Plain Text UTF-8')."
     )
-
-
-def parse_recipes(spec: str) -> list[str]:
-    """The columns named by --recipes, each checked now so that a typo fails before the model loads."""
-    names = [name.strip() for name in spec.split(",") if name.strip()]
-    if not names:
-        raise LcpatchError(f"--recipes is empty; give e.g. '{VANILLA},lm-infinite'.")
-    for name in names:
-        if name == VANILLA:
-            continue
-        try:
-            load_recipe(name)
-        except RecipeError as exc:
-            raise RecipeError(f"--recipes: {exc} The demo also accepts '{VANILLA}' (the unpatched model).") from exc
-    if len(set(names)) != len(names):
-        raise LcpatchError(f"--recipes names a column twice: {spec!r}.")
-    return names
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as exc:
-        raise LcpatchError(f"--device {device!r} is not a device; accepted: auto, cpu, cuda, cuda:N.") from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise LcpatchError(f"--device {device!r} asks for CUDA, but torch sees no CUDA device here; use cpu or auto.")
-    return resolved
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[dtype]
 
 
 def read_tokens(tokenizer, path: Path, max_length: int) -> tuple[list[int], int]:
@@ -124,31 +85,6 @@ def read_tokens(tokenizer, path: Path, max_length: int) -> tuple[list[int], int]
             f"pass --max-length {len(ids)} or less, or a longer text."
         )
     return ids[:max_length], len(ids)
-
-
-def _label(start: int, end: int) -> str:
-    def k(n: int) -> str:
-        return f"{n // 1024}k" if n and n % 1024 == 0 else str(n)
-
-    return f"{k(start)}–{k(end)}"
-
-
-def format_table(results: dict[str, dict]) -> str:
-    """A Markdown table: one row per position bucket, one perplexity column per recipe."""
-    names = list(results)
-    first = results[names[0]]
-    lines = ["| tokens | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-    for i, bucket in enumerate(first["buckets"]):
-        cells = [f"{results[name]['buckets'][i]['ppl']:,.1f}" for name in names]
-        lines.append(f"| {_label(bucket['start'], bucket['end'])} | " + " | ".join(cells) + " |")
-    lines.append("| all | " + " | ".join(f"{results[name]['overall']['ppl']:,.1f}" for name in names) + " |")
-    return "\n".join(lines)
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu, {torch.get_num_threads()} threads"
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -188,14 +124,8 @@ def run(args: argparse.Namespace) -> dict:
     print(table)
     report = {
         "model": {"name": "SmolLM2-135M-Instruct", **smollm2.model_facts(model)},
-        "device": _device_name(device),
+        "environment": environment(device),
         "dtype": dtype_name,
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "lcpatch": __version__,
-        },
         "text": {"path": str(text), "tokens": total, "tokens_used": max_length},
         "max_length": max_length,
         "bucket": bucket,
@@ -211,7 +141,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lcpatch.demo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lcpatch.demo.run", description=__doc__.split("\n")[0])
     add_arguments(parser)
     return run_cli(parser.parse_args(argv))
 

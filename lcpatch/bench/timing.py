@@ -1,0 +1,115 @@
+"""One measured `generate()`: prefill time, decode rate and peak memory, as `lcpatch bench` (cost) and
+`lcpatch bench decode` record them."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from .._compat import CACHE_ARG
+from ..cli.common import VANILLA
+from ..errors import LcpatchError
+
+
+def resident_mib() -> float:
+    """Resident set size of this process, from /proc (Linux)."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * 4096 / 2**20
+
+
+class Clock(LogitsProcessor):
+    """Times at which generate() asks for each new token's scores (after a device sync): the first comes
+    right after the prefill, the others after each decode step. Leaves the scores unchanged."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.times.append(time.perf_counter())
+        return scores
+
+
+class PeakMemory:
+    """Peak memory growth (MiB) over a block: CUDA-allocated memory on a GPU, resident memory on a CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.kind = "cuda max_memory_allocated" if device.type == "cuda" else "process resident set, sampled"
+        self.peak_mib = 0.0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._before = torch.cuda.memory_allocated(self.device) / 2**20
+        else:
+            self._before = self._peak = resident_mib()
+            self._done = threading.Event()
+            self._sampler = threading.Thread(target=self._sample, daemon=True)
+            self._sampler.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.002):
+            self._peak = max(self._peak, resident_mib())
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            self._done.set()
+            self._sampler.join()
+            peak = max(self._peak, resident_mib())
+        self.peak_mib = peak - self._before
+        return False
+
+
+def measure(model, recipe, ids: torch.Tensor, new_tokens: int, **generate_kwargs) -> dict:
+    """One greedy generate() of 1 + new_tokens tokens on `ids` under `recipe` (a recipe, or VANILLA / None
+    for the unpatched model): prefill time, the first decode step (where a CUDA graph is captured or a
+    compiled step built), the decode rate over the steps after it, peak memory, and lcpatch's warnings."""
+    from ..api import patched
+
+    if new_tokens < 2:
+        raise LcpatchError(f"new_tokens {new_tokens}: give at least 2 (the rate is timed after the first decode step).")
+    clock = Clock(ids.device)
+    scope = contextlib.nullcontext() if recipe in (None, VANILLA) else patched(model, recipe)
+    with scope, torch.no_grad(), PeakMemory(ids.device) as memory, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        start = time.perf_counter()
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=1 + new_tokens,
+            min_new_tokens=1 + new_tokens,
+            do_sample=False,
+            logits_processor=LogitsProcessorList([clock]),
+            pad_token_id=0,
+            return_dict_in_generate=True,
+            **generate_kwargs,
+        )
+    step = getattr(getattr(out, CACHE_ARG), "decode_step", None)
+    del out
+    times = clock.times  # [first token (after prefill), after decode step 1, ...]
+    rate = (len(times) - 2) / (times[-1] - times[1])
+    row = {
+        "prefill_s": times[0] - start,
+        "first_step_s": times[1] - times[0],
+        "decode_tokens_per_s": rate,
+        "decode_tokens_per_s_all": rate * ids.shape[0],
+        "peak_memory_mib": memory.peak_mib,
+        "memory_kind": memory.kind,
+        "notes": sorted({str(w.message) for w in caught if "lcpatch" in str(w.message)}),
+    }
+    if step is not None:
+        row["cuda_graph"] = step.graph is not None
+    return row
