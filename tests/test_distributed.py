@@ -70,7 +70,7 @@ def test_configs_ship_inside_the_package():
 
 
 def test_cli_prints_a_config_path_and_refuses_unknown_names(capsys):
-    from lcpatch.train import main
+    from lcpatch.cli.train import main
 
     assert main(["--accelerate-config", "fsdp2"]) == 0
     assert capsys.readouterr().out.strip() == str(accelerate_config("fsdp2"))
@@ -213,14 +213,14 @@ def test_sequence_parallel_losses_equal_the_unsharded_ones(tmp_path):
 
 
 def _launch(tmp_path, recipe: str, data, **flags) -> dict:
-    """`accelerate launch --config_file ddp.yaml -m lcpatch.train` on 2 CPU processes; the trainer state."""
+    """`accelerate launch --config_file ddp.yaml -m lcpatch.cli.train` on 2 CPU processes; the trainer state."""
     folder = tmp_path / "model"
     tiny_model(tie_word_embeddings=True).save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     out = tmp_path / "out"
     fields = {"model": folder, "data": data, "max-steps": 2, "batch-size": 2, "logging-steps": 1, "output-dir": out}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config("ddp"))]
-    command += ["-m", "lcpatch.train", recipe]
+    command += ["-m", "lcpatch.cli.train", recipe]
     for name, value in {**fields, **flags}.items():
         command += [f"--{name}", str(value)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}

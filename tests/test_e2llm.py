@@ -1,6 +1,6 @@
 """E2-LLM: the position transform against the paper's formulas, inference g (fixed / auto at prefill,
 dense and Λ), the training augmentation through HF Trainer, TRL SFTTrainer and PEFT, a 2-process
-`accelerate launch` run of `lcpatch.train`, and the errors for bad training fields."""
+`accelerate launch` run of `lcpatch.cli.train`, and the errors for bad training fields."""
 
 from __future__ import annotations
 
@@ -265,7 +265,7 @@ def test_trl_sft_trainer_packed_with_callback(tmp_path):
     assert trained and all(p.max() < 256 for p in trained)
 
 
-# -- lcpatch.train: YAML + flags, 2 processes ------------------------------------------------------
+# -- lcpatch.cli.train: YAML + flags, 2 processes ------------------------------------------------------
 
 
 def test_every_training_method_has_a_trainer_that_imports():
@@ -289,7 +289,7 @@ def test_training_run_checks_the_versions_of_the_libraries_it_uses():
 def test_flags_override_the_recipe():
     import argparse
 
-    from lcpatch.train import add_arguments
+    from lcpatch.cli.train import add_arguments
     from lcpatch.training.runner import with_overrides
 
     parser = argparse.ArgumentParser()
@@ -331,7 +331,7 @@ def test_accelerate_launch_two_cpu_processes_trains_and_saves(tmp_path):
         "--dynamo_backend",
         "no",
         "-m",
-        "lcpatch.train",
+        "lcpatch.cli.train",
         "e2llm",
         "--model",
         str(FIXTURE),

@@ -169,7 +169,7 @@ def test_twenty_steps_lower_the_loss_and_raise_reward_accuracy(tmp_path):
 
 def test_lcpatch_train_runs_each_stage_with_its_rope(tmp_path):
     """`lcpatch train longpo` with two stages: linear x2 then the recipe's linear x4, 2 steps each."""
-    from lcpatch.train import main
+    from lcpatch.cli.train import main
 
     folder = tmp_path / "model"
     model = tiny_model()

@@ -11,9 +11,9 @@ from ..errors import run_reporting_errors
 
 def main(argv: list[str] | None = None) -> int:
     # Imported here, not above: the commands import lcpatch.cli.common, which must not pull in every command.
-    from .. import train
     from ..demo import run as demo
     from ..eval import run as eval_run
+    from . import train
 
     parser = argparse.ArgumentParser(prog="lcpatch", description="Long context for Hugging Face causal LMs.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -1,7 +1,7 @@
 """Train as a recipe's `training` section says: `run(recipe)` loads the model, applies the recipe's rope and
 attention sections, adds the LoRA adapter, runs the method's trainer and saves the weights (or adapter), the
 tokenizer and lcpatch_recipe.yaml, so that `lcpatch.from_pretrained(folder)` rebuilds the inference setup.
-`lcpatch train` (`lcpatch.train`) is its command line."""
+`lcpatch train` (`lcpatch.cli.train`) is its command line."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ ACCELERATE_CONFIGS = ("ddp", "fsdp2", "zero3", "zero3-ulysses")
 
 
 def accelerate_config(name: str) -> Path:
-    """The file of a shipped Accelerate config, for `accelerate launch --config_file FILE -m lcpatch.train ...`."""
+    """The file of a shipped Accelerate config, for `accelerate launch --config_file FILE -m lcpatch.cli.train ...`."""
     if name not in ACCELERATE_CONFIGS:
         raise RecipeError(f"unknown Accelerate config {name!r}; shipped: {', '.join(ACCELERATE_CONFIGS)}.")
     return Path(str(resources.files("lcpatch.recipes") / "accelerate" / f"{name}.yaml"))

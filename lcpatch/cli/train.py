@@ -1,9 +1,9 @@
 """Fine-tune a causal LM as a recipe's `training` section says (E2-LLM, LongPO, LOGO, or a plain causal-LM baseline).
 
     lcpatch train e2llm --model HuggingFaceTB/SmolLM2-135M --data "books/*.txt" --max-steps 200
-    python -m lcpatch.train my-recipe.yaml --sequence-length 2048 --g-max 8
-    accelerate launch --config_file $(lcpatch train --accelerate-config fsdp2) -m lcpatch.train e2llm ...
-    accelerate launch --num_processes 2 -m lcpatch.train e2llm --output-dir out ...
+    python -m lcpatch.cli.train my-recipe.yaml --sequence-length 2048 --g-max 8
+    accelerate launch --config_file $(lcpatch train --accelerate-config fsdp2) -m lcpatch.cli.train e2llm ...
+    accelerate launch --num_processes 2 -m lcpatch.cli.train e2llm --output-dir out ...
     (on a CPU-only machine add --multi_gpu: accelerate's --cpu starts one process unless mpirun is set up;
     --multi_gpu without GPUs starts torchrun processes that train on CPU over gloo)
 
@@ -22,9 +22,9 @@ import sys
 
 import yaml
 
-from .errors import RecipeError
-from .training import TRAINING_METHODS
-from .training.runner import ACCELERATE_CONFIGS, accelerate_config, end_process_group, run, with_overrides
+from ..errors import RecipeError
+from ..training import TRAINING_METHODS
+from ..training.runner import ACCELERATE_CONFIGS, accelerate_config, end_process_group, run, with_overrides
 
 
 def _flag_value(text: str):
@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=ACCELERATE_CONFIGS,
         default=argparse.SUPPRESS,  # like the field flags: absent from the parsed namespace unless given
         help="print the path of a shipped Accelerate config and exit: "
-        "accelerate launch --config_file $(lcpatch train --accelerate-config fsdp2) -m lcpatch.train RECIPE ...",
+        "accelerate launch --config_file $(lcpatch train --accelerate-config fsdp2) -m lcpatch.cli.train RECIPE ...",
     )
     for name in FIELDS:
         parser.add_argument(
@@ -81,7 +81,7 @@ def run_cli(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m lcpatch.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m lcpatch.cli.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_arguments(parser)
     return run_cli(parser.parse_args(argv))
