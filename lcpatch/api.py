@@ -17,7 +17,6 @@ from .models import ModelStructure, find_structure
 from .models.structure import unwrap
 from .patching import PatchLog
 from .recipe import Recipe, RecipeLike, load_recipe
-from .rope.e2llm import announce_generate_length
 from .runtime import PatchRuntime
 from .serialization import install_save_pretrained
 
@@ -62,7 +61,6 @@ def apply(model, recipe: RecipeLike):
             runtime = PatchRuntime(structure, method, resolved.attention.method)
             runtime.install(log, RUNTIMES)
         install_generate(base, resolved, runtime, log)
-        announce_generate_length(base, log)  # after install_generate, whose chunked prefill must see it
         for owner in {id(base): base, id(model): model}.values():
             install_save_pretrained(owner, resolved, log)
         summary = f"lcpatch={_label(resolved)}({_attention_fields(resolved)})"

@@ -24,7 +24,7 @@ DECODE_MODES = ("auto", "eager", "graph", "static")
 @dataclass(frozen=True)
 class GenerationOptions(SectionConfig):
     """How `generate()` feeds long prompts (`prefill_chunk` tokens per forward pass, a progress bar
-    with `progress`) and how it decodes (`decode`, see `lcpatch.decode`)."""
+    with `progress`) and how it decodes (`decode`, see `lcpatch.generation.fast_decode`)."""
 
     section: ClassVar[str] = "generation"
 

@@ -16,7 +16,7 @@ from peft import LoraConfig, get_peft_model
 import lcpatch
 from lcpatch import Recipe, RecipeError
 from lcpatch._compat import CHECKPOINTING_ARG
-from lcpatch.data.generation import JsonlShards, generate_batched
+from lcpatch.data.batched_generation import JsonlShards, generate_batched
 from lcpatch.data.longpo import PairOptions
 from lcpatch.training import LongPOTraining
 from lcpatch.training.longpo import build_trainer

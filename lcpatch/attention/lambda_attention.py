@@ -37,7 +37,7 @@ class LambdaAttention:
         return LambdaCache(self.specs)
 
     def make_ring_cache(self) -> RingLambdaCache:
-        """The same bounded cache with static shapes, for the fast decode path (`lcpatch.decode`)."""
+        """The same bounded cache with static shapes, for the fast decode path (`lcpatch.generation.fast_decode`)."""
         return RingLambdaCache(self.specs)
 
     def cache_sizes(self) -> list[int]:

@@ -115,6 +115,6 @@ class RingLambdaCache(LambdaCache):
 
     def __init__(self, specs):
         self.layout_version = 0  # bumped whenever a layer (re)allocates its tensors
-        # Set by lcpatch.decode: the runner of this cache's decode steps (captured as a CUDA graph).
+        # Set by lcpatch.generation.fast_decode: the runner of this cache's decode steps (captured as a CUDA graph).
         self.decode_step = None
         super().__init__(specs)

@@ -20,7 +20,7 @@ and then:
 
 A row is {"key", "prompt" (the question), "context" (the whole window: the real context LOGO trains on),
 "chosen", "rejected" (M answers), "important" (chunk indices), "negatives" (their kinds)}. Generation is
-batched and resumable (`lcpatch.data.generation`): with `work=`, a rerun skips what is already written.
+batched and resumable (`lcpatch.data.batched_generation`): with `work=`, a rerun skips what is already written.
 `encode_prompt` is the prompt format both the builder and `lcpatch.training.logo` read rows with.
 """
 
@@ -39,8 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import LcpatchError, RecipeError
+from .batched_generation import JsonlShards, generate_batched
 from .documents import load_texts
-from .generation import JsonlShards, generate_batched
 
 logger = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ from typing import Any
 from ..errors import RecipeError
 from ..fields import AUTO, check_int, check_str
 from ..recipe import RecipeLike
+from .batched_generation import JsonlShards, generate_batched
 from .documents import load_texts
-from .generation import JsonlShards, generate_batched
 
 logger = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ sequences); only what RoPE sees changes:
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import math
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -26,6 +26,7 @@ import torch
 from ..attention.rotary import Rotary
 from ..errors import LcpatchError
 from ..fields import AUTO, ROPE_SCALINGS, SectionConfig, check_number
+from ..generation import register_before_generate
 from ..models.structure import ModelStructure, unwrap
 from ..patching import PatchLog
 
@@ -78,6 +79,21 @@ class E2LLMPositions:
         log.on_undo(rotary.register_forward_pre_hook(self._before_rotary, with_kwargs=True).remove)
         _POSITIONS[model] = self
         log.on_undo(lambda: _POSITIONS.pop(model, None))
+        if self.fixed is None:
+            register_before_generate(model, "e2llm-length", self._expect_generate_length, log)
+
+    @contextlib.contextmanager
+    def _expect_generate_length(self, args: tuple, kwargs: dict) -> Iterator[None]:
+        """For auto g, tell the first chunk of a generate() call how long the whole sequence will be:
+        prompt + max_new_tokens when given."""
+        prompt = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+        self.expected_length = (
+            prompt.shape[-1] + (kwargs.get("max_new_tokens") or 0) if torch.is_tensor(prompt) else None
+        )
+        try:
+            yield
+        finally:
+            self.expected_length = None
 
     def _use(self, g: float) -> None:
         self.g = g
@@ -104,28 +120,6 @@ class E2LLMPositions:
         if in_kwargs:
             return args, {**kwargs, "position_ids": rope_positions}
         return (args[0], rope_positions, *args[2:]), kwargs
-
-
-def announce_generate_length(model, log: PatchLog) -> None:
-    """For E2-LLM's auto g: wrap `generate` (outermost, so before any chunked prefill) to tell the first
-    chunk how long the whole sequence will be: prompt + max_new_tokens when given."""
-    state = _POSITIONS.get(model)
-    if state is None or state.fixed is not None:
-        return
-    original = model.generate
-
-    @functools.wraps(original)
-    def generate(*args, **kwargs):
-        prompt = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
-        state.expected_length = (
-            prompt.shape[-1] + (kwargs.get("max_new_tokens") or 0) if torch.is_tensor(prompt) else None
-        )
-        try:
-            return original(*args, **kwargs)
-        finally:
-            state.expected_length = None
-
-    log.set_instance_attr(model, "generate", generate)
 
 
 def e2llm_positions_of(model) -> E2LLMPositions:

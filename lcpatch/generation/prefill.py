@@ -1,4 +1,4 @@
-"""`generate()` on a patched model: the method's cache and chunked prefill, through generate's own kwargs.
+"""Chunked prefill: how `generate()` on a patched model reads a long prompt through the method's cache.
 
 The prompt, but its last chunk, is streamed through the decoder alone (no LM head: no logits), one
 chunk of activations at a time; generate() then runs the last chunk itself, with `logits_to_keep=1`.
@@ -8,16 +8,12 @@ or to a tqdm bar when the recipe sets `generation.progress: true`.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import torch
 from transformers import PreTrainedModel
 
-from ._compat import CACHE_ARG, with_cache_argument
-from .decode import install_fast_decode
-from .patching import PatchLog
-from .recipe import Recipe
+from .._compat import CACHE_ARG
 
 Progress = Callable[[int, int], None]
 
@@ -39,7 +35,7 @@ class ProgressBar:
 
 
 @torch.no_grad()
-def _prefill_all_but_last_chunk(
+def prefill_all_but_last_chunk(
     model: PreTrainedModel, args: tuple, kwargs: dict, chunk: int, progress: Progress | None
 ) -> bool:
     """Feed the prompt, except its last `chunk` tokens, through the cache in chunks that end where it ends.
@@ -85,32 +81,3 @@ def _prefill_all_but_last_chunk(
         if progress is not None:
             progress(stop - past, stops[0] - past)
     return True
-
-
-def install_generate(model: PreTrainedModel, recipe: Recipe, runtime, log: PatchLog) -> None:
-    """Shadow `model.generate` on this instance with one that supplies the cache (see `lcpatch.decode`)
-    and prefills in chunks; `runtime` is the patch's PatchRuntime, None for dense attention."""
-    original = model.generate
-    plan = install_fast_decode(model, recipe.generation.decode, runtime, recipe.attention.method, log)
-
-    @functools.wraps(original)
-    def generate(*args, prefill_progress: Progress | None = None, **kwargs):
-        kwargs = with_cache_argument(kwargs)
-        config = kwargs.get("generation_config") or model.generation_config
-        if kwargs.get("use_cache", getattr(config, "use_cache", True)) is not False:
-            if kwargs.get(CACHE_ARG) is None:
-                cache = plan.make_cache(model.device)
-                if cache is not None:
-                    kwargs[CACHE_ARG] = cache
-            chunk = kwargs.get("prefill_chunk_size") or getattr(config, "prefill_chunk_size", None)
-            chunk = chunk or recipe.generation.prefill_chunk
-            progress = prefill_progress or (ProgressBar() if recipe.generation.progress else None)
-            handled = kwargs.get(CACHE_ARG) is not None and _prefill_all_but_last_chunk(
-                model, args, kwargs, chunk, progress
-            )
-            # What remains is at most one chunk; generate's own chunking (which older transformers
-            # restarts from token 0 after a prefilled cache) must not run again.
-            kwargs["prefill_chunk_size"] = None if handled else chunk
-        return original(*args, **kwargs)
-
-    log.set_instance_attr(model, "generate", generate)

@@ -14,15 +14,15 @@ from collections.abc import Callable
 
 import torch
 
-from ._compat import CACHE_ARG
-from .cache.ring import RingLambdaCache
+from .._compat import CACHE_ARG
+from ..cache.ring import RingLambdaCache
 
 
 class DecodeStep:
     """Runs single-token forwards for one cache; `on_fallback(reason)` is told when capture fails."""
 
     def __init__(self, forward: Callable, capture: bool, on_fallback: Callable[[str], None]):
-        self.forward = forward  # the model's forward as it was before lcpatch.decode shadowed it
+        self.forward = forward  # the model's forward as it was before the fast decode path shadowed it
         self.capture = capture
         self.on_fallback = on_fallback
         self.inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None

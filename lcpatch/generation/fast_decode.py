@@ -19,10 +19,10 @@ import warnings
 import torch
 from transformers.cache_utils import Cache
 
-from ._compat import CACHE_ARG
-from .cache.ring import RingLambdaCache
-from .decode_step import DecodeStep
-from .patching import PatchLog
+from .._compat import CACHE_ARG
+from ..cache.ring import RingLambdaCache
+from ..patching import PatchLog
+from .captured_step import DecodeStep
 
 # What generate() passes to a decode step; any other argument (output_attentions, ...) runs eagerly.
 STEP_ARGUMENTS = frozenset(
