@@ -177,6 +177,16 @@ def assert_restored(before: dict, after: dict) -> None:
 # -- the tests -----------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices gain nothing from a second thread; on a busy CPU, waiting for it costs several times the
+    work (this file: 20 s on one thread, about 3 minutes on two, under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @torch.no_grad()
 def run_patched(model, recipe: Recipe, ids, before: dict) -> torch.Tensor:
     """Forward and generate on the patched model; its logits."""
