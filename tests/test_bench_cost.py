@@ -15,19 +15,12 @@ from lcpatch.cli import main
 from tiny_models import VOCAB, tiny_model
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("bench") / "tiny-llama"
-    tiny_model().save_pretrained(folder)
-    return folder
-
-
 def _bench(*argv: str) -> int:
     return main(["bench", *argv, "--device", "cpu", "--no-progress"])
 
 
-def test_cost_end_to_end(model_dir, tmp_path, capsys):
-    argv = ("--model", str(model_dir), "--recipes", "vanilla,lm-infinite", "--lengths", "48,96")
+def test_cost_end_to_end(tiny_model_dir, tmp_path, capsys):
+    argv = ("--model", str(tiny_model_dir), "--recipes", "vanilla,lm-infinite", "--lengths", "48,96")
     assert _bench(*argv, "--batch", "1,2", "--new-tokens", "3", "--out", str(tmp_path)) == 0
     result = json.loads((tmp_path / "cost.json").read_text())
     assert result["schema"] == 1 and result["args"]["lengths"] == [48, 96]
@@ -53,7 +46,7 @@ def test_clock_counts_one_time_per_generated_token():
     assert cell["decode_tokens_per_s"] > 0
 
 
-def test_out_of_memory_is_recorded_and_longer_lengths_skipped(model_dir, tmp_path, monkeypatch):
+def test_out_of_memory_is_recorded_and_longer_lengths_skipped(tiny_model_dir, tmp_path, monkeypatch):
     real = bench_cost.measure
 
     def measure(model, recipe, ids, new_tokens):
@@ -62,7 +55,7 @@ def test_out_of_memory_is_recorded_and_longer_lengths_skipped(model_dir, tmp_pat
         return real(model, recipe, ids, new_tokens)
 
     monkeypatch.setattr(bench_cost, "measure", measure)
-    argv = ("--model", str(model_dir), "--recipes", "vanilla", "--lengths", "32,96,128", "--new-tokens", "2")
+    argv = ("--model", str(tiny_model_dir), "--recipes", "vanilla", "--lengths", "32,96,128", "--new-tokens", "2")
     assert _bench(*argv, "--out", str(tmp_path)) == 0
     runs = json.loads((tmp_path / "cost.json").read_text())["runs"]
     assert "prefill_s" in runs[0] and runs[1]["error"] == "out of memory" and "skipped" in runs[2]
@@ -100,6 +93,6 @@ def test_bad_arguments_name_the_value(argv, message, tmp_path, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_layers_refused_for_a_model_with_weights(model_dir, tmp_path, capsys):
-    assert _bench("--model", str(model_dir), "--layers", "1", "--out", str(tmp_path)) == 2
+def test_layers_refused_for_a_model_with_weights(tiny_model_dir, tmp_path, capsys):
+    assert _bench("--model", str(tiny_model_dir), "--layers", "1", "--out", str(tmp_path)) == 2
     assert "random-weight models only" in capsys.readouterr().err

@@ -15,7 +15,7 @@ import lcpatch
 from lcpatch._compat import CACHE_ARG
 
 from naive_lambda import naive_logits
-from tiny_models import random_ids, tiny_model, tiny_tokenizer
+from tiny_models import random_ids, tiny_model
 
 RECIPE = {"attention": {"method": "lm-infinite", "n_global": 4, "window": 16}}
 
@@ -54,8 +54,7 @@ def test_from_pretrained_without_recipe_says_how(tmp_path):
         lcpatch.from_pretrained(tmp_path)
 
 
-def test_pipeline_and_text_streamer(capsys):
-    tokenizer = tiny_tokenizer()
+def test_pipeline_and_text_streamer(capsys, tokenizer):
     model = lcpatch.apply(tiny_model(), RECIPE)
     prompt = " ".join(f"w{int(t)}" for t in random_ids(40)[0])
     generator = pipeline("text-generation", model=model, tokenizer=tokenizer)

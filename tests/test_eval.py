@@ -14,21 +14,18 @@ from lcpatch.cli.common import parse_lengths
 from lcpatch.errors import LcpatchError, RecipeError
 from lcpatch.eval import run as eval_run
 
-from tiny_models import VOCAB, tiny_model, tiny_tokenizer
+from tiny_models import VOCAB
 
 TEMPLATE = "{% for m in messages %}<s> {{ m['content'] }} </s>{% endfor %}{% if add_generation_prompt %} w4{% endif %}"
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("eval")
-    model_dir = root / "tiny-llama"
-    tiny_model().save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
     rng = random.Random(0)
     text = root / "text.txt"
     text.write_text(" ".join(f"w{rng.randrange(3, VOCAB)}" for _ in range(600)))
-    return root, model_dir, text
+    return root, tiny_model_dir, text
 
 
 def _run(setup, out, task, *extra):
@@ -91,8 +88,7 @@ def test_retrieval_end_to_end_and_resume(setup, tmp_path, capsys, monkeypatch, t
     assert again["answers"] == dropped["answers"] and len(loads) == 1
 
 
-def test_chat_template_wraps_prompt():
-    tokenizer = tiny_tokenizer()
+def test_chat_template_wraps_prompt(tokenizer):
     plain = eval_run.build_prompt(tokenizer, [5, 6, 7], 40, 0.5, "w9 w9", "w10", "w11", random.Random(0))
     tokenizer.chat_template = TEMPLATE
     before, after = eval_run.chat_wrap(tokenizer)
@@ -102,8 +98,7 @@ def test_chat_template_wraps_prompt():
     assert wrapped[0] == 1 and wrapped[-3:] == [2, 4, 11] and plain[-2:] == [10, 11]
 
 
-def test_prompt_length_and_depth():
-    tokenizer = tiny_tokenizer()
+def test_prompt_length_and_depth(tokenizer):
     haystack = list(range(20, 30))
     for depth in (0.0, 0.5, 1.0):
         ids = eval_run.build_prompt(tokenizer, haystack, 60, depth, "w9 w9", "w10", "w11", random.Random(1))
