@@ -22,17 +22,16 @@ from tiny_models import VOCAB, random_ids, tiny_model
 def registered() -> dict[str, set[str]]:
     """Every name lcpatch registers, by kind: the cases below must cover each (the one place that reads the
     registries)."""
+    from lcpatch.fields import ATTENTION_METHODS, ROPE_SCALINGS, TRAINING_METHODS
     from lcpatch.recipe import DECODE_MODES, SECTIONS
-    from lcpatch.rope import ROPE_SCALINGS
-    from lcpatch.training import TRAINING_METHODS
 
     table = lcpatch.supported_models()
     return {
         "built-in recipes": set(lcpatch.builtin_recipes()),
         "families": {row["family"] for row in table},
-        "attention methods": {method for row in table for method in row["methods"]},
-        "rope scalings": set(ROPE_SCALINGS),
-        "training methods": set(TRAINING_METHODS),
+        "attention methods": set(ATTENTION_METHODS.names()),
+        "rope scalings": set(ROPE_SCALINGS.names()),
+        "training methods": set(TRAINING_METHODS.names()),
         "recipe sections": set(SECTIONS),
         "decode modes": set(DECODE_MODES),
     }
