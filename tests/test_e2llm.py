@@ -240,7 +240,7 @@ def test_hf_trainer_with_peft_lora_and_callback(tmp_path):
 
 
 @pytest.mark.skipif(
-    not (FIXTURE / "tokenizer.json").is_file(), reason="needs tests/fixtures/tiny-e2llm (scripts/e2llm_tiny.py)"
+    not (FIXTURE / "tokenizer.json").is_file(), reason="needs tests/fixtures/tiny-e2llm (benchmarks/e2llm-tiny/run.py)"
 )
 def test_trl_sft_trainer_packed_with_callback(tmp_path):
     from datasets import Dataset
@@ -309,7 +309,7 @@ def test_flags_override_the_recipe():
 
 @pytest.mark.distributed
 @pytest.mark.skipif(
-    not (FIXTURE / "tokenizer.json").is_file(), reason="needs tests/fixtures/tiny-e2llm (scripts/e2llm_tiny.py)"
+    not (FIXTURE / "tokenizer.json").is_file(), reason="needs tests/fixtures/tiny-e2llm (benchmarks/e2llm-tiny/run.py)"
 )
 def test_accelerate_launch_two_cpu_processes_trains_and_saves(tmp_path):
     data = tmp_path / "book.txt"
@@ -364,10 +364,10 @@ def test_accelerate_launch_two_cpu_processes_trains_and_saves(tmp_path):
 
 
 @pytest.mark.skipif(
-    not (FIXTURE / "heldout.txt").is_file(), reason="needs tests/fixtures/tiny-e2llm (scripts/e2llm_tiny.py)"
+    not (FIXTURE / "heldout.txt").is_file(), reason="needs tests/fixtures/tiny-e2llm (benchmarks/e2llm-tiny/run.py)"
 )
 def test_tiny_e2llm_model_reads_8x_its_training_length():
-    """The fixture was trained at 256 bytes with E2-LLM (g_max = 8, scripts/e2llm_tiny.py). Measured on these
+    """The fixture was trained at 256 bytes with E2-LLM (g_max = 8, benchmarks/e2llm-tiny/run.py). Measured on these
     4 KB: 21.3 at 256, 21.3 at 2048 with g = 8 (auto), 26.5 at 2048 with its plain positions (g = 1)."""
     model = lcpatch.from_pretrained(FIXTURE)
     ids = torch.tensor(list((FIXTURE / "heldout.txt").read_bytes()[:4096]))

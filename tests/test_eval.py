@@ -13,6 +13,7 @@ from lcpatch.cli import main
 from lcpatch.cli.common import parse_lengths
 from lcpatch.errors import LcpatchError, RecipeError
 from lcpatch.eval import run as eval_run
+from lcpatch.eval.passkey import build_prompt, chat_wrap, score_passkey
 
 from tiny_models import VOCAB
 
@@ -89,11 +90,11 @@ def test_retrieval_end_to_end_and_resume(setup, tmp_path, capsys, monkeypatch, t
 
 
 def test_chat_template_wraps_prompt(tokenizer):
-    plain = eval_run.build_prompt(tokenizer, [5, 6, 7], 40, 0.5, "w9 w9", "w10", "w11", random.Random(0))
+    plain = build_prompt(tokenizer, [5, 6, 7], 40, 0.5, "w9 w9", "w10", "w11", random.Random(0))
     tokenizer.chat_template = TEMPLATE
-    before, after = eval_run.chat_wrap(tokenizer)
+    before, after = chat_wrap(tokenizer)
     assert before == [1] and after == [2, 4]
-    wrapped = eval_run.build_prompt(tokenizer, [5, 6, 7], 40, 0.5, "w9 w9", "w10", "w11", random.Random(0))
+    wrapped = build_prompt(tokenizer, [5, 6, 7], 40, 0.5, "w9 w9", "w10", "w11", random.Random(0))
     assert len(plain) == len(wrapped) == 40
     assert wrapped[0] == 1 and wrapped[-3:] == [2, 4, 11] and plain[-2:] == [10, 11]
 
@@ -101,7 +102,7 @@ def test_chat_template_wraps_prompt(tokenizer):
 def test_prompt_length_and_depth(tokenizer):
     haystack = list(range(20, 30))
     for depth in (0.0, 0.5, 1.0):
-        ids = eval_run.build_prompt(tokenizer, haystack, 60, depth, "w9 w9", "w10", "w11", random.Random(1))
+        ids = build_prompt(tokenizer, haystack, 60, depth, "w9 w9", "w10", "w11", random.Random(1))
         assert len(ids) == 60
         at = next(i for i in range(len(ids) - 1) if ids[i : i + 2] == [9, 9])
         body = [i for i, t in enumerate(ids) if 20 <= t < 30]
@@ -110,15 +111,15 @@ def test_prompt_length_and_depth(tokenizer):
         if depth == 1.0:
             assert at > body[-1]
     with pytest.raises(LcpatchError, match="at least"):
-        eval_run.build_prompt(tokenizer, haystack, 5, 0.5, "w9 w9", "w10", "w11", random.Random(1))
+        build_prompt(tokenizer, haystack, 5, 0.5, "w9 w9", "w10", "w11", random.Random(1))
 
 
 def test_scorers():
-    assert eval_run.score_passkey(" 12345. Remember", "12345")
-    assert eval_run.score_passkey("is 12345", "12345")
-    assert not eval_run.score_passkey(" 123456", "12345")
-    assert not eval_run.score_passkey(" 54321 12345", "12345")
-    assert not eval_run.score_passkey("no number", "12345")
+    assert score_passkey(" 12345. Remember", "12345")
+    assert score_passkey("is 12345", "12345")
+    assert not score_passkey(" 123456", "12345")
+    assert not score_passkey(" 54321 12345", "12345")
+    assert not score_passkey("no number", "12345")
     assert eval_run.score_needle(" Harbor. It is", "harbor")
     assert eval_run.score_needle("  harbor", "harbor")
     assert not eval_run.score_needle(" the harbor", "harbor")

@@ -287,7 +287,7 @@ TINY_PASSKEY = Path(__file__).parent / "fixtures" / "tiny-passkey"
 
 @torch.no_grad()
 def test_far_tokens_seen_at_distance_n_local_stay_retrievable():
-    """scripts/passkey_tiny.py trained this model (T = 256 tokens) to find a passkey in its prompt: 90% at 256
+    """benchmarks/passkey-tiny/run.py trained this model (T = 256 tokens) to find a passkey in its prompt: 90% at 256
     tokens (benchmarks/passkey-tiny). InfLLM shows every token past its 128-token local window at distance
     128; with every memory block selected, keys lying 200+ tokens before the question are still found, where
     a 128-token LM-Infinite window loses them. (Block *selection* is what fails on this model: see README.)"""

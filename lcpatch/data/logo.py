@@ -41,6 +41,7 @@ from pathlib import Path
 from ..errors import LcpatchError, RecipeError
 from .batched_generation import JsonlShards, generate_batched
 from .documents import load_texts
+from .tokens import encode
 
 logger = logging.getLogger(__name__)
 
@@ -73,20 +74,11 @@ def _user_turn(tokenizer, text: str) -> str:
     )
 
 
-def _encode(tokenizer, text: str, lead: bool = False) -> list[int]:
-    """Tokens of `text`; with `lead`, after the tokenizer's own BOS, once (chat templates often write it)."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-    bos = tokenizer.bos_token_id
-    if lead and bos is not None and tokenizer("x")["input_ids"][:1] == [bos] and ids[:1] != [bos]:
-        ids = [bos, *ids]
-    return ids
-
-
 def encode_prompt(tokenizer, context: str, question: str) -> PromptTokens:
     """PROMPT_TEMPLATE as a user turn, tokenised around the context."""
     text = _user_turn(tokenizer, PROMPT_TEMPLATE.format(context=_CONTEXT_MARK, question=question))
     head, tail = text.split(_CONTEXT_MARK)
-    return PromptTokens(_encode(tokenizer, head, lead=True), _encode(tokenizer, context), _encode(tokenizer, tail))
+    return PromptTokens(encode(tokenizer, head, lead=True), encode(tokenizer, context), encode(tokenizer, tail))
 
 
 def split_chunks(ids: Sequence[int], size: int) -> list[list[int]]:
@@ -179,7 +171,7 @@ def build_logo_rows(
         rng = random.Random(seed)
         sources = [window[rng.randrange(context_chunks)] for window in chunks]
         prompts = [
-            _encode(tokenizer, _user_turn(tokenizer, question_template.format(chunk=source)), lead=True)
+            encode(tokenizer, _user_turn(tokenizer, question_template.format(chunk=source)), lead=True)
             for source in sources
         ]
         questions = generate("questions", prompts, keys, question_tokens)

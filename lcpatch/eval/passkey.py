@@ -1,18 +1,22 @@
-"""Passkey retrieval: a 5-digit key hidden at a chosen depth in filler text of a chosen length.
+"""Passkey retrieval: a 5-digit key hidden at a chosen depth in a haystack of a chosen length.
 
-The classic long-context probe (Mohtashami & Jaggi, 2023): the prompt is an instruction, filler
-sentences with the key sentence inserted at `depth` (0 = start, 1 = end), and a question; the model
-must continue with the key. Prompts are assembled from token ids, so their length is exact.
+The classic long-context probe (Mohtashami & Jaggi, 2023): the prompt is an instruction, the haystack
+with the key sentence inserted at `depth` (0 = start, 1 = end), a question and the start of the answer;
+the model must continue with the key. Prompts are assembled from token ids, so their length is exact.
+The haystack is repeated filler sentences (`passkey_sample`) or any text (`lcpatch eval`'s --text);
+`build_prompt` also serves other needles (`lcpatch eval --task needle`).
 """
 
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
+from ..data.tokens import encode
 from ..errors import LcpatchError
 
 INSTRUCTION = (
@@ -21,7 +25,8 @@ INSTRUCTION = (
 )
 FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
-QUESTION = "\nWhat is the pass key? The pass key is"
+QUESTION = "\nWhat is the pass key?"
+ANSWER_PREFIX = " The pass key is"
 
 
 @dataclass
@@ -33,22 +38,57 @@ class PasskeySample:
     depth: float
 
 
-def _encode(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+def chat_wrap(tokenizer) -> tuple[list[int], list[int]]:
+    """Token ids before and after a user message in the tokenizer's chat template; ([], []) without one."""
+    if not getattr(tokenizer, "chat_template", None):
+        return [], []
+    marker = "\u2063LCPATCH\u2063"
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True
+    )
+    before, _, after = rendered.partition(marker)
+    return encode(tokenizer, before), encode(tokenizer, after)
+
+
+def build_prompt(
+    tokenizer,
+    haystack: list[int],
+    length: int,
+    depth: float,
+    needle: str,
+    question: str,
+    answer_prefix: str,
+    rng: random.Random | None = None,
+) -> list[int]:
+    """Exactly `length` token ids: [chat head] instruction, haystack with the needle at `depth`, question,
+    [chat tail], answer prefix. The haystack is read cyclically, from a random offset drawn from `rng`
+    (from its start without one)."""
+    if not 0.0 <= depth <= 1.0:
+        raise LcpatchError(f"depth must lie in [0, 1]; got {depth!r}.")
+    before, after = chat_wrap(tokenizer)
+    head = before + encode(tokenizer, INSTRUCTION)
+    tail = encode(tokenizer, question) + after + encode(tokenizer, answer_prefix)
+    needle_ids = encode(tokenizer, needle)
+    room = length - len(head) - len(needle_ids) - len(tail)
+    if room < 0:
+        raise LcpatchError(f"a prompt needs at least {length - room} tokens with this tokenizer; got length {length}.")
+    start = rng.randrange(len(haystack)) if rng is not None else 0
+    filler = [haystack[(start + i) % len(haystack)] for i in range(room)]
+    split = round(depth * room)
+    return head + filler[:split] + needle_ids + filler[split:] + tail
+
+
+def passkey_prompt(
+    tokenizer, haystack: list[int], length: int, depth: float, key: str, rng: random.Random | None = None
+) -> list[int]:
+    """The passkey prompt of exactly `length` tokens hiding `key` in `haystack` (see `build_prompt`)."""
+    return build_prompt(tokenizer, haystack, length, depth, NEEDLE.format(key=key), QUESTION, ANSWER_PREFIX, rng)
 
 
 def passkey_sample(tokenizer, length: int, depth: float, key: str) -> PasskeySample:
-    """A prompt of exactly `length` tokens with `key` at relative `depth` of the filler."""
-    if not 0.0 <= depth <= 1.0:
-        raise LcpatchError(f"depth must lie in [0, 1]; got {depth!r}.")
-    head, needle, question = (_encode(tokenizer, t) for t in (INSTRUCTION, NEEDLE.format(key=key), QUESTION))
-    room = length - len(head) - len(needle) - len(question)
-    if room < 0:
-        raise LcpatchError(f"a passkey prompt needs at least {length - room} tokens; got length {length}.")
-    unit = _encode(tokenizer, FILLER)
-    filler = (unit * (room // len(unit) + 1))[:room]
-    split = round(depth * room)
-    return PasskeySample(head + filler[:split] + needle + filler[split:] + question, key, depth)
+    """A prompt of exactly `length` tokens with `key` at relative `depth` of repeated FILLER."""
+    prompt = passkey_prompt(tokenizer, encode(tokenizer, FILLER), length, depth, key)
+    return PasskeySample(prompt, key, depth)
 
 
 def random_key(rng: random.Random) -> str:
@@ -56,7 +96,24 @@ def random_key(rng: random.Random) -> str:
     return str(rng.randint(10_000, 99_999))
 
 
+def score_passkey(generated: str, key: str) -> bool:
+    """Correct when the first number in the generation is exactly the key ('12345.' yes, '123456' no).
+    Spaces are ignored, so a tokenizer that decodes digit by digit ('1 2 3 4 5') is read the same way."""
+    match = re.search(r"\d+", generated.replace(" ", ""))
+    return match is not None and match.group(0) == key
+
+
 @torch.no_grad()
+def greedy_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+    """The greedy continuations (decoded, special tokens dropped) of prompts of one length, as one batch."""
+    ids = torch.tensor(prompts, device=next(model.parameters()).device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad
+    )
+    return [tokenizer.decode(new, skip_special_tokens=True) for new in out[:, ids.shape[1] :]]
+
+
 def passkey_accuracy(
     model,
     tokenizer,
@@ -69,11 +126,10 @@ def passkey_accuracy(
 ) -> dict:
     """Fraction of correct keys per (length, depth): {"accuracy": {length: {depth: float}}, "answers": [...]}.
 
-    A sample is correct when the greedy continuation starts with the key (spaces ignored). Samples of
-    one length run in batches of `batch_size` (equal lengths: no padding).
+    Prompts are `passkey_sample`s, scored by `score_passkey` on 8 greedy tokens. Samples of one length run
+    in batches of `batch_size` (equal lengths: no padding).
     """
     rng = random.Random(seed)
-    device = next(model.parameters()).device
     accuracy: dict[int, dict[float, float]] = {}
     answers = []
     total = len(lengths) * len(depths) * samples
@@ -85,17 +141,9 @@ def passkey_accuracy(
                 correct = 0
                 for start in range(0, samples, batch_size):
                     group = batch[start : start + batch_size]
-                    ids = torch.tensor([s.input_ids for s in group], device=device)
-                    out = model.generate(
-                        ids,
-                        attention_mask=torch.ones_like(ids),
-                        max_new_tokens=8,
-                        do_sample=False,
-                        pad_token_id=tokenizer.eos_token_id,
-                    )
-                    for sample, new in zip(group, out[:, ids.shape[1] :], strict=True):
-                        text = tokenizer.decode(new, skip_special_tokens=True)
-                        hit = text.replace(" ", "").startswith(sample.key)
+                    texts = greedy_answers(model, tokenizer, [s.input_ids for s in group], max_new_tokens=8)
+                    for sample, text in zip(group, texts, strict=True):
+                        hit = score_passkey(text, sample.key)
                         correct += hit
                         answers.append(
                             {"length": length, "depth": depth, "key": sample.key, "answer": text, "correct": hit}
@@ -108,5 +156,5 @@ def passkey_accuracy(
 def training_example(tokenizer, length: int, rng: random.Random) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of one passkey prompt of `length` tokens followed by its key; only the key is learnt."""
     sample = passkey_sample(tokenizer, length, rng.random(), random_key(rng))
-    answer = _encode(tokenizer, " " + sample.key) + [tokenizer.eos_token_id]
+    answer = encode(tokenizer, " " + sample.key) + [tokenizer.eos_token_id]
     return sample.input_ids + answer, [-100] * len(sample.input_ids) + answer

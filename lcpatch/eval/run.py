@@ -8,7 +8,8 @@
 Tasks:
   ppl      perplexity by position bucket of the first max(--lengths) tokens of --text, one cell per recipe;
   passkey  a 5-digit key hidden at each --depths of a haystack of --text, one cell per (recipe, length,
-           depth); greedy generation; a sample is correct when the first number generated is the key;
+           depth); greedy generation; a sample is correct when the first number generated (spaces ignored)
+           is the key;
   needle   a sentence needle ("The special magic word for Paris is harbor.") with a question; correct when
            the generation, normalised (lower case, no punctuation), starts with the answer word.
 
@@ -34,7 +35,6 @@ import contextlib
 import json
 import logging
 import random
-import re
 import string
 import sys
 import time
@@ -56,8 +56,9 @@ from ..cli.common import (
 )
 from ..data import load_texts
 from ..data.documents import local_files
+from ..data.tokens import encode
 from ..errors import LcpatchError, run_reporting_errors
-from .passkey import random_key
+from .passkey import build_prompt, greedy_answers, passkey_prompt, random_key, score_passkey
 from .perplexity import perplexity_by_position
 
 logger = logging.getLogger(__name__)
@@ -66,12 +67,6 @@ TASKS = ("ppl", "passkey", "needle")
 SCHEMA = 1
 SMOLLM2 = "smollm2"
 RESULTS = "results.json"
-INSTRUCTION = "There is an important piece of information hidden inside a long text. Find it and remember it.\n"
-PASSKEY = (
-    "\nThe pass key is {key}. Remember it. {key} is the pass key.\n",
-    "\nWhat is the pass key?",
-    "The pass key is",
-)
 NEEDLE = (
     "\nThe special magic word for {city} is {word}.\n",
     "\nWhat is the special magic word for {city}?",
@@ -194,56 +189,14 @@ def make_plan(args: argparse.Namespace) -> Plan:
 # --- prompts and scoring ----------------------------------------------------------------------------------
 
 
-def _encode(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def chat_wrap(tokenizer) -> tuple[list[int], list[int]]:
-    """Token ids before and after a user message in the tokenizer's chat template; ([], []) without one."""
-    if not getattr(tokenizer, "chat_template", None):
-        return [], []
-    marker = "\u2063LCPATCH\u2063"
-    rendered = tokenizer.apply_chat_template(
-        [{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True
-    )
-    before, _, after = rendered.partition(marker)
-    return _encode(tokenizer, before), _encode(tokenizer, after)
-
-
-def build_prompt(
-    tokenizer, haystack: list[int], length: int, depth: float, needle: str, question: str, answer_prefix: str, rng
-) -> list[int]:
-    """Exactly `length` token ids: [chat head] instruction, haystack with the needle at `depth`, question,
-    [chat tail], answer prefix. The haystack is read from a random offset of the text, cyclically."""
-    before, after = chat_wrap(tokenizer)
-    head = before + _encode(tokenizer, INSTRUCTION)
-    tail = _encode(tokenizer, question) + after + _encode(tokenizer, answer_prefix)
-    needle_ids = _encode(tokenizer, needle)
-    room = length - len(head) - len(needle_ids) - len(tail)
-    if room < 0:
-        raise LcpatchError(f"a prompt needs at least {length - room} tokens with this tokenizer; got length {length}.")
-    start = rng.randrange(len(haystack))
-    filler = [haystack[(start + i) % len(haystack)] for i in range(room)]
-    split = round(depth * room)
-    return head + filler[:split] + needle_ids + filler[split:] + tail
-
-
 def make_sample(task: str, tokenizer, haystack: list[int], length: int, depth: float, rng) -> tuple[list[int], str]:
     """(prompt ids, expected answer) of one passkey or needle sample."""
     if task == "passkey":
         key = random_key(rng)
-        fields, expected, parts = {"key": key}, key, PASSKEY
-    else:
-        city, word = rng.choice(CITIES), rng.choice(WORDS)
-        fields, expected, parts = {"city": city, "word": word}, word, NEEDLE
-    needle, question, prefix = (p.format(**fields) for p in parts)
-    return build_prompt(tokenizer, haystack, length, depth, needle, question, prefix, rng), expected
-
-
-def score_passkey(generated: str, key: str) -> bool:
-    """Correct when the first number in the generation is exactly the key ('12345.' yes, '123456' no)."""
-    match = re.search(r"\d+", generated)
-    return match is not None and match.group(0) == key
+        return passkey_prompt(tokenizer, haystack, length, depth, key, rng), key
+    city, word = rng.choice(CITIES), rng.choice(WORDS)
+    needle, question, prefix = (p.format(city=city, word=word) for p in NEEDLE)
+    return build_prompt(tokenizer, haystack, length, depth, needle, question, prefix, rng), word
 
 
 def _normalise(text: str) -> list[str]:
@@ -274,20 +227,10 @@ def evaluate_cell(plan: Plan, model, tokenizer, text_ids: list[int], length: int
         ids = torch.tensor(text_ids[:length])
         return perplexity_by_position(model, ids, bucket=plan.bucket, chunk=plan.chunk, progress=False, desc=desc)
     rng = cell_rng(plan.seed, plan.task, length, depth)
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     answers = []
     for _ in range(plan.samples):
         prompt, expected = make_sample(plan.task, tokenizer, text_ids, length, depth, rng)
-        ids = torch.tensor([prompt], device=device)
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=MAX_NEW_TOKENS[plan.task],
-            do_sample=False,
-            pad_token_id=pad,
-        )
-        text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        (text,) = greedy_answers(model, tokenizer, [prompt], MAX_NEW_TOKENS[plan.task])
         answers.append({"expected": expected, "answer": text, "correct": SCORERS[plan.task](text, expected)})
     accuracy = sum(a["correct"] for a in answers) / len(answers)
     return {"accuracy": accuracy, "samples": len(answers), "answers": answers}
@@ -340,7 +283,7 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype, gguf: Path |
 
 def read_text_ids(tokenizer, plan: Plan) -> list[int]:
     documents = load_texts((plan.text,), plan.text_config, plan.text_field, source="--text")
-    ids = _encode(tokenizer, "\n\n".join(documents))
+    ids = encode(tokenizer, "\n\n".join(documents))
     need = max(plan.lengths)
     if plan.task == "ppl" and len(ids) < need:
         raise LcpatchError(f"--text {plan.text!r} has only {len(ids)} tokens, fewer than the longest --lengths {need}.")

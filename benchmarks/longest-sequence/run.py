@@ -1,4 +1,4 @@
-"""Longest trainable sequence on one GPU, with and without lcpatch's memory savings (issue 12, item 4).
+"""Longest trainable sequence on one GPU, with and without lcpatch's memory savings.
 
 For a SmolLM2-135M-shaped and a Llama-3.2-1B-shaped model (random weights built from their configs: memory
 and speed do not depend on the weights), each setting trains batch-1 sequences of doubling length — LoRA
@@ -11,8 +11,8 @@ the GPU runs out of memory, and records per length the tokens/s and the peak mem
 
 The LM head's logits (length x vocab, fp32 in the loss) are part of what bounds the length, as in `lcpatch train`.
 
-    python scripts/longest_sequence.py --out $OUT/longest            # on the GPU machine (no downloads)
-    python scripts/longest_sequence.py --tiny --out /tmp/longest     # CPU check of the script (toy sizes)
+    python benchmarks/longest-sequence/run.py --out $OUT/longest            # on the GPU machine (no downloads)
+    python benchmarks/longest-sequence/run.py --tiny --out /tmp/longest     # CPU check of the script (toy sizes)
 
 Writes results.json and results.md to --out. Multi-GPU (DDP / ZeRO-3 / ZeRO-3 + SP) runs go through
 `accelerate launch --config_file recipes/accelerate/...` with `lcpatch train` (README, "Multi-GPU training").

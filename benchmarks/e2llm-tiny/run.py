@@ -7,7 +7,7 @@ held-out book is measured in windows of 256, 512, 1024 and 2048 bytes, each mode
 positions: plain g = 1, PI g = 8, E2-LLM g = ceil(n / 256) (its recipe's `factor: auto`). All
 training goes through `lcpatch.training.runner.run`, all loading through `lcpatch.from_pretrained`.
 
-    python scripts/e2llm_tiny.py --data ../shared/data/gutenberg --out results/e2llm-tiny \
+    python benchmarks/e2llm-tiny/run.py --data ../shared/data/gutenberg --out results/e2llm-tiny \
         [--fixture tests/fixtures/tiny-e2llm] [--eval-only]
 
 Writes results.json, results.md (whole windows; bytes past position 256 only) and perplexity.png in

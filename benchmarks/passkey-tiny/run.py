@@ -1,14 +1,14 @@
 """A tiny model that retrieves a passkey inside its training length, to test InfLLM's retrieval far past it on CPU.
 
-SmolLM2-135M cannot retrieve a passkey even in-length, and fine-tuning it (scripts/infllm_passkey.py) needs
+SmolLM2-135M cannot retrieve a passkey even in-length, and fine-tuning it (benchmarks/infllm-passkey) needs
 a GPU. This asks the same question at toy scale: a small Llama with a word-level vocabulary of the passkey
 prompts (lcpatch.eval.passkey) is trained from scratch on prompts of up to T tokens, then its accuracy is
 measured at 1x..8x T for vanilla, lm-infinite and infllm (the recipes' `auto` values, resolved from T).
 Byte-level models were tried first and stayed at chance on the key after 1,000 steps: in bytes the
 needle's "key is" and the filler's "sky is" differ only two bytes before " is".
 
-    python scripts/passkey_tiny.py --out runs/tiny-passkey                 # ~13 minutes on one CPU core
-    python scripts/passkey_tiny.py --out runs/tiny-passkey --variants --eval-lengths 256,1024
+    python benchmarks/passkey-tiny/run.py --out runs/tiny-passkey                 # ~13 minutes on one CPU core
+    python benchmarks/passkey-tiny/run.py --out runs/tiny-passkey --variants --eval-lengths 256,1024
 
 Writes the model (config, weights, tokenizer), results.json (accuracy per method, length and depth; the
 final loss on the answers; versions) and results.md into --out; --variants writes variants.json.
@@ -30,7 +30,15 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import lcpatch
-from lcpatch.eval.passkey import FILLER, INSTRUCTION, NEEDLE, QUESTION, passkey_accuracy, training_example
+from lcpatch.eval.passkey import (
+    ANSWER_PREFIX,
+    FILLER,
+    INSTRUCTION,
+    NEEDLE,
+    QUESTION,
+    passkey_accuracy,
+    training_example,
+)
 
 METHODS = {"vanilla": None, "lm-infinite": "lm-infinite", "infllm": "infllm"}
 # --variants: which part of InfLLM fails on this model (selection, representatives, init tokens, window).
@@ -48,7 +56,7 @@ EOS, UNK = "<eos>", "<unk>"
 
 def word_tokenizer() -> PreTrainedTokenizerFast:
     """Words, punctuation and single digits of the passkey prompts; decoding joins tokens with spaces."""
-    text = INSTRUCTION + FILLER + NEEDLE + QUESTION
+    text = INSTRUCTION + FILLER + NEEDLE + QUESTION + ANSWER_PREFIX
     words = sorted(set(re.findall(r"[A-Za-z]+|[^\sA-Za-z0-9{}]", text)) | set("0123456789"))
     vocab = {token: index for index, token in enumerate([EOS, UNK, *words])}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=UNK))

