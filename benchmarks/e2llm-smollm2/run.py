@@ -24,11 +24,10 @@ import time
 from pathlib import Path
 
 import torch
-import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import lcpatch
-from lcpatch.cli.common import MISSING, pyplot
+from lcpatch.cli.common import MISSING, environment, pyplot
 from lcpatch.eval.perplexity import perplexity_by_position
 from lcpatch.rope import E2LLM
 from lcpatch.training import CausalLMTraining, E2LLMTraining
@@ -125,10 +124,8 @@ def main() -> None:
         lines.append(f"| {bucket['start'] / 1024:g}k-{bucket['end'] / 1024:g}k | {cells} |")
     table = "\n".join(lines)
     meta = {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        **environment(device),
         "dtype": str(dtype),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
         "heldout": args.heldout,
         "training_length": length,
         "eval_tokens": ids.numel(),

@@ -30,7 +30,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 import lcpatch
-from lcpatch.cli.common import MISSING, pyplot
+from lcpatch.cli.common import MISSING, environment, pyplot
 from lcpatch.rope import E2LLM, Linear, NoScaling
 from lcpatch.training import CausalLMTraining, E2LLMTraining
 from lcpatch.training.runner import run
@@ -213,6 +213,7 @@ def main() -> None:
         "e2llm_beats_both_baselines_beyond_256": all(e2[str(n)] < min(plain[str(n)], pi[str(n)]) for n in LENGTHS[1:]),
     }
     meta = {
+        **environment(model.device),
         "heldout": args.heldout,
         "eval_bytes": args.eval_bytes,
         "base_steps": args.base_steps,
@@ -220,8 +221,6 @@ def main() -> None:
         "batch_size": args.batch_size,
         "sequence_length": L,
         "train_runtime_seconds": round(train_seconds),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     tables = (

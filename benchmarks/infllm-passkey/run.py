@@ -19,30 +19,19 @@ import argparse
 import contextlib
 import json
 import math
-import platform
 import random
 import time
 from pathlib import Path
 
 import torch
-import transformers
 
 import lcpatch
+from lcpatch.cli.common import environment
 from lcpatch.demo.smollm2 import load_smollm2, model_facts
 from lcpatch.eval.passkey import passkey_accuracy, training_example
 
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 VANILLA = "vanilla"
-
-
-def _environment() -> dict:
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
-    return {
-        "device": device,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "lcpatch": lcpatch.__version__,
-    }
 
 
 def _arguments(args: argparse.Namespace) -> dict:
@@ -94,7 +83,7 @@ def finetune(args: argparse.Namespace) -> None:
     )
     summary = {
         "args": _arguments(args),
-        "environment": _environment(),
+        "environment": environment(model.device),
         "loss": log,
         "seconds": time.time() - start,
         "in_length_accuracy": check["accuracy"],
@@ -118,7 +107,12 @@ def evaluate(args: argparse.Namespace) -> None:
 
         model = PeftModel.from_pretrained(model, args.adapter).merge_and_unload().eval()
     lengths = [int(n) for n in args.lengths.split(",")]
-    results = {"args": _arguments(args), "environment": _environment(), "model": model_facts(model), "runs": []}
+    results = {
+        "args": _arguments(args),
+        "environment": environment(model.device),
+        "model": model_facts(model),
+        "runs": [],
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for method in args.methods.split(","):

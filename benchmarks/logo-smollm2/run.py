@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
-import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import lcpatch
+from lcpatch.cli.common import environment
 from lcpatch.data.logo import build_logo_rows, write_rows
 from lcpatch.eval.perplexity import perplexity_by_position
 from lcpatch.training import LOGOTraining
@@ -222,13 +221,8 @@ def main() -> None:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     meta = {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        **environment(device),
         "dtype": str(dtype),
-        "versions": {
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "lcpatch": lcpatch.__version__,
-        },
         "tiny": args.tiny,
         "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "train_rows": len(train_rows),

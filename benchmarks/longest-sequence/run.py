@@ -23,17 +23,16 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
-import transformers
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaForCausalLM
 
 import lcpatch
 from lcpatch.bench.presets import preset_config
+from lcpatch.cli.common import environment
 
 # Shapes from lcpatch.bench.presets.PRESETS (random weights: memory and speed depend on the shape only).
 SHAPES = ("smollm2-135m", "llama3.2-1b")
@@ -145,9 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         for setting in args.settings:
             print(f"{name} / {setting}")
             results[name][setting] = longest(name, SETTINGS[setting], args, device, dtype)
-    device_name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+    meta = environment(device)
+    device_name = meta["device"]
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"device": device_name, "torch": torch.__version__, "transformers": transformers.__version__}
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     (args.out / "results.md").write_text(markdown(results, device_name))
     print(markdown(results, device_name))

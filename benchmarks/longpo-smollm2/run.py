@@ -26,18 +26,17 @@ import argparse
 import dataclasses
 import json
 import math
-import platform
 import time
 from collections import Counter
 from pathlib import Path
 
 import peft
 import torch
-import transformers
 import trl
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import lcpatch
+from lcpatch.cli.common import environment
 from lcpatch.data import generate_batched
 from lcpatch.data.longpo import PairOptions, build_pairs, prompt_ids
 from lcpatch.eval.perplexity import perplexity_by_position
@@ -252,15 +251,10 @@ def main() -> None:
         lines.append(f"| {bucket['start'] / 1024:g}k-{bucket['end'] / 1024:g}k | {cells} |")
     table = "\n".join(lines)
     run_facts = {
-        "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+        **environment(device),
+        "trl": trl.__version__,
+        "peft": peft.__version__,
         "dtype": str(dtype),
-        "versions": {
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "trl": trl.__version__,
-            "peft": peft.__version__,
-            "lcpatch": lcpatch.__version__,
-        },
         "tiny": args.tiny,
         "recipe": recipe.to_dict(),
         "pair_options": dataclasses.asdict(options),

@@ -18,18 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import re
 import time
 from pathlib import Path
 
 import torch
-import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import lcpatch
+from lcpatch.cli.common import environment
 from lcpatch.eval.passkey import (
     ANSWER_PREFIX,
     FILLER,
@@ -189,11 +188,7 @@ def main() -> None:
         "depths": DEPTHS,
         "train_seconds": seconds,
         "final_answer_loss": None if losses is None else sum(losses[-100:]) / len(losses[-100:]),
-        "device": platform.processor() or "cpu",
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "date": time.strftime("%Y-%m-%d"),
+        **environment("cpu"),
     }
     (args.out / "results.json").write_text(json.dumps({"accuracy": results, "run": meta}, indent=2))
     (args.out / "results.md").write_text(summary + "\n")
