@@ -1,6 +1,6 @@
 """Λ attention for prefill and training: Triton forward and backward, launcher, autograd.Function.
 
-Spec: `lcpatch.attention.lambda_reference.lambda_attention_reference` (differentiable PyTorch).
+Spec: `lambda_reference.lambda_attention_reference` beside it (differentiable PyTorch).
 
 Keys are rotated once per call at their absolute positions (`rope.py`), queries inside the kernels.
 A query block covering key slots [s0, s1) (queries are the last Lq key slots) visits only
@@ -22,10 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lcpatch.attention.lm_infinite import LambdaSpec
-from lcpatch.attention.rotary import Rotary
-
 from .rope import cos_sin, frequency_turns, rope, rotate, rotated_rows
+from .specs import LambdaSpec, Rotary
 from .utils import LOG2E, dot_precision, interpreting, tanh
 
 
@@ -978,7 +976,7 @@ def _lambda_bwd_kv(
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, head dim and float32-or-not; measured on an
-# H100 with `python -m lcpatch.bench_attention --sweep`. Fixed rather than autotuned: a new prompt
+# H100 with the attention benchmark's `--sweep`. Fixed rather than autotuned: a new prompt
 # length never stalls on tuning, and each variant compiles once.
 GPU_CONFIGS: dict[tuple[str, int, bool], tuple[int, int, int, int]] = {
     ("fwd", 64, False): (128, 64, 4, 3),
@@ -1003,7 +1001,7 @@ def kernel_config(name: str, dim: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
 
 
-def _forward(q, k, v, qpos, kpos, kvalid, spec, rotary, scaling, softcap, need_lse):
+def prefill_forward(q, k, v, qpos, kpos, kvalid, spec, rotary, scaling, softcap, need_lse):
     batch, q_heads, q_len, dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
     capped, far_pos = far_rule(spec)
@@ -1227,7 +1225,7 @@ def _backward(do, q, k, v, out, lse, qpos, kpos, kvalid, prefix, spec, rotary, s
 class LambdaAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, qpos, kpos, kvalid, spec, rotary, scaling, softcap):
-        out, lse, prefix = _forward(q, k, v, qpos, kpos, kvalid, spec, rotary, scaling, softcap, need_lse=True)
+        out, lse, prefix = prefill_forward(q, k, v, qpos, kpos, kvalid, spec, rotary, scaling, softcap, need_lse=True)
         ctx.save_for_backward(q, k, v, out, lse, qpos, kpos, kvalid, prefix)
         ctx.args = (spec, rotary, scaling, softcap)
         return out
@@ -1256,7 +1254,7 @@ def lambda_prefill(
         return LambdaAttentionFunction.apply(
             query, key, value, query_positions, key_positions, key_valid, spec, rotary, scaling, softcap
         )
-    out, _, _ = _forward(
+    out, _, _ = prefill_forward(
         query, key, value, query_positions, key_positions, key_valid, spec, rotary, scaling, softcap, need_lse=False
     )
     return out

@@ -29,8 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .attention.lm_infinite import LambdaSpec
-from .attention.rotary import Rotary
+from .kernels.specs import LambdaSpec, Rotary
 from .plotting import MISSING, pyplot
 
 BATCH, Q_HEADS, KV_HEADS, DIM = 1, 32, 8, 128
@@ -96,7 +95,7 @@ class Prefill:
     def __init__(self, n: int):
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-        from .kernels import lambda_attention
+        from .kernels.dispatch import lambda_attention
 
         self.n = n
         gen = torch.Generator(device="cuda").manual_seed(0)
@@ -197,7 +196,7 @@ def cache_layout(seen: int, new: int = 1):
 
 
 def run_decode(contexts: list[int], methods: list[str] | None = None) -> list[dict]:
-    from .kernels import lambda_attention
+    from .kernels.dispatch import lambda_attention
 
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -280,7 +279,7 @@ def run_sweep(n: int) -> list[dict]:
     del case
     torch.cuda.empty_cache()
 
-    from .kernels import lambda_attention
+    from .kernels.dispatch import lambda_attention
 
     q_pos, k_pos, valid = cache_layout(32768)
     gen = torch.Generator(device="cuda").manual_seed(0)

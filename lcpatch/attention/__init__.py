@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 from ..errors import RecipeError
 from ..fields import check_keys
 from .infllm import InfLLM
-from .lm_infinite import LambdaSpec, LMInfinite, StreamingLLM
+from .lm_infinite import LMInfinite, StreamingLLM
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,6 @@ __all__ = [
     "AttentionMethod",
     "Dense",
     "InfLLM",
-    "LambdaSpec",
     "LMInfinite",
     "StreamingLLM",
     "attention_from_dict",

@@ -23,9 +23,9 @@ from typing import ClassVar
 
 import torch
 
-from ..attention.rotary import Rotary
 from ..errors import LcpatchError
 from ..fields import AUTO, check_number
+from ..kernels.specs import Rotary
 from ..models.structure import ModelStructure, unwrap
 from ..patching import PatchLog
 
