@@ -7,6 +7,7 @@ import torch
 from .lambda_decode import DECODE_MAX_ROWS, lambda_decode
 from .lambda_prefill import lambda_prefill
 from .specs import LambdaSpec, Rotary
+from .utils import unit_last
 
 
 def query_rows(query: torch.Tensor, key: torch.Tensor) -> int:
@@ -44,6 +45,6 @@ def lambda_attention(
             f"{query_rows(query, key)} query rows per KV head over keys out of stream order: the decode kernel "
             f"takes at most {DECODE_MAX_ROWS}, and the prefill kernel needs keys in stream order."
         )
-    query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
+    query, key, value = unit_last(query, key, value)
     run = lambda_decode if decode else lambda_prefill
     return run(query, key, value, query_positions, key_positions, key_valid, spec, rotary, scaling, softcap)

@@ -19,6 +19,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def unit_last(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors with a unit stride on their last dim, copied only where they lack one: the kernels
+    take any other strides, but address each row's elements as consecutive."""
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
+
+
 def grid_rows(length: int, block: int, programs: int) -> tuple[int, int]:
     return (triton.cdiv(length, block), programs)
 

@@ -12,9 +12,8 @@ class SupportTable(list):
     def __str__(self) -> str:
         lines = ["| family | model_type | methods | example checkpoint |", "|---|---|---|---|"]
         for row in self:
-            lines.append(
-                f"| {row['family']} | {', '.join(row['model_types'])} | {', '.join(row['methods'])} | {row['example']} |"
-            )
+            cells = (row["family"], ", ".join(row["model_types"]), ", ".join(row["methods"]), row["example"])
+            lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
     def _repr_markdown_(self) -> str:
