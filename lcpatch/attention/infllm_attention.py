@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..cache import BlockMemoryCache, BlockMemoryLayer
 from ..cache.block_memory import build_plan
 from ..cache.lambda_cache import LambdaCacheLayer
 from ..kernels.specs import InfLLMSpec, LambdaSpec, StepInfo
 from ..models import ModelStructure
 from .backends import select_backend
-from .infllm import InfLLM
 from .infllm_reference import infllm_attention_reference
 from .lambda_attention import lambda_layer_attention
+
+if TYPE_CHECKING:  # the method config imports this module to build its runtime
+    from .infllm import InfLLM
 
 
 def layer_specs(structure: ModelStructure, spec: InfLLMSpec) -> list[InfLLMSpec | LambdaSpec]:

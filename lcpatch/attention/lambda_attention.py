@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ..cache import LambdaCache, LambdaCacheLayer, RingLambdaCache
@@ -9,7 +11,9 @@ from ..errors import CacheError
 from ..kernels.specs import LambdaSpec, StepInfo
 from ..models import ModelStructure
 from .backends import select_backend
-from .lm_infinite import LMInfinite, StreamingLLM
+
+if TYPE_CHECKING:  # the method configs import this module to build their runtime
+    from .lm_infinite import LMInfinite, StreamingLLM
 
 
 def layer_specs(structure: ModelStructure, method: LMInfinite | StreamingLLM) -> list[LambdaSpec]:
