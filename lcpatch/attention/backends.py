@@ -39,8 +39,6 @@ def warn_once(message: str) -> None:
 class TorchBackend:
     """The PyTorch references: every op, on any device and tensors."""
 
-    name = "torch"
-
     def lambda_attention(self, *args, **kwargs) -> torch.Tensor:
         return lambda_attention_reference(*args, **kwargs)
 
@@ -50,8 +48,6 @@ class TorchBackend:
 
 class TritonBackend:
     """lcpatch's Triton kernels (`lcpatch.kernels`): CUDA devices, or CPU under TRITON_INTERPRET=1."""
-
-    name = "triton"
 
     def available(self, device: torch.device) -> Verdict:
         """Whether the kernels can run for a model on `device` (CUDA only: see the module docstring)."""
@@ -69,29 +65,24 @@ class TritonBackend:
 
     def verify(self, op: str, query, key, value, rotary: Rotary, dropout: float, keys_in_stream_order=True) -> Verdict:
         """Whether the kernels of `op` take these tensors; the reason names what they do not support."""
-        reason = self._unsupported(op, query, key, value, rotary, dropout, keys_in_stream_order)
-        return reason is None, reason
-
-    @staticmethod
-    def _unsupported(op, query, key, value, rotary, dropout, keys_in_stream_order) -> str | None:
         from ..kernels.dispatch import DECODE_MAX_ROWS, query_rows, takes_decode
         from ..kernels.utils import DTYPES, HEAD_DIMS, interpreting
 
         dim = query.shape[-1]
         if dim not in HEAD_DIMS or key.shape[-1] != dim or value.shape[-1] != dim:
-            return f"head dims q/k/v {dim}/{key.shape[-1]}/{value.shape[-1]} (kernels: {HEAD_DIMS}, all equal)"
+            return False, f"head dims q/k/v {dim}/{key.shape[-1]}/{value.shape[-1]} (kernels: {HEAD_DIMS}, all equal)"
         if rotary.dim != dim:
-            return f"partial rotary ({rotary.dim} of {dim} dims rotated)"
+            return False, f"partial rotary ({rotary.dim} of {dim} dims rotated)"
         if query.dtype not in DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
-            return f"dtypes q/k/v {query.dtype}/{key.dtype}/{value.dtype} (kernels: one of fp16, bf16, fp32)"
+            return False, f"dtypes q/k/v {query.dtype}/{key.dtype}/{value.dtype} (kernels: one of fp16, bf16, fp32)"
         if dropout > 0.0:
-            return f"attention dropout {dropout}"
+            return False, f"attention dropout {dropout}"
         if query.device.type != "cuda" and not interpreting():
-            return f"tensors on {query.device.type} (set TRITON_INTERPRET=1 to run the kernels on CPU)"
+            return False, f"tensors on {query.device.type} (set TRITON_INTERPRET=1 to run the kernels on CPU)"
         if op == "lambda_attention" and not (keys_in_stream_order or takes_decode(query, key, value)):
-            rows = query_rows(query, key)
-            return f"{rows} query rows per KV head over keys out of stream order (decode kernel: <= {DECODE_MAX_ROWS})"
-        return None
+            rows = f"{query_rows(query, key)} query rows per KV head"
+            return False, f"{rows} over keys out of stream order (decode kernel: <= {DECODE_MAX_ROWS})"
+        return True, None
 
     def lambda_attention(
         self,
