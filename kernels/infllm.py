@@ -1,6 +1,6 @@
 """InfLLM execution-block attention on the Λ prefill kernel, plus the representative-score band.
 
-Spec: `lcpatch.attention.infllm_reference.execution_block_attention` (same arguments and results).
+Spec: `execution_block_attention` of the InfLLM reference (same arguments and results).
 
 An execution block's attention is Λ attention in which every causal key is visible (n_global beyond
 any position), with window = distance cap = n_local: pairs inside the local window at their true
@@ -17,11 +17,8 @@ import math
 
 import torch
 
-from lcpatch.attention.infllm import InfLLMSpec
-from lcpatch.attention.lm_infinite import LambdaSpec
-from lcpatch.attention.rotary import Rotary
-
-from .lambda_prefill import _forward
+from .lambda_prefill import prefill_forward
+from .specs import InfLLMSpec, LambdaSpec, Rotary
 
 EVERY_KEY = 1 << 30  # n_global above any position: the Λ rule then hides no causal key
 
@@ -60,7 +57,7 @@ def execution_block_attention_triton(
     valid = torch.cat((memory_valid, near_valid), dim=1).contiguous()
     rule = LambdaSpec(EVERY_KEY, spec.n_local, spec.n_local)
     q_positions = query_positions.to(torch.int32).contiguous()
-    out, lse, _ = _forward(
+    out, lse, _ = prefill_forward(
         query.contiguous(), keys, values, q_positions, positions, valid, rule, rotary, scaling, softcap, need_lse=True
     )
 

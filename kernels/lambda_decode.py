@@ -1,6 +1,6 @@
 """Λ attention for decoding: a few queries over the bounded cache, split-KV (flash-decoding).
 
-Spec: `lcpatch.attention.lambda_reference.lambda_attention_reference`.
+Spec: `lambda_reference.lambda_attention_reference` beside it.
 
 The cache holds at most n_global + window (+ the new tokens) slots, so every slot is a candidate
 and the mask follows positions and key_valid alone. All query heads of one KV head (and all new
@@ -15,16 +15,14 @@ import torch
 import triton
 import triton.language as tl
 
-from lcpatch.attention.lm_infinite import LambdaSpec
-from lcpatch.attention.rotary import Rotary
-
 from .lambda_prefill import far_rule
 from .rope import cos_sin, frequency_turns, rotate, rotated_rows
+from .specs import LambdaSpec, Rotary
 from .utils import LOG2E, dot_precision, interpreting, sm_count, tanh
 
 # Rows = query heads per KV head x new tokens; more than this goes to the prefill kernel.
 DECODE_MAX_ROWS = 64
-# (BLOCK_N, num_warps, num_stages, programs per SM), measured on an H100 (`lcpatch bench attention --sweep`).
+# (BLOCK_N, num_warps, num_stages, programs per SM), measured on an H100 (the attention benchmark's --sweep).
 DECODE_CONFIG = (64, 4, 3, 4)
 
 

@@ -1,6 +1,6 @@
 """Λ attention for prefill and training: Triton forward and backward, launcher, autograd.Function.
 
-Spec: `lcpatch.attention.lambda_reference.lambda_attention_reference` (differentiable PyTorch).
+Spec: `lambda_reference.lambda_attention_reference` beside it (differentiable PyTorch).
 
 Keys are rotated once per call at their absolute positions (`rope.py`), queries inside the kernels.
 A query block covering key slots [s0, s1) (queries are the last Lq key slots) visits only
@@ -14,6 +14,13 @@ key_valid, exactly as in the reference, which also assumes that a key the positi
 query lies in its slot window (LambdaCache and plain prefill lay keys out in stream order). Window
 tiles that every query of the block sees whole (known from per-tile position bounds computed by
 the launcher) skip the mask altogether: that is most of them when window >> block.
+
+Layouts. q, k, v (B, H, L, D) and the output's gradient (B, Lq, Hq, D) are read where the caller
+keeps them (transformers hands q/k/v over as transposed views, the Λ cache keeps its own layout), so
+the kernels take their strides: (b, h, l) for q/k/v, (b, l, h) for the gradient, and the batch
+stride of positions and validity (B, L). Every last dim has unit stride. What the launchers allocate
+is contiguous and addressed from its shape: the rotated q and k (B, H, L, D), the output and dq in
+(B, Lq, Hq, D) memory, lse and delta (B, Hq, Lq), dk and dv (B, Hkv, Lk, D), the tile bounds.
 """
 
 from __future__ import annotations
@@ -22,11 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from lcpatch.attention.lm_infinite import LambdaSpec
-from lcpatch.attention.rotary import Rotary
-
 from .rope import cos_sin, frequency_turns, rope, rotate, rotated_rows
-from .utils import LOG2E, dot_precision, interpreting, tanh
+from .specs import LambdaSpec, Rotary
+from .utils import LOG2E, dot_precision, interpreting, tanh, unit_last
 
 
 def far_rule(spec: LambdaSpec) -> tuple[bool, int]:
@@ -64,41 +69,11 @@ def block_bounds(positions: torch.Tensor, valid: torch.Tensor | None, block: int
 
 @triton.jit
 def _fwd_blocks(
-    acc,
-    m_i,
-    l_i,
-    q1,
-    q2,
-    qf1,
-    qf2,
-    qp,
-    q_slot,
-    q_lo,
-    q_hi,
-    KN,
-    KF,
-    V,
-    KPOS,
-    KVALID,
-    BOUNDS,
-    skn_l,
-    skf_l,
-    sv_l,
-    skp_l,
-    skv_l,
-    lo,
-    hi,
-    n_global,
-    window,
-    scaling,
-    softcap,
-    HALF: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    FAR: tl.constexpr,
-    CAPPED: tl.constexpr,
-    SOFTCAP: tl.constexpr,
+    acc, m_i, l_i, q1, q2, qf1, qf2, qp, q_slot, q_lo, q_hi, KN, KF, V, KPOS, KVALID, BOUNDS, skf_l, sv_l, lo, hi,
+    n_global, window, scaling, softcap,
+    HALF: tl.constexpr, BLOCK_N: tl.constexpr, FAR: tl.constexpr, CAPPED: tl.constexpr, SOFTCAP: tl.constexpr,
     DOT_PREC: tl.constexpr,
-):
+):  # fmt: skip
     """Online softmax over key slots [lo, hi). q is pre-scaled by scaling·log2(e) unless SOFTCAP.
 
     FAR: prefix slots, always masked. Otherwise window slots, in BLOCK_N-aligned tiles: a tile
@@ -115,7 +90,7 @@ def _fwd_blocks(
         next_min = tl.load(BOUNDS + (lo // BLOCK_N) * 2, mask=lo < hi, other=0)
         next_max = tl.load(BOUNDS + (lo // BLOCK_N) * 2 + 1, mask=lo < hi, other=0)
     for start in range(lo, hi, BLOCK_N):
-        k_rows = KN + start * skn_l + offs_n0[:, None] * skn_l + offs_h[None, :]
+        k_rows = KN + (start + offs_n0)[:, None] * (2 * HALF) + offs_h[None, :]
         n_ok = start + offs_n0 < hi
         k1 = tl.load(k_rows, mask=n_ok[:, None], other=0.0)
         k2 = tl.load(k_rows + HALF, mask=n_ok[:, None], other=0.0)
@@ -123,8 +98,8 @@ def _fwd_blocks(
         s = tl.dot(q2, tl.trans(k2), s, input_precision=DOT_PREC)
         if FAR:
             offs_n = start + offs_n0
-            kp = tl.load(KPOS + offs_n * skp_l, mask=n_ok, other=0).to(tl.int32)
-            valid = (tl.load(KVALID + offs_n * skv_l, mask=n_ok, other=0) != 0) & n_ok
+            kp = tl.load(KPOS + offs_n, mask=n_ok, other=0).to(tl.int32)
+            valid = (tl.load(KVALID + offs_n, mask=n_ok, other=0) != 0) & n_ok
             d = qp[:, None] - kp[None, :]
             if CAPPED:
                 f_rows = KF + start * skf_l + offs_n0[:, None] * skf_l + offs_h[None, :]
@@ -154,8 +129,8 @@ def _fwd_blocks(
                 z = s
             else:
                 offs_n = start + offs_n0
-                kp = tl.load(KPOS + offs_n * skp_l, mask=n_ok, other=0).to(tl.int32)
-                valid = tl.load(KVALID + offs_n * skv_l, mask=n_ok, other=0) != 0
+                kp = tl.load(KPOS + offs_n, mask=n_ok, other=0).to(tl.int32)
+                valid = tl.load(KVALID + offs_n, mask=n_ok, other=0) != 0
                 d = qp[:, None] - kp[None, :]
                 vis = (valid & n_ok & (offs_n >= first))[None, :] & (d >= 0) & (d < window)
                 z = tl.where(vis, s, float("-inf"))
@@ -172,57 +147,12 @@ def _fwd_blocks(
 
 @triton.jit
 def _lambda_fwd(
-    Q,
-    KN,
-    KF,
-    V,
-    OUT,
-    LSE,
-    QPOS,
-    KPOS,
-    KVALID,
-    BOUNDS,
-    PREFIX,
-    TURNS,
-    sq_b,
-    sq_h,
-    sq_l,
-    skn_b,
-    skn_h,
-    skn_l,
-    skf_b,
-    skf_h,
-    skf_l,
-    sv_b,
-    sv_h,
-    sv_l,
-    so_b,
-    so_l,
-    so_h,
-    sqp_b,
-    sqp_l,
-    skp_b,
-    skp_l,
-    skv_b,
-    skv_l,
-    sbd_b,
-    Hq,
-    Lq,
-    Lk,
-    group,
-    n_global,
-    window,
-    far_pos,
-    rot_scale,
-    scaling,
-    softcap,
-    HALF: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    CAPPED: tl.constexpr,
-    SOFTCAP: tl.constexpr,
+    Q, KN, KF, V, OUT, LSE, QPOS, KPOS, KVALID, BOUNDS, PREFIX, TURNS,
+    sq_b, sq_h, sq_l, skf_b, skf_h, skf_l, sv_b, sv_h, sv_l, sqp_b, skp_b, skv_b,
+    Hq, Lq, Lk, group, n_global, window, far_pos, rot_scale, scaling, softcap,
+    HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAPPED: tl.constexpr, SOFTCAP: tl.constexpr,
     DOT_PREC: tl.constexpr,
-):
+):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hq).to(tl.int64)
@@ -230,7 +160,7 @@ def _lambda_fwd(
     hk = (h // group).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < Lq
-    qp = tl.load(QPOS + b * sqp_b + offs_m * sqp_l, mask=m_ok, other=0).to(tl.int32)
+    qp = tl.load(QPOS + b * sqp_b + offs_m, mask=m_ok, other=0).to(tl.int32)
     q_rows = Q + b * sq_b + h.to(tl.int64) * sq_h + offs_m.to(tl.int64) * sq_l
     if SOFTCAP:
         q_scale = 1.0
@@ -241,12 +171,12 @@ def _lambda_fwd(
     q_hi = tl.max(tl.where(m_ok, qp, -(1 << 30)), 0)
     q_slot = Lk - Lq + offs_m
 
-    KN = KN + b * skn_b + hk * skn_h
+    KN = KN + (b * (Hq // group) + hk) * Lk * (2 * HALF)
     KF = KF + b * skf_b + hk * skf_h
     V = V + b * sv_b + hk * sv_h
     KPOS = KPOS + b * skp_b
     KVALID = KVALID + b * skv_b
-    BOUNDS = BOUNDS + b * sbd_b
+    BOUNDS = BOUNDS + b * tl.cdiv(Lk, BLOCK_N) * 2
     prefix = tl.load(PREFIX)
     s0 = Lk - Lq + pid_m * BLOCK_M
     s1 = tl.minimum(s0 + BLOCK_M, Lk)
@@ -255,82 +185,19 @@ def _lambda_fwd(
     m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc, m_i, l_i = _fwd_blocks(
-        acc,
-        m_i,
-        l_i,
-        q1,
-        q2,
-        qf1,
-        qf2,
-        qp,
-        q_slot,
-        q_lo,
-        q_hi,
-        KN,
-        KF,
-        V,
-        KPOS,
-        KVALID,
-        BOUNDS,
-        skn_l,
-        skf_l,
-        sv_l,
-        skp_l,
-        skv_l,
-        0,
-        tl.minimum(prefix, s1),
-        n_global,
-        window,
-        scaling,
-        softcap,
-        HALF,
-        BLOCK_N,
-        True,
-        CAPPED,
-        SOFTCAP,
-        DOT_PREC,
-    )
+        acc, m_i, l_i, q1, q2, qf1, qf2, qp, q_slot, q_lo, q_hi, KN, KF, V, KPOS, KVALID, BOUNDS, skf_l, sv_l,
+        0, tl.minimum(prefix, s1), n_global, window, scaling, softcap, HALF, BLOCK_N, True, CAPPED, SOFTCAP, DOT_PREC,
+    )  # fmt: skip
     acc, m_i, l_i = _fwd_blocks(
-        acc,
-        m_i,
-        l_i,
-        q1,
-        q2,
-        qf1,
-        qf2,
-        qp,
-        q_slot,
-        q_lo,
-        q_hi,
-        KN,
-        KF,
-        V,
-        KPOS,
-        KVALID,
-        BOUNDS,
-        skn_l,
-        skf_l,
-        sv_l,
-        skp_l,
-        skv_l,
-        tl.maximum(prefix, s0 - window + 1),
-        s1,
-        n_global,
-        window,
-        scaling,
-        softcap,
-        HALF,
-        BLOCK_N,
-        False,
-        CAPPED,
-        SOFTCAP,
-        DOT_PREC,
-    )
+        acc, m_i, l_i, q1, q2, qf1, qf2, qp, q_slot, q_lo, q_hi, KN, KF, V, KPOS, KVALID, BOUNDS, skf_l, sv_l,
+        tl.maximum(prefix, s0 - window + 1), s1, n_global, window, scaling, softcap, HALF, BLOCK_N, False, CAPPED,
+        SOFTCAP, DOT_PREC,
+    )  # fmt: skip
     seen = l_i > 0
     l_safe = tl.where(seen, l_i, 1.0)
     out = acc / l_safe[:, None]
     offs_d = tl.arange(0, 2 * HALF)
-    o_rows = OUT + b * so_b + h.to(tl.int64) * so_h + offs_m.to(tl.int64) * so_l
+    o_rows = OUT + ((b * Lq + offs_m) * Hq + h) * (2 * HALF)
     tl.store(o_rows[:, None] + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=m_ok[:, None])
     if LSE is not None:
         lse = tl.where(seen, m_i + tl.log2(l_safe), float("inf"))
@@ -341,21 +208,7 @@ def _lambda_fwd(
 
 
 @triton.jit
-def _bwd_preprocess(
-    OUT,
-    DO,
-    DELTA,
-    so_b,
-    so_l,
-    so_h,
-    sdo_b,
-    sdo_l,
-    sdo_h,
-    Hq,
-    Lq,
-    D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-):
+def _bwd_preprocess(OUT, DO, DELTA, sdo_b, sdo_l, sdo_h, Hq, Lq, D: tl.constexpr, BLOCK_M: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hq).to(tl.int64)
@@ -363,7 +216,7 @@ def _bwd_preprocess(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     ok = offs_m < Lq
     offs_d = tl.arange(0, D)
-    o = tl.load(OUT + b * so_b + h * so_h + offs_m[:, None].to(tl.int64) * so_l + offs_d[None, :], mask=ok[:, None])
+    o = tl.load(OUT + ((b * Lq + offs_m[:, None]) * Hq + h) * D + offs_d[None, :], mask=ok[:, None])
     do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None].to(tl.int64) * sdo_l + offs_d[None, :], mask=ok[:, None])
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + pid_bh.to(tl.int64) * Lq + offs_m, delta, mask=ok)
@@ -371,46 +224,11 @@ def _bwd_preprocess(
 
 @triton.jit
 def _bwd_q_blocks(
-    dq1,
-    dq2,
-    q1,
-    q2,
-    qf1,
-    qf2,
-    do,
-    lse,
-    delta,
-    qp,
-    q_slot,
-    q_lo,
-    q_hi,
-    TURNS,
-    far_pos,
-    far_ratio,
-    KN,
-    KF,
-    V,
-    KPOS,
-    KVALID,
-    BOUNDS,
-    skn_l,
-    skf_l,
-    sv_l,
-    skp_l,
-    skv_l,
-    lo,
-    hi,
-    n_global,
-    window,
-    scaling,
-    softcap,
-    HALF: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    FAR: tl.constexpr,
-    CAPPED: tl.constexpr,
-    SOFTCAP: tl.constexpr,
+    dq1, dq2, q1, q2, qf1, qf2, do, lse, delta, qp, q_slot, q_lo, q_hi, TURNS, far_pos, far_ratio,
+    KN, KF, V, KPOS, KVALID, BOUNDS, skf_l, sv_l, lo, hi, n_global, window, scaling, softcap,
+    HALF: tl.constexpr, BLOCK_N: tl.constexpr, FAR: tl.constexpr, CAPPED: tl.constexpr, SOFTCAP: tl.constexpr,
     DOT_PREC: tl.constexpr,
-):
+):  # fmt: skip
     """dq over key slots [lo, hi), tiled as in _fwd_blocks (aligned window tiles, whole-tile skip)."""
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_h = tl.arange(0, HALF)
@@ -424,15 +242,15 @@ def _bwd_q_blocks(
         offs_n = start + offs_n0
         n_ok = offs_n < hi
         if FAR:
-            kp = tl.load(KPOS + offs_n * skp_l, mask=n_ok, other=0).to(tl.int32)
-            valid = (tl.load(KVALID + offs_n * skv_l, mask=n_ok, other=0) != 0) & n_ok
+            kp = tl.load(KPOS + offs_n, mask=n_ok, other=0).to(tl.int32)
+            valid = (tl.load(KVALID + offs_n, mask=n_ok, other=0) != 0) & n_ok
         else:
             k_min = next_min
             k_max = next_max
             more = start + BLOCK_N < hi
             next_min = tl.load(BOUNDS + (start // BLOCK_N + 1) * 2, mask=more, other=0)
             next_max = tl.load(BOUNDS + (start // BLOCK_N + 1) * 2 + 1, mask=more, other=0)
-        k_rows = KN + start * skn_l + offs_n0[:, None] * skn_l + offs_h[None, :]
+        k_rows = KN + offs_n[:, None] * (2 * HALF) + offs_h[None, :]
         k1 = tl.load(k_rows, mask=n_ok[:, None], other=0.0)
         k2 = tl.load(k_rows + HALF, mask=n_ok[:, None], other=0.0)
         v_rows = V + start * sv_l + offs_n0[:, None] * sv_l + offs_d[None, :]
@@ -465,8 +283,8 @@ def _bwd_q_blocks(
             if whole & (q_lo - k_max >= 0) & (q_hi - k_min < window):
                 p = tl.exp2(z - lse[:, None])
             else:
-                kp = tl.load(KPOS + offs_n * skp_l, mask=n_ok, other=0).to(tl.int32)
-                valid = tl.load(KVALID + offs_n * skv_l, mask=n_ok, other=0) != 0
+                kp = tl.load(KPOS + offs_n, mask=n_ok, other=0).to(tl.int32)
+                valid = tl.load(KVALID + offs_n, mask=n_ok, other=0) != 0
                 d = qp[:, None] - kp[None, :]
                 vis = (valid & n_ok & (offs_n >= first))[None, :] & (d >= 0) & (d < window)
                 p = tl.where(vis, tl.exp2(z - lse[:, None]), 0.0)
@@ -501,64 +319,12 @@ def _bwd_q_blocks(
 
 @triton.jit
 def _lambda_bwd_q(
-    QN,
-    QF,
-    KN,
-    KF,
-    V,
-    DO,
-    LSE,
-    DELTA,
-    DQ,
-    QPOS,
-    KPOS,
-    KVALID,
-    BOUNDS,
-    TURNS,
-    sqn_b,
-    sqn_h,
-    sqn_l,
-    skn_b,
-    skn_h,
-    skn_l,
-    skf_b,
-    skf_h,
-    skf_l,
-    sv_b,
-    sv_h,
-    sv_l,
-    sdo_b,
-    sdo_l,
-    sdo_h,
-    sdq_b,
-    sdq_h,
-    sdq_l,
-    sqp_b,
-    sqp_l,
-    skp_b,
-    skp_l,
-    skv_b,
-    skv_l,
-    sbd_b,
-    Hq,
-    Lq,
-    Lk,
-    prefix,
-    group,
-    n_global,
-    window,
-    far_pos,
-    far_ratio,
-    rot_scale,
-    scaling,
-    softcap,
-    HALF: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    CAPPED: tl.constexpr,
-    SOFTCAP: tl.constexpr,
+    QN, QF, KN, KF, V, DO, LSE, DELTA, DQ, QPOS, KPOS, KVALID, BOUNDS, TURNS,
+    skf_b, skf_h, skf_l, sv_b, sv_h, sv_l, sdo_b, sdo_l, sdo_h, sqp_b, skp_b, skv_b,
+    Hq, Lq, Lk, prefix, group, n_global, window, far_pos, far_ratio, rot_scale, scaling, softcap,
+    HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAPPED: tl.constexpr, SOFTCAP: tl.constexpr,
     DOT_PREC: tl.constexpr,
-):
+):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hq).to(tl.int64)
@@ -568,8 +334,8 @@ def _lambda_bwd_q(
     m_ok = offs_m < Lq
     offs_h = tl.arange(0, HALF)
     offs_d = tl.arange(0, 2 * HALF)
-    qp = tl.load(QPOS + b * sqp_b + offs_m * sqp_l, mask=m_ok, other=0).to(tl.int32)
-    q_rows = (b * sqn_b + h * sqn_h + offs_m.to(tl.int64) * sqn_l)[:, None] + offs_h[None, :]
+    qp = tl.load(QPOS + b * sqp_b + offs_m, mask=m_ok, other=0).to(tl.int32)
+    q_rows = ((b * Hq + h) * Lq + offs_m)[:, None] * (2 * HALF) + offs_h[None, :]
     q1 = tl.load(QN + q_rows, mask=m_ok[:, None], other=0.0)
     q2 = tl.load(QN + q_rows + HALF, mask=m_ok[:, None], other=0.0)
     qf1 = tl.load(QF + q_rows, mask=m_ok[:, None], other=0.0)
@@ -582,147 +348,41 @@ def _lambda_bwd_q(
     q_hi = tl.max(tl.where(m_ok, qp, -(1 << 30)), 0)
     q_slot = Lk - Lq + offs_m
 
-    KN = KN + b * skn_b + hk * skn_h
+    KN = KN + (b * (Hq // group) + hk) * Lk * (2 * HALF)
     KF = KF + b * skf_b + hk * skf_h
     V = V + b * sv_b + hk * sv_h
     KPOS = KPOS + b * skp_b
     KVALID = KVALID + b * skv_b
-    BOUNDS = BOUNDS + b * sbd_b
+    BOUNDS = BOUNDS + b * tl.cdiv(Lk, BLOCK_N) * 2
     s0 = Lk - Lq + pid_m * BLOCK_M
     s1 = tl.minimum(s0 + BLOCK_M, Lk)
     dq1 = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
     dq2 = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
     dq1, dq2 = _bwd_q_blocks(
-        dq1,
-        dq2,
-        q1,
-        q2,
-        qf1,
-        qf2,
-        do,
-        lse,
-        delta,
-        qp,
-        q_slot,
-        q_lo,
-        q_hi,
-        TURNS,
-        far_pos,
-        far_ratio,
-        KN,
-        KF,
-        V,
-        KPOS,
-        KVALID,
-        BOUNDS,
-        skn_l,
-        skf_l,
-        sv_l,
-        skp_l,
-        skv_l,
-        0,
-        tl.minimum(prefix, s1),
-        n_global,
-        window,
-        scaling,
-        softcap,
-        HALF,
-        BLOCK_N,
-        True,
-        CAPPED,
-        SOFTCAP,
-        DOT_PREC,
-    )
+        dq1, dq2, q1, q2, qf1, qf2, do, lse, delta, qp, q_slot, q_lo, q_hi, TURNS, far_pos, far_ratio,
+        KN, KF, V, KPOS, KVALID, BOUNDS, skf_l, sv_l, 0, tl.minimum(prefix, s1), n_global, window, scaling, softcap,
+        HALF, BLOCK_N, True, CAPPED, SOFTCAP, DOT_PREC,
+    )  # fmt: skip
     dq1, dq2 = _bwd_q_blocks(
-        dq1,
-        dq2,
-        q1,
-        q2,
-        qf1,
-        qf2,
-        do,
-        lse,
-        delta,
-        qp,
-        q_slot,
-        q_lo,
-        q_hi,
-        TURNS,
-        far_pos,
-        far_ratio,
-        KN,
-        KF,
-        V,
-        KPOS,
-        KVALID,
-        BOUNDS,
-        skn_l,
-        skf_l,
-        sv_l,
-        skp_l,
-        skv_l,
-        tl.maximum(prefix, s0 - window + 1),
-        s1,
-        n_global,
-        window,
-        scaling,
-        softcap,
-        HALF,
-        BLOCK_N,
-        False,
-        CAPPED,
-        SOFTCAP,
-        DOT_PREC,
-    )
+        dq1, dq2, q1, q2, qf1, qf2, do, lse, delta, qp, q_slot, q_lo, q_hi, TURNS, far_pos, far_ratio,
+        KN, KF, V, KPOS, KVALID, BOUNDS, skf_l, sv_l, tl.maximum(prefix, s0 - window + 1), s1, n_global, window,
+        scaling, softcap, HALF, BLOCK_N, False, CAPPED, SOFTCAP, DOT_PREC,
+    )  # fmt: skip
     cos, sin = cos_sin(qp, TURNS, HALF)
     dq1, dq2 = rotate(dq1, dq2, cos, -sin)
     factor = rot_scale * scaling
-    dq_rows = (b * sdq_b + h * sdq_h + offs_m.to(tl.int64) * sdq_l)[:, None] + offs_h[None, :]
+    dq_rows = ((b * Lq + offs_m) * Hq + h)[:, None] * (2 * HALF) + offs_h[None, :]
     tl.store(DQ + dq_rows, (dq1 * factor).to(DQ.dtype.element_ty), mask=m_ok[:, None])
     tl.store(DQ + dq_rows + HALF, (dq2 * factor).to(DQ.dtype.element_ty), mask=m_ok[:, None])
 
 
 @triton.jit
 def _bwd_kv_blocks(
-    dk1,
-    dk2,
-    dkf1,
-    dkf2,
-    dv,
-    k1,
-    k2,
-    f1,
-    f2,
-    v,
-    kp,
-    kp_slot,
-    valid,
-    k_min,
-    k_max,
-    QN,
-    QF,
-    DO,
-    LSE,
-    DELTA,
-    QPOS,
-    QBOUNDS,
-    sqn_l,
-    sdo_l,
-    sqp_l,
-    lo,
-    hi,
-    off,
-    n_global,
-    window,
-    scaling,
-    softcap,
-    HALF: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    FAR: tl.constexpr,
-    CAPPED: tl.constexpr,
-    SOFTCAP: tl.constexpr,
+    dk1, dk2, dkf1, dkf2, dv, k1, k2, f1, f2, v, kp, kp_slot, valid, k_min, k_max,
+    QN, QF, DO, LSE, DELTA, QPOS, QBOUNDS, sdo_l, lo, hi, off, n_global, window, scaling, softcap,
+    HALF: tl.constexpr, BLOCK_M: tl.constexpr, FAR: tl.constexpr, CAPPED: tl.constexpr, SOFTCAP: tl.constexpr,
     DOT_PREC: tl.constexpr,
-):
+):  # fmt: skip
     """dk, dv of one key tile over queries [lo, hi). Without FAR, queries go in BLOCK_M-aligned
     tiles whose precomputed position bounds (QBOUNDS) let a tile that sees every key skip the mask."""
     offs_m0 = tl.arange(0, BLOCK_M)
@@ -737,7 +397,7 @@ def _bwd_kv_blocks(
         offs_m = start + offs_m0
         m_ok = offs_m < hi
         if FAR:
-            qp = tl.load(QPOS + offs_m * sqp_l, mask=m_ok, other=0).to(tl.int32)
+            qp = tl.load(QPOS + offs_m, mask=m_ok, other=0).to(tl.int32)
         else:
             q_min = next_min
             q_max = next_max
@@ -746,7 +406,7 @@ def _bwd_kv_blocks(
             next_max = tl.load(QBOUNDS + (start // BLOCK_M + 1) * 2 + 1, mask=more, other=0)
         lse = tl.load(LSE + offs_m, mask=m_ok, other=float("inf"))
         delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
-        q_rows = start * sqn_l + offs_m0[:, None] * sqn_l + offs_h[None, :]
+        q_rows = offs_m[:, None] * (2 * HALF) + offs_h[None, :]
         q1 = tl.load(QN + q_rows, mask=m_ok[:, None], other=0.0)
         q2 = tl.load(QN + q_rows + HALF, mask=m_ok[:, None], other=0.0)
         do_rows = DO + start * sdo_l + offs_m0[:, None] * sdo_l + offs_d[None, :]
@@ -775,7 +435,7 @@ def _bwd_kv_blocks(
             if whole & (q_min - k_max >= 0) & (q_max - k_min < window):
                 pt = tl.exp2(z - lse[None, :])
             else:
-                qp = tl.load(QPOS + offs_m * sqp_l, mask=m_ok, other=0).to(tl.int32)
+                qp = tl.load(QPOS + offs_m, mask=m_ok, other=0).to(tl.int32)
                 d = qp[None, :] - kp[:, None]
                 vis = valid[:, None] & (offs_m >= first)[None, :] & (d >= 0) & (d < window)
                 pt = tl.where(vis, tl.exp2(z - lse[None, :]), 0.0)
@@ -805,78 +465,19 @@ def _bwd_kv_blocks(
 
 @triton.jit
 def _lambda_bwd_kv(
-    QN,
-    QF,
-    KN,
-    KF,
-    V,
-    DO,
-    LSE,
-    DELTA,
-    DK,
-    DV,
-    QPOS,
-    KPOS,
-    KVALID,
-    QBOUNDS,
-    TURNS,
-    sqn_b,
-    sqn_h,
-    sqn_l,
-    skn_b,
-    skn_h,
-    skn_l,
-    skf_b,
-    skf_h,
-    skf_l,
-    sv_b,
-    sv_h,
-    sv_l,
-    sdo_b,
-    sdo_l,
-    sdo_h,
-    sdk_c,
-    sdk_b,
-    sdk_h,
-    sdk_l,
-    sdv_c,
-    sdv_b,
-    sdv_h,
-    sdv_l,
-    sqp_b,
-    sqp_l,
-    skp_b,
-    skp_l,
-    skv_b,
-    skv_l,
-    sbd_b,
-    Hq,
-    Hkv,
-    Lq,
-    Lk,
-    rows,
-    prefix,
-    chunk,
-    group,
-    n_global,
-    window,
-    rot_scale,
-    scaling,
-    softcap,
-    HALF: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    PREFIX: tl.constexpr,
-    CAPPED: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-):
+    QN, QF, KN, KF, V, DO, LSE, DELTA, DK, DV, QPOS, KPOS, KVALID, QBOUNDS, TURNS,
+    skf_b, skf_h, skf_l, sv_b, sv_h, sv_l, sdo_b, sdo_l, sdo_h, sqp_b, skp_b, skv_b,
+    Hq, Lq, Lk, rows, prefix, chunk, group, n_global, window, rot_scale, scaling, softcap,
+    HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREFIX: tl.constexpr, CAPPED: tl.constexpr,
+    SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
+):  # fmt: skip
     """dk, dv of one key block. PREFIX: a block of slots < prefix, for the query chunk
     program_id(1) (prefix keys are seen by every later query, so their work is split into chunks
     and summed by the launcher); otherwise a window block, whose slots < prefix are left out."""
     pid_n = tl.program_id(0)
     pid_c = tl.program_id(1)
     pid_bh = tl.program_id(2)
+    Hkv = Hq // group
     b = (pid_bh // Hkv).to(tl.int64)
     hk = (pid_bh % Hkv).to(tl.int64)
     t0 = pid_n * BLOCK_N
@@ -887,9 +488,9 @@ def _lambda_bwd_kv(
         n_ok = offs_n < prefix
     else:
         n_ok = (offs_n < Lk) & (offs_n >= prefix)
-    kp = tl.load(KPOS + b * skp_b + offs_n * skp_l, mask=n_ok, other=0).to(tl.int32)
-    valid = (tl.load(KVALID + b * skv_b + offs_n * skv_l, mask=n_ok, other=0) != 0) & n_ok
-    k_rows = (b * skn_b + hk * skn_h + offs_n.to(tl.int64) * skn_l)[:, None] + offs_h[None, :]
+    kp = tl.load(KPOS + b * skp_b + offs_n, mask=n_ok, other=0).to(tl.int32)
+    valid = (tl.load(KVALID + b * skv_b + offs_n, mask=n_ok, other=0) != 0) & n_ok
+    k_rows = ((b * Hkv + hk) * Lk + offs_n)[:, None] * (2 * HALF) + offs_h[None, :]
     k1 = tl.load(KN + k_rows, mask=n_ok[:, None], other=0.0)
     k2 = tl.load(KN + k_rows + HALF, mask=n_ok[:, None], other=0.0)
     if CAPPED:
@@ -919,66 +520,32 @@ def _lambda_bwd_kv(
     dv = tl.zeros((BLOCK_N, 2 * HALF), dtype=tl.float32)
     for g in range(group):
         h = hk * group + g
+        q_row = (b * Hq + h) * Lq  # of query head h's first row in qn, qf, lse and delta
         dk1, dk2, dkf1, dkf2, dv = _bwd_kv_blocks(
-            dk1,
-            dk2,
-            dkf1,
-            dkf2,
-            dv,
-            k1,
-            k2,
-            f1,
-            f2,
-            v,
-            kp,
-            offs_n,
-            valid,
-            k_min,
-            k_max,
-            QN + b * sqn_b + h * sqn_h,
-            QF + b * sqn_b + h * sqn_h,
-            DO + b * sdo_b + h * sdo_h,
-            LSE + (b * Hq + h) * Lq,
-            DELTA + (b * Hq + h) * Lq,
-            QPOS + b * sqp_b,
-            QBOUNDS + b * sbd_b,
-            sqn_l,
-            sdo_l,
-            sqp_l,
-            lo,
-            hi,
-            off,
-            n_global,
-            window,
-            scaling,
-            softcap,
-            HALF,
-            BLOCK_M,
-            PREFIX,
-            CAPPED,
-            SOFTCAP,
-            DOT_PREC,
-        )
+            dk1, dk2, dkf1, dkf2, dv, k1, k2, f1, f2, v, kp, offs_n, valid, k_min, k_max,
+            QN + q_row * (2 * HALF), QF + q_row * (2 * HALF), DO + b * sdo_b + h * sdo_h, LSE + q_row, DELTA + q_row,
+            QPOS + b * sqp_b, QBOUNDS + b * tl.cdiv(Lq, BLOCK_M) * 2, sdo_l, lo, hi, off, n_global, window, scaling,
+            softcap, HALF, BLOCK_M, PREFIX, CAPPED, SOFTCAP, DOT_PREC,
+        )  # fmt: skip
     cos, sin = cos_sin(kp, TURNS, HALF)
     dk1, dk2 = rotate(dk1, dk2, cos, -sin)
     if PREFIX and CAPPED:
         dk1 += dkf1
         dk2 += dkf2
     factor = rot_scale * scaling
-    # Prefix partials go to (chunks, B, Hkv, P_pad, D) buffers, one per query chunk (sdk_c, sdv_c).
-    dk_rows = (pid_c * sdk_c + b * sdk_b + hk * sdk_h + offs_n.to(tl.int64) * sdk_l)[:, None] + offs_h[None, :]
-    dv_rows = (pid_c * sdv_c + b * sdv_b + hk * sdv_h + offs_n.to(tl.int64) * sdv_l)[:, None] + offs_d[None, :]
+    # dk/dv are (B, Hkv, rows, D); for the prefix, one such partial per query chunk (chunks, B, Hkv, rows, D).
+    out_rows = ((pid_c * tl.num_programs(2) + pid_bh).to(tl.int64) * rows + offs_n)[:, None] * (2 * HALF)
     rows_ok = (offs_n < rows)[:, None]
-    tl.store(DK + dk_rows, (dk1 * factor).to(DK.dtype.element_ty), mask=rows_ok)
-    tl.store(DK + dk_rows + HALF, (dk2 * factor).to(DK.dtype.element_ty), mask=rows_ok)
-    tl.store(DV + dv_rows, dv.to(DV.dtype.element_ty), mask=rows_ok)
+    tl.store(DK + out_rows + offs_h[None, :], (dk1 * factor).to(DK.dtype.element_ty), mask=rows_ok)
+    tl.store(DK + out_rows + HALF + offs_h[None, :], (dk2 * factor).to(DK.dtype.element_ty), mask=rows_ok)
+    tl.store(DV + out_rows + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=rows_ok)
 
 
 # -- launchers -------------------------------------------------------------------------------------
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, head dim and float32-or-not; measured on an
-# H100 with `lcpatch bench attention --sweep`. Fixed rather than autotuned: a new prompt
+# H100 with the attention benchmark's `--sweep`. Fixed rather than autotuned: a new prompt
 # length never stalls on tuning, and each variant compiles once.
 GPU_CONFIGS: dict[tuple[str, int, bool], tuple[int, int, int, int]] = {
     ("fwd", 64, False): (128, 64, 4, 3),
@@ -1003,69 +570,27 @@ def kernel_config(name: str, dim: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
 
 
-def _forward(q, k, v, qpos, kpos, kvalid, spec, rotary, scaling, softcap, need_lse):
+def prefill_forward(q, k, v, qpos, kpos, kvalid, spec, rotary, scaling, softcap, need_lse):
+    """The forward kernel: output (B, Lq, Hq, D), its base-2 log-sum-exp (B, Hq, Lq) if need_lse, and P.
+
+    Positions and validity need a unit stride on their last dim, as q/k/v do (see the module docstring).
+    """
     batch, q_heads, q_len, dim = q.shape
-    kv_heads, k_len = k.shape[1], k.shape[2]
     capped, far_pos = far_rule(spec)
     turns = frequency_turns(rotary.inv_freq, q.device)
     kn, _ = rope(k, kpos, turns, rotary.scale)
     prefix = prefix_length(kpos, kvalid, spec.n_global)
     out = torch.empty(batch, q_len, q_heads, dim, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=q.device) if need_lse else None
-    valid = kvalid.view(torch.uint8)
     config = kernel_config("fwd", dim, q.dtype)
     bounds = block_bounds(kpos, kvalid, config["BLOCK_N"])
     _lambda_fwd[(triton.cdiv(q_len, config["BLOCK_M"]), batch * q_heads)](
-        q,
-        kn,
-        k,
-        v,
-        out,
-        lse,
-        qpos,
-        kpos,
-        valid,
-        bounds,
-        prefix,
-        turns,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        kn.stride(0),
-        kn.stride(1),
-        kn.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        qpos.stride(0),
-        qpos.stride(1),
-        kpos.stride(0),
-        kpos.stride(1),
-        valid.stride(0),
-        valid.stride(1),
-        bounds.stride(0),
-        q_heads,
-        q_len,
-        k_len,
-        q_heads // kv_heads,
-        spec.n_global,
-        spec.window,
-        far_pos,
-        rotary.scale,
-        scaling,
-        softcap or 0.0,
-        HALF=dim // 2,
-        CAPPED=capped,
-        SOFTCAP=softcap is not None,
-        DOT_PREC=dot_precision(q.dtype),
+        q, kn, k, v, out, lse, qpos, kpos, kvalid.view(torch.uint8), bounds, prefix, turns,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], qpos.stride(0), kpos.stride(0), kvalid.stride(0),
+        q_heads, q_len, k.shape[2], q_heads // k.shape[1], spec.n_global, spec.window, far_pos, rotary.scale, scaling,
+        softcap or 0.0, HALF=dim // 2, CAPPED=capped, SOFTCAP=softcap is not None, DOT_PREC=dot_precision(q.dtype),
         **config,
-    )
+    )  # fmt: skip
     return out, lse, prefix
 
 
@@ -1073,138 +598,42 @@ def _backward(do, q, k, v, out, lse, qpos, kpos, kvalid, prefix, spec, rotary, s
     batch, q_heads, q_len, dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
     group = q_heads // kv_heads
-    do = do if do.stride(-1) == 1 else do.contiguous()
+    (do,) = unit_last(do)
     capped, far_pos = far_rule(spec)
     prefix = int(prefix)  # one host sync: the prefix work below is sized by it
     turns = frequency_turns(rotary.inv_freq, q.device)
     rot_scale = rotary.scale
     qn, qf = rope(q, qpos, turns, rot_scale, far=(far_pos, rot_scale * rot_scale if capped else rot_scale, capped))
     kn, _ = rope(k, kpos, turns, rot_scale)
-    kf = k if capped else kn
     valid = kvalid.view(torch.uint8)
     flags = dict(HALF=dim // 2, CAPPED=capped, SOFTCAP=softcap is not None, DOT_PREC=dot_precision(q.dtype))
     softcap = softcap or 0.0
+    # The tensors read where the caller keeps them: k (the far keys of the capped rule), v, do, positions.
+    strides = (*k.stride()[:3], *v.stride()[:3], *do.stride()[:3], qpos.stride(0), kpos.stride(0), valid.stride(0))
 
     delta = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=q.device)
     block = 32 if interpreting() else 64
     _bwd_preprocess[(triton.cdiv(q_len, block), batch * q_heads)](
-        out,
-        do,
-        delta,
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        do.stride(0),
-        do.stride(1),
-        do.stride(2),
-        q_heads,
-        q_len,
-        D=dim,
-        BLOCK_M=block,
+        out, do, delta, *do.stride()[:3], q_heads, q_len, D=dim, BLOCK_M=block
     )
 
-    common = (
-        qn.stride(0),
-        qn.stride(1),
-        qn.stride(2),
-        kn.stride(0),
-        kn.stride(1),
-        kn.stride(2),
-        kf.stride(0),
-        kf.stride(1),
-        kf.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        do.stride(0),
-        do.stride(1),
-        do.stride(2),
-    )
-    positions = (qpos.stride(0), qpos.stride(1), kpos.stride(0), kpos.stride(1), valid.stride(0), valid.stride(1))
-    dq = torch.empty_like(q)
+    # dq in out's memory layout: the (B, Lq, Hq, D) that transformers' q comes from, as a (B, Hq, Lq, D) view.
+    dq = torch.empty_like(out).transpose(1, 2)
     config = kernel_config("bwd_q", dim, q.dtype)
     bounds = block_bounds(kpos, kvalid, config["BLOCK_N"])
     _lambda_bwd_q[(triton.cdiv(q_len, config["BLOCK_M"]), batch * q_heads)](
-        qn,
-        qf,
-        kn,
-        kf,
-        v,
-        do,
-        lse,
-        delta,
-        dq,
-        qpos,
-        kpos,
-        valid,
-        bounds,
-        turns,
-        *common,
-        dq.stride(0),
-        dq.stride(1),
-        dq.stride(2),
-        *positions,
-        bounds.stride(0),
-        q_heads,
-        q_len,
-        k_len,
-        prefix,
-        group,
-        spec.n_global,
-        spec.window,
-        far_pos,
-        rot_scale if capped else 1.0,
-        rot_scale,
-        scaling,
-        softcap,
-        **flags,
-        **config,
-    )
+        qn, qf, kn, k, v, do, lse, delta, dq, qpos, kpos, valid, bounds, turns, *strides,
+        q_heads, q_len, k_len, prefix, group, spec.n_global, spec.window, far_pos, rot_scale if capped else 1.0,
+        rot_scale, scaling, softcap, **flags, **config,
+    )  # fmt: skip
 
     def dkdv(dk, dv, rows, chunk, grid, config, is_prefix):
-        # dk/dv are (B, Hkv, rows, D), or (chunks, B, Hkv, rows, D) partials for the prefix.
-        dk_c, dv_c = (dk.stride(0), dv.stride(0)) if is_prefix else (0, 0)
         bounds = block_bounds(qpos, None, config["BLOCK_M"])
         _lambda_bwd_kv[grid](
-            qn,
-            qf,
-            kn,
-            kf,
-            v,
-            do,
-            lse,
-            delta,
-            dk,
-            dv,
-            qpos,
-            kpos,
-            valid,
-            bounds,
-            turns,
-            *common,
-            dk_c,
-            *dk.stride()[-4:-1],
-            dv_c,
-            *dv.stride()[-4:-1],
-            *positions,
-            bounds.stride(0),
-            q_heads,
-            kv_heads,
-            q_len,
-            k_len,
-            rows,
-            prefix,
-            chunk,
-            group,
-            spec.n_global,
-            spec.window,
-            rot_scale,
-            scaling,
-            softcap,
-            PREFIX=is_prefix,
-            **flags,
-            **config,
-        )
+            qn, qf, kn, k, v, do, lse, delta, dk, dv, qpos, kpos, valid, bounds, turns, *strides,
+            q_heads, q_len, k_len, rows, prefix, chunk, group, spec.n_global, spec.window, rot_scale, scaling, softcap,
+            PREFIX=is_prefix, **flags, **config,
+        )  # fmt: skip
 
     dk = torch.empty(batch, kv_heads, k_len, dim, dtype=k.dtype, device=k.device)
     dv = torch.empty(batch, kv_heads, k_len, dim, dtype=v.dtype, device=v.device)
@@ -1227,7 +656,7 @@ def _backward(do, q, k, v, out, lse, qpos, kpos, kvalid, prefix, spec, rotary, s
 class LambdaAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, qpos, kpos, kvalid, spec, rotary, scaling, softcap):
-        out, lse, prefix = _forward(q, k, v, qpos, kpos, kvalid, spec, rotary, scaling, softcap, need_lse=True)
+        out, lse, prefix = prefill_forward(q, k, v, qpos, kpos, kvalid, spec, rotary, scaling, softcap, need_lse=True)
         ctx.save_for_backward(q, k, v, out, lse, qpos, kpos, kvalid, prefix)
         ctx.args = (spec, rotary, scaling, softcap)
         return out
@@ -1252,11 +681,8 @@ def lambda_prefill(
     softcap: float | None = None,
 ) -> torch.Tensor:
     """Λ attention over any number of queries, differentiable; returns (B, Lq, Hq, D)."""
+    args = (query, key, value, *unit_last(query_positions, key_positions, key_valid), spec, rotary, scaling, softcap)
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
-        return LambdaAttentionFunction.apply(
-            query, key, value, query_positions, key_positions, key_valid, spec, rotary, scaling, softcap
-        )
-    out, _, _ = _forward(
-        query, key, value, query_positions, key_positions, key_valid, spec, rotary, scaling, softcap, need_lse=False
-    )
+        return LambdaAttentionFunction.apply(*args)
+    out, _, _ = prefill_forward(*args, need_lse=False)
     return out

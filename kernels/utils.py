@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import functools
 import os
-import warnings
 
 import torch
 import triton
 import triton.language as tl
 
-_WARNED: set[str] = set()
-
+# What the Λ kernels (which InfLLM's kernel runs on too) take: q/k/v of one of these head dims and dtypes.
 HEAD_DIMS = (64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -21,26 +19,10 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def fallback_reason(query, key, value, rotary, dropout: float) -> str | None:
-    """Why the Λ kernels (which the InfLLM path runs on too) cannot take these tensors; None if they can."""
-    dim = query.shape[-1]
-    if dim not in HEAD_DIMS or key.shape[-1] != dim or value.shape[-1] != dim:
-        return f"head dims q/k/v {dim}/{key.shape[-1]}/{value.shape[-1]} (kernels: {HEAD_DIMS}, all equal)"
-    if rotary.dim != dim:
-        return f"partial rotary ({rotary.dim} of {dim} dims rotated)"
-    if query.dtype not in DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
-        return f"dtypes q/k/v {query.dtype}/{key.dtype}/{value.dtype} (kernels: one of fp16, bf16, fp32)"
-    if dropout > 0.0:
-        return f"attention dropout {dropout}"
-    if query.device.type != "cuda" and not interpreting():
-        return f"tensors on {query.device.type} (set TRITON_INTERPRET=1 to run the kernels on CPU)"
-    return None
-
-
-def warn_once(message: str) -> None:
-    if message not in _WARNED:
-        _WARNED.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+def unit_last(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors with a unit stride on their last dim, copied only where they lack one: the kernels
+    take any other strides, but address each row's elements as consecutive."""
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
 
 
 def grid_rows(length: int, block: int, programs: int) -> tuple[int, int]:

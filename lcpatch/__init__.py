@@ -17,6 +17,7 @@ check_version("torch", _torch.__version__)
 
 from .api import apply, describe, make_cache, patched, remove  # noqa: E402
 from .attention.interface import register as _register_attention  # noqa: E402
+from .attention.support import supported_models  # noqa: E402
 from .cache import BlockMemoryCache, LambdaCache  # noqa: E402
 from .errors import (  # noqa: E402
     BackendError,
@@ -28,7 +29,6 @@ from .errors import (  # noqa: E402
     UnsupportedModelError,
     UnsupportedVersionError,
 )
-from .models import supported_models  # noqa: E402
 from .recipe import Recipe, builtin_recipes, load_recipe  # noqa: E402
 from .serialization import from_pretrained  # noqa: E402
 

@@ -19,8 +19,9 @@ import torch
 from transformers.cache_utils import Cache
 
 from ._compat import CACHE_ARG, with_cache_argument
-from .cache import StepAwareCache, StepInfo
+from .cache import StepAwareCache
 from .errors import CacheError, SequenceLimitError, UnsupportedModelError
+from .kernels.specs import StepInfo
 from .models import ModelStructure
 from .patching import PatchLog
 

@@ -14,10 +14,9 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 import lcpatch
-from lcpatch.attention.lambda_reference import lambda_attention_reference
-from lcpatch.attention.lm_infinite import LambdaSpec
-from lcpatch.attention.rotary import Rotary
 from lcpatch.cache import LambdaCache, RingLambdaCache
+from lcpatch.kernels.lambda_reference import lambda_attention_reference
+from lcpatch.kernels.specs import LambdaSpec, Rotary
 
 from naive_lambda import naive_logits
 from tiny_models import CollectStreamer, random_ids, tiny_model

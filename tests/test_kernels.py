@@ -24,12 +24,11 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from lcpatch.attention.lambda_reference import lambda_attention_reference  # noqa: E402
-from lcpatch.attention.lm_infinite import LambdaSpec  # noqa: E402
-from lcpatch.attention.rotary import Rotary  # noqa: E402
+from lcpatch.attention.backends import TRITON as kernels  # noqa: E402
+from lcpatch.kernels.lambda_reference import lambda_attention_reference  # noqa: E402
+from lcpatch.kernels.specs import LambdaSpec, Rotary  # noqa: E402
 
 pytest.importorskip("triton")
-kernels = importlib.import_module("lcpatch.kernels")
 DECODE_MAX_ROWS = importlib.import_module("lcpatch.kernels.dispatch").DECODE_MAX_ROWS
 
 if FULL and not torch.cuda.is_available():

@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields, replace
 
 from ..errors import RecipeError
 from ..fields import ATTENTION_METHODS, AUTO, SectionConfig, check_choice, check_int
+from ..kernels.specs import InfLLMSpec
 
 OFFLOADS = ("auto", "gpu", "cpu")
 BACKENDS = ("auto", "torch", "triton")
@@ -23,23 +24,6 @@ BACKENDS = ("auto", "torch", "triton")
 # so that `auto` scales it down for models trained on fewer tokens and never exceeds it.
 PUBLISHED = {"n_local": 4096, "n_init": 128, "block_size": 128, "exc_block_size": 512, "repr_topk": 4}
 CHUNK_PER_EXC_BLOCK = 16  # published chunk_size 8192 = 16 x exc_block_size 512
-
-
-@dataclass(frozen=True)
-class InfLLMSpec:
-    """The InfLLM rule of one layer, with every value resolved."""
-
-    n_init: int
-    n_local: int
-    block_size: int
-    repr_topk: int
-    topk: int
-    exc_block_size: int
-
-    @property
-    def ring_size(self) -> int:
-        """Slots that always hold the tokens not yet in a memory block (window + forming block + one exc block)."""
-        return self.n_local + self.block_size + self.exc_block_size - 1
 
 
 @ATTENTION_METHODS.register("infllm")

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from ..cache import BlockMemoryCache, BlockMemoryLayer, StepInfo
+from typing import TYPE_CHECKING
+
+from ..cache import BlockMemoryCache, BlockMemoryLayer
 from ..cache.block_memory import build_plan
 from ..cache.lambda_cache import LambdaCacheLayer
+from ..kernels.specs import InfLLMSpec, LambdaSpec, StepInfo
 from ..models import ModelStructure
-from .dispatch import select_backend
-from .infllm import InfLLM, InfLLMSpec
-from .infllm_reference import execution_block_attention, infllm_attention_reference
+from .backends import select_backend
+from .infllm_reference import infllm_attention_reference
 from .lambda_attention import lambda_layer_attention
-from .lm_infinite import LambdaSpec
+
+if TYPE_CHECKING:  # the method config imports this module to build its runtime
+    from .infllm import InfLLM
 
 
 def layer_specs(structure: ModelStructure, spec: InfLLMSpec) -> list[InfLLMSpec | LambdaSpec]:
@@ -63,16 +67,8 @@ class InfLLMAttention:
         )
 
     def _block_attention(self, query, key, value, rotary, dropout):
-        if select_backend(self.method.backend, query.device) != "triton":
-            return execution_block_attention
-        from ..kernels.infllm import execution_block_attention_triton
-        from ..kernels.utils import fallback_reason, warn_once
-
-        reason = fallback_reason(query, key, value, rotary, dropout)
-        if reason is None:
-            return execution_block_attention_triton
-        warn_once(f"lcpatch.kernels: {reason} is not supported by the InfLLM kernel; using the PyTorch reference.")
-        return execution_block_attention
+        """The function that computes each execution block of this layer's pass (kernel or reference)."""
+        return select_backend(self.method.backend, query.device).block_attention(query, key, value, rotary, dropout)
 
     def _sliding(self, index, query, key, value, step, layer, spec, scaling, softcap, dropout):
         cache_layer = layer if isinstance(layer, LambdaCacheLayer) else None

@@ -29,9 +29,8 @@ from collections.abc import Callable
 import torch
 
 from ..cache.block_memory import BlockMemoryLayer, ForwardPlan
-from .infllm import InfLLMSpec
-from .lambda_reference import masked_softmax
-from .rotary import Rotary
+from ..kernels.lambda_reference import masked_softmax
+from ..kernels.specs import InfLLMSpec, Rotary
 
 
 def far_keys(keys: torch.Tensor, rotary: Rotary) -> torch.Tensor:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from ..cache import LambdaCache, LambdaCacheLayer, RingLambdaCache, StepInfo
+from ..cache import LambdaCache, LambdaCacheLayer, RingLambdaCache
 from ..errors import CacheError
+from ..kernels.specs import LambdaSpec, StepInfo
 from ..models import ModelStructure
-from .dispatch import select_backend
-from .lambda_reference import lambda_attention_reference
-from .lm_infinite import LambdaSpec, LMInfinite, StreamingLLM
+from .backends import select_backend
+
+if TYPE_CHECKING:  # the method configs import this module to build their runtime
+    from .lm_infinite import LMInfinite, StreamingLLM
 
 
 def layer_specs(structure: ModelStructure, method: LMInfinite | StreamingLLM) -> list[LambdaSpec]:
@@ -92,8 +96,5 @@ def lambda_layer_attention(
     """One layer's Λ attention on the chosen backend (Triton kernels or the PyTorch reference)."""
     key_positions, key_valid, ordered = key_metadata(layer, key, step, cache_layer)
     args = (query, key, value, step.positions, key_positions, key_valid, spec, rotary, scaling)
-    if select_backend(backend, query.device) == "triton":
-        from ..kernels import lambda_attention
-
-        return lambda_attention(*args, softcap=softcap, dropout=dropout, keys_in_stream_order=ordered)
-    return lambda_attention_reference(*args, softcap=softcap, dropout=dropout, keys_in_stream_order=ordered)
+    run = select_backend(backend, query.device).lambda_attention
+    return run(*args, softcap=softcap, dropout=dropout, keys_in_stream_order=ordered)

@@ -19,44 +19,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from ..errors import RecipeError
 from ..fields import ATTENTION_METHODS, AUTO, SectionConfig, check_choice, check_int
+from ..kernels.specs import LambdaSpec
 
 BACKENDS = ("auto", "torch", "triton")
-
-
-@dataclass(frozen=True)
-class LambdaSpec:
-    """The Λ rule of one layer: which (query, key) pairs are visible and at which rotary positions."""
-
-    n_global: int
-    window: int
-    max_distance: int | None  # None: StreamingLLM's in-cache positions
-
-    @property
-    def cache_size(self) -> int:
-        return self.n_global + self.window
-
-    def visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-        distance = q_pos - k_pos
-        return (distance >= 0) & ((k_pos < self.n_global) | (distance < self.window))
-
-    def in_window(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-        return (q_pos - k_pos) < self.window
-
-    def far_query_position(self, q_pos: torch.Tensor) -> torch.Tensor:
-        """Rotary position of a query for pairs outside the window."""
-        if self.max_distance is not None:
-            return torch.full_like(q_pos, self.max_distance)
-        return q_pos.clamp(max=self.n_global + self.window - 1)
-
-    def far_key_position(self, k_pos: torch.Tensor) -> torch.Tensor:
-        """Rotary position of a key for pairs outside the window."""
-        if self.max_distance is not None:
-            return torch.zeros_like(k_pos)
-        return k_pos
 
 
 def _check_backend(section: str, backend: str) -> None:

@@ -27,9 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..attention.lm_infinite import LambdaSpec
-from ..attention.rotary import Rotary
 from ..cli.common import MISSING, environment, pyplot
+from ..kernels.specs import LambdaSpec, Rotary
 
 BATCH, Q_HEADS, KV_HEADS, DIM = 1, 32, 8, 128
 N_GLOBAL, WINDOW = 4, 4096

@@ -3,7 +3,7 @@
 from .block_memory import BlockMemoryCache, BlockMemoryLayer
 from .lambda_cache import LambdaCache, LambdaCacheLayer
 from .ring import RingLambdaCache, RingLambdaCacheLayer
-from .step import StepAwareCache, StepInfo
+from .step import StepAwareCache
 
 __all__ = [
     "BlockMemoryCache",
@@ -13,5 +13,4 @@ __all__ = [
     "RingLambdaCache",
     "RingLambdaCacheLayer",
     "StepAwareCache",
-    "StepInfo",
 ]

@@ -20,11 +20,10 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from ..attention.infllm import InfLLMSpec
-from ..attention.lm_infinite import LambdaSpec
 from ..errors import CacheError, SequenceLimitError
+from ..kernels.specs import InfLLMSpec, LambdaSpec, StepInfo
 from .lambda_cache import LambdaCacheLayer
-from .step import StepAwareCache, StepInfo
+from .step import StepAwareCache
 
 # With offload 'auto', memory blocks move to host memory once growing them on the GPU would leave
 # less than this fraction of its memory free (activations of a prefill chunk need room too).

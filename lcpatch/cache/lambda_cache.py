@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from ..attention.lm_infinite import LambdaSpec
 from ..errors import CacheError
-from .step import StepAwareCache, StepInfo
+from ..kernels.specs import LambdaSpec, StepInfo
+from .step import StepAwareCache
 
 
 class LambdaCacheLayer(CacheLayerMixin):

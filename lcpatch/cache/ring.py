@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.specs import StepInfo
 from .lambda_cache import LambdaCache, LambdaCacheLayer
-from .step import StepInfo
 
 
 class RingLambdaCacheLayer(LambdaCacheLayer):

@@ -1,19 +1,10 @@
-"""What a patched forward pass knows about its new tokens, shared by the runtime, caches and attention."""
+"""The cache base class whose layers need the positions of the tokens they store."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import torch
 from transformers.cache_utils import Cache
 
-
-@dataclass
-class StepInfo:
-    """Positions (B, L) and validity (B, L) of the tokens of the forward pass in progress."""
-
-    positions: torch.Tensor
-    valid: torch.Tensor
+from ..kernels.specs import StepInfo
 
 
 class StepAwareCache(Cache):

@@ -31,29 +31,3 @@ def family_of(model_type: str) -> Family:
             return family
     accepted = ", ".join(f"{f.name} ({'/'.join(f.model_types)})" for f in FAMILIES)
     raise UnsupportedModelError(f"lcpatch does not support model_type {model_type!r}. Supported families: {accepted}.")
-
-
-class SupportTable(list):
-    """Rows of {family, model_types, methods, example}; prints as a Markdown table."""
-
-    def __str__(self) -> str:
-        lines = ["| family | model_type | methods | example checkpoint |", "|---|---|---|---|"]
-        for row in self:
-            lines.append(
-                f"| {row['family']} | {', '.join(row['model_types'])} | {', '.join(row['methods'])} | {row['example']} |"
-            )
-        return "\n".join(lines)
-
-    def _repr_markdown_(self) -> str:
-        return str(self)
-
-
-def supported_models() -> SupportTable:
-    """Families × methods that `lcpatch.apply` accepts."""
-    from ..attention import ATTENTION_METHODS
-
-    methods = list(ATTENTION_METHODS)
-    return SupportTable(
-        {"family": f.name, "model_types": list(f.model_types), "methods": methods, "example": f.example}
-        for f in FAMILIES
-    )

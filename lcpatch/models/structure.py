@@ -11,8 +11,8 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 
 from .._compat import CACHE_ARG
-from ..attention.rotary import Rotary
 from ..errors import UnsupportedModelError
+from ..kernels.specs import Rotary
 from .families import Family, family_of
 
 

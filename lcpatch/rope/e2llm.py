@@ -23,10 +23,10 @@ from typing import ClassVar
 
 import torch
 
-from ..attention.rotary import Rotary
 from ..errors import LcpatchError
 from ..fields import AUTO, ROPE_SCALINGS, SectionConfig, check_number
 from ..generation import register_before_generate
+from ..kernels.specs import Rotary
 from ..models.structure import ModelStructure, unwrap
 from ..patching import PatchLog
 

@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .lm_infinite import LambdaSpec
-from .rotary import Rotary
+from .specs import LambdaSpec, Rotary
 
 
 def masked_softmax(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:

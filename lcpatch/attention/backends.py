@@ -1,0 +1,137 @@
+"""Where attention runs: the Triton kernels or the PyTorch references, decided here and only here.
+
+Modelled on flash-linear-attention's `fla/ops/backends`: a backend says whether it can run at all on
+a device (`available`) and, per op, whether it takes a call's tensors (`verify(op, ...) -> (ok,
+reason)`). A method's `backend` field picks one: 'torch', 'triton' (a BackendError if the kernels
+cannot run on the model's device), or 'auto' (the kernels where available). On CPU, 'auto' runs the
+references even under TRITON_INTERPRET=1: the interpreter is for testing the kernels, not models.
+A call the Triton backend does not verify runs the reference, with a one-time warning that says why.
+
+The ops (each backend has them under these names, with the reference's arguments):
+- `lambda_attention`: Λ attention, see `kernels/lambda_reference.py`;
+- `block_attention`: the function InfLLM computes each execution block with, see
+  `infllm_reference.execution_block_attention`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from ..errors import BackendError
+from ..kernels.lambda_reference import lambda_attention_reference
+from ..kernels.specs import LambdaSpec, Rotary
+from .infllm_reference import execution_block_attention
+
+Verdict = tuple[bool, str | None]
+
+_WARNED: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+class TorchBackend:
+    """The PyTorch references: every op, on any device and tensors."""
+
+    def lambda_attention(self, *args, **kwargs) -> torch.Tensor:
+        return lambda_attention_reference(*args, **kwargs)
+
+    def block_attention(self, query, key, value, rotary: Rotary, dropout: float) -> Callable:
+        return execution_block_attention
+
+
+class TritonBackend:
+    """lcpatch's Triton kernels (`lcpatch.kernels`): CUDA devices, or CPU under TRITON_INTERPRET=1."""
+
+    def available(self, device: torch.device) -> Verdict:
+        """Whether the kernels can run for a model on `device` (CUDA only: see the module docstring)."""
+        if device.type != "cuda":
+            return False, f"tensors are on {device.type}, and the Triton kernels run on CUDA devices only"
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return False, "the `triton` package is not installed"
+        try:
+            from ..kernels import dispatch  # noqa: F401  (imports triton and the kernels)
+        except ImportError as exc:
+            return False, f"lcpatch.kernels could not be imported ({exc})"
+        return True, None
+
+    def verify(self, op: str, query, key, value, rotary: Rotary, dropout: float, keys_in_stream_order=True) -> Verdict:
+        """Whether the kernels of `op` take these tensors; the reason names what they do not support."""
+        from ..kernels.dispatch import DECODE_MAX_ROWS, query_rows, takes_decode
+        from ..kernels.utils import DTYPES, HEAD_DIMS, interpreting
+
+        dim = query.shape[-1]
+        if dim not in HEAD_DIMS or key.shape[-1] != dim or value.shape[-1] != dim:
+            return False, f"head dims q/k/v {dim}/{key.shape[-1]}/{value.shape[-1]} (kernels: {HEAD_DIMS}, all equal)"
+        if rotary.dim != dim:
+            return False, f"partial rotary ({rotary.dim} of {dim} dims rotated)"
+        if query.dtype not in DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
+            return False, f"dtypes q/k/v {query.dtype}/{key.dtype}/{value.dtype} (kernels: one of fp16, bf16, fp32)"
+        if dropout > 0.0:
+            return False, f"attention dropout {dropout}"
+        if query.device.type != "cuda" and not interpreting():
+            return False, f"tensors on {query.device.type} (set TRITON_INTERPRET=1 to run the kernels on CPU)"
+        if op == "lambda_attention" and not (keys_in_stream_order or takes_decode(query, key, value)):
+            rows = f"{query_rows(query, key)} query rows per KV head"
+            return False, f"{rows} over keys out of stream order (decode kernel: <= {DECODE_MAX_ROWS})"
+        return True, None
+
+    def lambda_attention(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        query_positions: torch.Tensor,
+        key_positions: torch.Tensor,
+        key_valid: torch.Tensor,
+        spec: LambdaSpec,
+        rotary: Rotary,
+        scaling: float,
+        softcap: float | None = None,
+        dropout: float = 0.0,
+        keys_in_stream_order: bool = True,
+    ) -> torch.Tensor:
+        """The reference's `lambda_attention_reference`, on the kernels where they take the tensors."""
+        args = (query, key, value, query_positions, key_positions, key_valid, spec, rotary, scaling)
+        ok, reason = self.verify("lambda_attention", query, key, value, rotary, dropout, keys_in_stream_order)
+        if not ok:
+            warn_once(f"lcpatch.kernels: {reason} is not supported by the Triton kernels; using the PyTorch reference.")
+            return TORCH.lambda_attention(
+                *args, softcap=softcap, dropout=dropout, keys_in_stream_order=keys_in_stream_order
+            )
+        from ..kernels.dispatch import lambda_attention
+
+        return lambda_attention(*args, softcap=softcap, keys_in_stream_order=keys_in_stream_order)
+
+    def block_attention(self, query, key, value, rotary: Rotary, dropout: float) -> Callable:
+        ok, reason = self.verify("block_attention", query, key, value, rotary, dropout)
+        if not ok:
+            warn_once(f"lcpatch.kernels: {reason} is not supported by the InfLLM kernel; using the PyTorch reference.")
+            return TORCH.block_attention(query, key, value, rotary, dropout)
+        from ..kernels.infllm import execution_block_attention_triton
+
+        return execution_block_attention_triton
+
+
+TORCH = TorchBackend()
+TRITON = TritonBackend()
+
+
+def select_backend(requested: str, device: torch.device) -> TorchBackend | TritonBackend:
+    """The backend for attention on `device` under a method's `backend` field ('auto', 'torch' or 'triton')."""
+    if requested == "torch":
+        return TORCH
+    ok, reason = TRITON.available(device)
+    if requested == "triton" and not ok:
+        raise BackendError(
+            f"attention.backend is 'triton' but {reason}. Use backend: auto (kernels where possible) or torch."
+        )
+    return TRITON if ok else TORCH
