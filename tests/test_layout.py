@@ -98,3 +98,11 @@ def test_attention_cache_models_and_kernels_import_one_way():
 
     circles = [layer for layer in layers if reaches(layer, layer, {layer})]
     assert not circles, f"these subpackages import each other in a circle: {circles} ({graph})"
+
+
+def test_core_leaves_import_only_each_other():
+    leaves = {"lcpatch.errors", "lcpatch.fields", "lcpatch.patching", "lcpatch._compat"}
+    for name in leaves:
+        imported = {m for m in _imports(_sources()[name]) if m.startswith("lcpatch")}
+        outside = {m for m in imported if not any(m == leaf or m.startswith(leaf + ".") for leaf in leaves)}
+        assert not outside, f"{name} imports {sorted(outside)}"

@@ -23,7 +23,7 @@ from trl import DPOConfig, DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from ..api import apply, patched_recipe, remove
-from ..data.longpo import build_pairs, load_pairs, prompt_ids  # build_pairs: the name for the builder, here too
+from ..data.longpo import build_pairs, load_pairs, prompt_ids
 from ..errors import RecipeError
 from ..models.structure import training_length, unwrap
 from ..recipe import Recipe
