@@ -12,6 +12,8 @@ import weakref
 
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 
 import lcpatch
 from lcpatch import Recipe, RecipeError
@@ -79,6 +81,13 @@ REFUSED = {
     # Phi3's partial rotary gives its heads 4 frequencies; the recipe's factors are for 8.
     ("rope-longrope", "phi3"): (RecipeError, "this model has 4 rotary frequencies per head"),
 }
+
+# (case, family) pairs that transformers itself breaks before a release of lcpatch's range: (fixed in, error).
+UPSTREAM_BUGS = {
+    # A layer-typed rotary (Gemma3) under longrope loses `long_inv_freq` on its second long call.
+    ("rope-longrope", "gemma3"): ((5, 21), UnboundLocalError),
+}
+TRANSFORMERS = Version(transformers.__version__).release[:2]
 
 LENGTH = 72  # past the tiny models' training length (64), so every method and scaling changes the logits
 NEW_TOKENS = 3
@@ -215,7 +224,11 @@ def assert_unpatched(model) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.filterwarnings("ignore:lcpatch. generation.decode is 'graph' but the model is on cpu:RuntimeWarning")
-def test_recipe_applies_runs_and_removes_exactly(case, family, make_model):
+def test_recipe_applies_runs_and_removes_exactly(case, family, make_model, request):
+    fixed_in, error = UPSTREAM_BUGS.get((case, family), ((0,), None))
+    if TRANSFORMERS < fixed_in:
+        reason = f"transformers < {'.'.join(map(str, fixed_in))} raises {error.__name__} here by itself"
+        request.applymarker(pytest.mark.xfail(raises=error, strict=True, reason=reason))
     model = make_model(family)
     recipe = lcpatch.load_recipe(CASES[case])
     ids = random_ids(LENGTH, batch=2)

@@ -7,6 +7,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 import lcpatch
+from lcpatch._compat import CACHE_ARG
 
 from naive_lambda import naive_logits
 from tiny_models import FAMILIES, CollectStreamer, random_ids, tiny_model
@@ -68,6 +69,26 @@ class RecordCacheSize(StoppingCriteria):
     def __call__(self, input_ids, scores, **kwargs):
         self.sizes.append(max(self.cache.stored_lengths()))
         return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+@torch.no_grad()
+def test_phi3_generate_keeps_the_prefilled_cache_past_its_original_length():
+    # Phi-3's generate() throws a cache away once the sequence passes original_max_position_embeddings while the
+    # cache holds no more than that: the chunked prefill must leave it more, or the whole prompt is run again
+    # (before transformers 5.20: only its last chunk, on an empty cache).
+    model = tiny_model("phi3", original_max_position_embeddings=64)
+    lcpatch.apply(model, lm_infinite(4, 16, prefill_chunk=16))
+    cache = lcpatch.make_cache(model)
+    out = model.generate(
+        random_ids(72),
+        max_new_tokens=3,
+        min_new_tokens=3,
+        do_sample=False,
+        return_dict_in_generate=True,
+        **{CACHE_ARG: cache},
+    )
+    assert getattr(out, CACHE_ARG) is cache
+    assert cache.get_seq_length() == 72 + 3 - 1
 
 
 @pytest.mark.parametrize("family", ALL)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from transformers import PreTrainedModel
 
 from .._compat import CACHE_ARG, with_cache_argument
+from ..models import family_of
 from ..patching import PatchLog
 from .fast_decode import install_fast_decode
 from .hooks import before_generate, register_before_generate
@@ -27,6 +28,8 @@ def install_generate(model: PreTrainedModel, recipe: Recipe, runtime, log: Patch
     cache (see `fast_decode`) and prefills in chunks; `runtime` is the patch's PatchRuntime, None for dense
     attention."""
     original = model.generate
+    dropped_up_to = family_of(model.config.model_type).drops_cache_up_to
+    keep_past_above = getattr(model.config, dropped_up_to, None) if dropped_up_to else None
     plan = install_fast_decode(model, recipe.generation.decode, runtime, recipe.attention.method, log)
 
     @functools.wraps(original)
@@ -43,7 +46,7 @@ def install_generate(model: PreTrainedModel, recipe: Recipe, runtime, log: Patch
                 chunk = chunk or recipe.generation.prefill_chunk
                 progress = prefill_progress or (ProgressBar() if recipe.generation.progress else None)
                 handled = kwargs.get(CACHE_ARG) is not None and prefill_all_but_last_chunk(
-                    model, args, kwargs, chunk, progress
+                    model, args, kwargs, chunk, progress, keep_past_above
                 )
                 # What remains is at most one chunk; generate's own chunking (which older transformers
                 # restarts from token 0 after a prefilled cache) must not run again.

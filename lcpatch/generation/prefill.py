@@ -36,7 +36,12 @@ class ProgressBar:
 
 @torch.no_grad()
 def prefill_all_but_last_chunk(
-    model: PreTrainedModel, args: tuple, kwargs: dict, chunk: int, progress: Progress | None
+    model: PreTrainedModel,
+    args: tuple,
+    kwargs: dict,
+    chunk: int,
+    progress: Progress | None,
+    keep_past_above: int | None = None,
 ) -> bool:
     """Feed the prompt, except its last `chunk` tokens, through the cache in chunks that end where it ends.
 
@@ -46,6 +51,8 @@ def prefill_all_but_last_chunk(
     prefills the last chunk in one pass. False (nothing done) when the prompt is not given as ids,
     its padding would be inferred by generate from pad tokens, or only the tokens after a cache are given.
     `progress(done, total)` follows the tokens streamed here (all but the last chunk), after each chunk.
+    With `keep_past_above` (see `Family.drops_cache_up_to`), a prompt longer than it leaves generate() a
+    cache holding more than that many tokens (a shorter last chunk), or none at all.
     """
     ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
     if not torch.is_tensor(ids) or ids.ndim != 2 or ids.is_floating_point():
@@ -67,8 +74,13 @@ def prefill_all_but_last_chunk(
     ids, mask = ids.repeat_interleave(expand, dim=0), mask.repeat_interleave(expand, dim=0)
     cache = kwargs[CACHE_ARG]
     past = cache.get_seq_length()
+    last = chunk
+    if keep_past_above is not None and ids.shape[1] > keep_past_above:
+        last = min(chunk, ids.shape[1] - keep_past_above - 1)
+        if last < 1:
+            return False
     positions = (mask.long().cumsum(-1) - 1).clamp_min(0)  # as generate() derives them
-    stops = range(ids.shape[1] - chunk, past, -chunk)
+    stops = range(ids.shape[1] - last, past, -chunk)
     decoder = model.get_decoder()
     for start, stop in zip((past, *reversed(stops)), reversed(stops), strict=False):
         decoder(

@@ -13,6 +13,10 @@ class Family:
     name: str
     model_types: tuple[str, ...]
     example: str  # a real checkpoint of the family, for the README table
+    # The config attribute up to which the family's generate() throws a cache away: Phi-3 re-runs the whole
+    # prompt (transformers < 5.20: only its last tokens, on an empty cache) when the sequence passes
+    # `original_max_position_embeddings` while the cache holds no more than that, as its long RoPE starts there.
+    drops_cache_up_to: str | None = None
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -20,7 +24,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("Mistral", ("mistral",), "mistralai/Mistral-7B-v0.3"),
     Family("Qwen2", ("qwen2",), "Qwen/Qwen2.5-7B"),
     Family("Qwen3", ("qwen3",), "Qwen/Qwen3-8B"),
-    Family("Phi3", ("phi3",), "microsoft/Phi-3-mini-4k-instruct"),
+    Family("Phi3", ("phi3",), "microsoft/Phi-3-mini-4k-instruct", "original_max_position_embeddings"),
     Family("Gemma3", ("gemma3_text",), "google/gemma-3-1b-pt (text)"),
 )
 
