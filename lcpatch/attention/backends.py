@@ -1,11 +1,11 @@
-"""Where attention runs: the Triton kernels or the PyTorch references, decided here and only here.
+"""Where attention runs: the Triton kernels or PyTorch, decided here and only here.
 
 Modelled on flash-linear-attention's `fla/ops/backends`: a backend says whether it can run at all on
 a device (`available`) and, per op, whether it takes a call's tensors (`verify(op, ...) -> (ok,
 reason)`). A method's `backend` field picks one: 'torch', 'triton' (a BackendError if the kernels
-cannot run on the model's device), or 'auto' (the kernels where available). On CPU, 'auto' runs the
-references even under TRITON_INTERPRET=1: the interpreter is for testing the kernels, not models.
-A call the Triton backend does not verify runs the reference, with a one-time warning that says why.
+cannot run on the model's device), or 'auto' (the kernels where available). On CPU, 'auto' runs
+PyTorch even under TRITON_INTERPRET=1: the interpreter is for testing the kernels, not models.
+A call the Triton backend does not verify runs on PyTorch, with a one-time warning that says why.
 
 The ops (each backend has them under these names, with the reference's arguments):
 - `lambda_attention`: Λ attention, see `kernels/lambda_reference.py`;
@@ -22,6 +22,7 @@ import torch
 
 from ..errors import BackendError
 from ..kernels.lambda_reference import lambda_attention_reference
+from ..kernels.lambda_split import lambda_attention_split
 from ..kernels.specs import LambdaSpec, Rotary
 from .infllm_reference import execution_block_attention
 
@@ -37,10 +38,17 @@ def warn_once(message: str) -> None:
 
 
 class TorchBackend:
-    """The PyTorch references: every op, on any device and tensors."""
+    """PyTorch on any device and tensors: Λ attention split into SDPA calls (`kernels/lambda_split.py`),
+    or the per-pair reference for what SDPA cannot express (logit softcap, attention dropout)."""
 
-    def lambda_attention(self, *args, **kwargs) -> torch.Tensor:
-        return lambda_attention_reference(*args, **kwargs)
+    def lambda_attention(self, *args, softcap=None, dropout=0.0, keys_in_stream_order=True) -> torch.Tensor:
+        if softcap is None and dropout == 0.0:
+            return lambda_attention_split(*args, keys_in_stream_order=keys_in_stream_order)
+        reason = f"logit softcap {softcap}" if softcap is not None else f"attention dropout {dropout}"
+        warn_once(f"lcpatch: {reason} is not supported by SDPA; Λ attention runs the (slow) per-pair reference.")
+        return lambda_attention_reference(
+            *args, softcap=softcap, dropout=dropout, keys_in_stream_order=keys_in_stream_order
+        )
 
     def block_attention(self, query, key, value, rotary: Rotary, dropout: float) -> Callable:
         return execution_block_attention
@@ -103,7 +111,7 @@ class TritonBackend:
         args = (query, key, value, query_positions, key_positions, key_valid, spec, rotary, scaling)
         ok, reason = self.verify("lambda_attention", query, key, value, rotary, dropout, keys_in_stream_order)
         if not ok:
-            warn_once(f"lcpatch.kernels: {reason} is not supported by the Triton kernels; using the PyTorch reference.")
+            warn_once(f"lcpatch.kernels: {reason} is not supported by the Triton kernels; using PyTorch.")
             return TORCH.lambda_attention(
                 *args, softcap=softcap, dropout=dropout, keys_in_stream_order=keys_in_stream_order
             )
