@@ -63,8 +63,7 @@ def lambda_attention_split(
     """Λ attention over un-rotated q/k with the reference's arguments and result (B, Lq, Hq, D).
 
     No softcap and no dropout: SDPA has neither (the backend sends such calls to the reference).
-    Rotations are taken in float32 relative to each chunk's first query, as the reference does;
-    SDPA runs in the query's dtype.
+    Rotations are taken in float32, relative to the first query; SDPA runs in the query's dtype.
     """
     batch, q_heads, q_len, dim = query.shape
     kv_heads, k_len, v_dim = key.shape[1], key.shape[2], value.shape[-1]
@@ -78,48 +77,48 @@ def lambda_attention_split(
     else:
         prefix = k_len
     first_query_slot = k_len - q_len
-    value_padded = F.pad(value, (0, width - v_dim))
+    out = torch.empty(batch, q_len, q_heads, v_dim, dtype=dtype, device=device)
+
+    # Window part's keys as SDPA reads them, built once: column 0 the virtual key, then every slot
+    # rotated at its true position relative to the first query (angles stay within window + q_len).
+    origin = query_positions[:, :1]
     virtual_key = torch.zeros(batch, kv_heads, 1, width, dtype=dtype, device=device)
     virtual_key[..., -1] = 1
     virtual_value = torch.zeros(batch, kv_heads, 1, width, dtype=dtype, device=device)
     virtual_value[..., v_dim] = 1
-    out = torch.empty(batch, q_len, q_heads, v_dim, dtype=dtype, device=device)
+    rotated = F.pad(rotary.rotate(key, key_positions - origin), (0, width - dim)).to(dtype)
+    keys = torch.cat((virtual_key, rotated), dim=2)
+    values = torch.cat((virtual_value, F.pad(value, (0, width - v_dim))), dim=2)
+    positions, valid = F.pad(key_positions, (1, 0)), F.pad(key_valid, (1, 0))
 
-    # The global part's keys (un-rotated) and where they may be: the prefix slots.
-    g_key, g_value = key[:, :, :prefix], value[:, :, :prefix].to(torch.float32)
-    g_pos, g_valid = key_positions[:, :prefix], key_valid[:, :prefix] & (key_positions[:, :prefix] < spec.n_global)
-    g_key_far = rotary.rotate(g_key, spec.far_key_position(g_pos)) if prefix else None
+    # The global part's keys, rotated at their far positions, and where they may be: the prefix slots.
+    g_pos, g_value = key_positions[:, :prefix], value[:, :, :prefix].to(torch.float32)
+    g_valid = key_valid[:, :prefix] & (g_pos < spec.n_global)
+    g_key_far = rotary.rotate(key[:, :, :prefix], spec.far_key_position(g_pos))
 
     for start in range(0, q_len, chunk_size):
         stop = min(q_len, start + chunk_size)
         qc, qp = query[:, :, start:stop], query_positions[:, start:stop]
-        origin = qp[:, :1]
-
-        # Window part: true distances, rotated relative to the chunk's first query.
         if keys_in_stream_order:
             slots, last = _window_slots(first_query_slot, start, stop, prefix, spec.window)
         else:  # slot order says nothing: every slot is a candidate
             slots, last = None, k_len
         if slots is None:
-            k_win, v_win, kp, kv = (
-                key[:, :, :last],
-                value_padded[:, :, :last],
-                key_positions[:, :last],
-                key_valid[:, :last],
+            k_in, v_in, kp, kv = (
+                keys[:, :, : last + 1],
+                values[:, :, : last + 1],
+                positions[:, : last + 1],
+                valid[:, : last + 1],
             )
         else:
-            slots = slots.to(device)
-            k_win, v_win, kp, kv = (
-                key[:, :, slots],
-                value_padded[:, :, slots],
-                key_positions[:, slots],
-                key_valid[:, slots],
-            )
-        k_local = F.pad(rotary.rotate(k_win, kp - origin), (0, width - dim))
-        q_local = rotary.rotate(qc, qp - origin) * scaling
+            columns = F.pad(slots + 1, (1, 0)).to(device)
+            k_in, v_in = keys.index_select(2, columns), values.index_select(2, columns)
+            kp, kv = positions.index_select(1, columns), valid.index_select(1, columns)
         q_pair, k_pair = qp[:, :, None], kp[:, None, :]
-        window_visible = kv[:, None, :] & (k_pair <= q_pair) & (k_pair > q_pair - spec.window)  # (B, C, K)
-        sees_window = window_visible.any(dim=-1)[:, None]  # (B, 1, C)
+        mask = kv[:, None, :] & (k_pair <= q_pair) & (k_pair > q_pair - spec.window)  # (B, C, 1 + K)
+        mask[:, :, 0] = False
+        sees_window = mask.any(dim=-1)[:, None]  # (B, 1, C)
+        mask[:, :, 0] = True  # the virtual key: its score says whether it counts
 
         # Global part: the few far keys, in float32.
         if prefix:
@@ -142,11 +141,9 @@ def lambda_attention_split(
             zg = torch.zeros_like(shift)
         zg = torch.where(sees_global | sees_window, zg, 1.0)  # a row that sees nothing (padding) gets 0
 
+        q_local = rotary.rotate(qc, qp - origin) * scaling
         q_in = torch.cat((F.pad(q_local, (0, width - 1 - dim)), shift[..., None]), dim=-1).to(dtype)
-        k_in = torch.cat((k_local.to(dtype), virtual_key), dim=2)
-        v_in = torch.cat((v_win, virtual_value), dim=2)
-        mask = torch.cat((window_visible, window_visible.new_ones(batch, stop - start, 1)), dim=-1)[:, None]
-        attended = F.scaled_dot_product_attention(q_in, k_in, v_in, attn_mask=mask, scale=1.0, enable_gqa=True)
+        attended = F.scaled_dot_product_attention(q_in, k_in, v_in, attn_mask=mask[:, None], scale=1.0, enable_gqa=True)
         a, c = attended[..., :v_dim].float(), attended[..., v_dim].float()
         merged = (a + c[..., None] * ng) / (1 - c + c * zg)[..., None]
         out[:, start:stop] = merged.transpose(1, 2).to(dtype)
