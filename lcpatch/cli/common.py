@@ -15,9 +15,9 @@ import transformers
 from .. import __version__
 from ..errors import LcpatchError, RecipeError
 from ..recipe import load_recipe
+from .arguments import DTYPE_NAMES, VANILLA
 
-VANILLA = "vanilla"  # a --recipes column that is the unpatched model
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 MISSING = "matplotlib is not installed, so no figure was drawn (pip install 'lcpatch[eval]' to get one)"
 
 
