@@ -22,7 +22,7 @@ COMMANDS = {
         "fine-tune a model as a recipe's training section says (E2-LLM, LongPO, LOGO, plain causal LM)",
     ),
     "eval": (
-        "lcpatch.eval.run",
+        "lcpatch.cli.eval",
         "long-context quality (ppl, passkey, needle) of a model under several recipes: JSON, plots, table",
     ),
     "data": (

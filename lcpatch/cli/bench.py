@@ -9,11 +9,10 @@
 from __future__ import annotations
 
 import argparse
-import ast
 import importlib
-import importlib.util
 import textwrap
-from pathlib import Path
+
+from .arguments import module_doc
 
 # `lcpatch bench NAME`: the module lcpatch.bench.NAME, with main(argv); the first is the default.
 BENCHMARKS = ("cost", "attention", "decode")
@@ -22,9 +21,7 @@ DEFAULT = BENCHMARKS[0]
 
 def _summary(name: str) -> str:
     """The first paragraph of lcpatch.bench.NAME's docstring, read from its source: importing it loads torch."""
-    path = Path(importlib.util.find_spec(f"lcpatch.bench.{name}").origin)
-    doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
-    return " ".join(doc.split("\n\n")[0].split())
+    return " ".join(module_doc(f"lcpatch.bench.{name}").split("\n\n")[0].split())
 
 
 def with_default(argv: list[str]) -> list[str]:
