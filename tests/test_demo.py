@@ -58,6 +58,15 @@ def test_streaming_through_the_bounded_cache_matches_one_pass(ids):
     assert (one_pass[:15] - full_forward_nll(model, ids)[:15]).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("method", ["lm-infinite", "streaming-llm"])
+def test_the_demo_chunk_scores_as_a_four_times_longer_one(ids, method):
+    # The demo's forward passes of 1024 tokens (4096 before) at a tiny model's scale: same per-token losses.
+    model = tiny_llama()
+    with lcpatch.patched(model, {"attention": {"method": method, "n_global": 4, "window": 16}}):
+        short, long = (token_nll(model, ids, chunk=chunk, progress=False) for chunk in (16, 64))
+    assert (short - long).abs().max() <= 1e-4
+
+
 def test_bucket_bookkeeping(ids):
     model = tiny_llama()
     nll = token_nll(model, ids, chunk=16, progress=False)
@@ -137,17 +146,53 @@ def text_file(tmp_path):
         (["--recipes", "vanilla,lm-infinty"], "unknown recipe 'lm-infinty'.*also accepts 'vanilla'"),
         (["--recipes", " , "], "--recipes is empty"),
         (["--recipes", "vanilla,vanilla"], "names a column twice"),
-        (["--max-length", "0"], "--max-length must be a positive integer; got 0"),
+        (["--max-length", "0"], "--max-length must be an integer >= 2; got 0"),
         (["--bucket", "-1"], "--bucket must be a positive integer; got -1"),
         (["--device", "tpu9"], "--device 'tpu9' is not a device"),
+        (["--max-length", "1"], "--max-length must be an integer >= 2; got 1"),
+        (["--out", "/no/such/folder/x.json"], r"the folder '/no/such/folder' does not exist; create it first"),
+        (["--out", "."], r"--out '.*' is a folder; pass a file name, e\.g\. .*lcpatch-demo\.json"),
     ],
 )
 def test_demo_argument_errors(no_model, text_file, capsys, argv, message):
     argv = ["--text", str(text_file), *argv] if "--text" not in argv else argv
     assert cli_main(["demo", *argv]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ")
+    assert err.startswith("error: ") and err.count("\n") == 1
     assert re.search(message, err), err
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", r"has no text \(it is empty or only whitespace\)"),
+        (b" \n\t\n", r"has no text"),
+        (bytes(range(256)) * 4, r"is not a text file \(it holds NUL bytes"),
+        ("café, naïve".encode("latin-1"), r"is not UTF-8 text \(byte 0xe9 at offset 3\).*iconv -f latin1 -t utf-8"),
+    ],
+)
+def test_demo_refuses_a_text_it_cannot_score_before_loading(no_model, tmp_path, capsys, content, message):
+    path = tmp_path / "input.txt"
+    path.write_bytes(content)
+    assert cli_main(["demo", "--text", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and str(path) in err, err
+
+
+def test_demo_reads_utf8_with_or_without_a_bom(tmp_path):
+    path = tmp_path / "book.txt"
+    path.write_bytes("\ufeffCafé au lait".encode())
+    assert demo.read_text(path, 16) == "Café au lait"
+
+
+def test_demo_unknown_flag_gets_the_demo_usage(no_model, capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli_main(["demo", "--txt", "foo.txt"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2
+    assert (
+        err.startswith("usage: lcpatch demo ") and "lcpatch demo: error: unrecognized arguments: --txt foo.txt" in err
+    )
 
 
 def test_demo_bad_dtype_is_an_argparse_error(capsys):
@@ -167,7 +212,9 @@ def test_text_shorter_than_max_length(text_file):
     with pytest.raises(
         lcpatch.LcpatchError, match=r"has only 192 tokens, fewer than --max-length 500; pass --max-length 192"
     ):
-        demo.read_tokens(CharTokenizer(), text_file, 500)
+        demo.first_tokens(CharTokenizer(), text_file.read_text(), text_file, 500)
+    with pytest.raises(lcpatch.LcpatchError, match=r"has only 1 token\(s\); perplexity needs at least 2"):
+        demo.first_tokens(CharTokenizer(), "a", text_file, 500)
 
 
 def test_demo_end_to_end_on_a_tiny_model(monkeypatch, text_file, tmp_path, capsys):
@@ -180,6 +227,8 @@ def test_demo_end_to_end_on_a_tiny_model(monkeypatch, text_file, tmp_path, capsy
     printed = capsys.readouterr().out
     assert "| tokens | vanilla | lm-infinite |" in printed
     assert "| 0–32 |" in printed and "| 128–150 |" in printed
+    assert re.search(r"\| wall time \| [\d.,]+ s \| [\d.,]+ s \|", printed)
+    assert printed.rstrip().endswith(f"wrote {out}")
     report = json.loads(out.read_text())
     assert report["dtype"] == "float32" and report["max_length"] == 150
     assert report["text"] == {"path": str(text_file), "tokens": 192, "tokens_used": 150}

@@ -27,3 +27,7 @@ def lcpatch_attention(module, query, key, value, attention_mask, scaling=None, d
 
 def register() -> None:
     AttentionInterface.register("lcpatch", lcpatch_attention)
+
+
+# At import: every way to patch a model (lcpatch.api) imports this module first.
+register()

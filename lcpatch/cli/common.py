@@ -15,9 +15,9 @@ import transformers
 from .. import __version__
 from ..errors import LcpatchError, RecipeError
 from ..recipe import load_recipe
+from .arguments import DTYPE_NAMES, VANILLA
 
-VANILLA = "vanilla"  # a --recipes column that is the unpatched model
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 MISSING = "matplotlib is not installed, so no figure was drawn (pip install 'lcpatch[eval]' to get one)"
 
 
@@ -98,8 +98,9 @@ def _label(start: int, end: int) -> str:
     return f"{k(start)}–{k(end)}"
 
 
-def format_table(results: dict[str, dict]) -> str:
-    """A Markdown table: one row per position bucket, one perplexity column per recipe."""
+def format_table(results: dict[str, dict], seconds: dict[str, float] | None = None) -> str:
+    """A Markdown table: one row per position bucket, one perplexity column per recipe; with `seconds`, a last
+    row of each column's wall time."""
     names = list(results)
     first = results[names[0]]
     lines = ["| tokens | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
@@ -107,6 +108,8 @@ def format_table(results: dict[str, dict]) -> str:
         cells = [f"{results[name]['buckets'][i]['ppl']:,.1f}" for name in names]
         lines.append(f"| {_label(bucket['start'], bucket['end'])} | " + " | ".join(cells) + " |")
     lines.append("| all | " + " | ".join(f"{results[name]['overall']['ppl']:,.1f}" for name in names) + " |")
+    if seconds is not None:
+        lines.append("| wall time | " + " | ".join(f"{seconds[name]:,.1f} s" for name in names) + " |")
     return "\n".join(lines)
 
 

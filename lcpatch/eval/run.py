@@ -54,6 +54,7 @@ from ..cli.common import (
     resolve_device,
     resolve_dtype,
 )
+from ..cli.eval import SMOLLM2, add_arguments
 from ..data import load_texts
 from ..data.documents import local_files
 from ..data.tokens import encode
@@ -65,7 +66,6 @@ logger = logging.getLogger(__name__)
 
 TASKS = ("ppl", "passkey", "needle")
 SCHEMA = 1
-SMOLLM2 = "smollm2"
 RESULTS = "results.json"
 NEEDLE = (
     "\nThe special magic word for {city} is {word}.\n",
@@ -94,35 +94,6 @@ def parse_depths(spec: str) -> list[float]:
     if len(set(depths)) != len(depths):
         raise LcpatchError(f"--depths names a depth twice: {spec!r}.")
     return depths
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model", required=True, help=f"a local Hugging Face model folder, or '{SMOLLM2}' (SmolLM2-135M from GGUF)"
-    )
-    parser.add_argument(
-        "--recipes", default=f"{VANILLA},lm-infinite", help=f"comma-separated: '{VANILLA}', recipe names or YAML paths"
-    )
-    parser.add_argument("--task", required=True, help="ppl, passkey or needle")
-    parser.add_argument("--lengths", default="1k", help="comma-separated prompt lengths in tokens, e.g. 1k,2k,4096")
-    parser.add_argument("--depths", default="0,0.5,1", help="needle depths in [0, 1] (passkey, needle)")
-    parser.add_argument("--samples", type=int, default=5, help="prompts per (length, depth) cell (default 5)")
-    parser.add_argument(
-        "--text",
-        required=True,
-        help="the text or haystack: a plain-text file, a folder or glob of .txt files, or a datasets name "
-        "(its train split's documents joined)",
-    )
-    parser.add_argument("--text-config", help="with a datasets name for --text: its configuration")
-    parser.add_argument("--text-field", default="text", help="with a datasets name for --text: the text column")
-    parser.add_argument("--out", type=Path, required=True, help="output folder (results.json, plots)")
-    parser.add_argument("--bucket", type=int, default=2048, help="ppl: tokens per position bucket (default 2048)")
-    parser.add_argument("--chunk", type=int, default=4096, help="ppl: tokens per forward pass (default 4096)")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
-    parser.add_argument("--seed", type=int, default=0, help="seed of keys, needles and haystack offsets")
-    parser.add_argument("--gguf", type=Path, help="with --model smollm2: a local GGUF file")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 @dataclass
@@ -398,7 +369,10 @@ def run_cli(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lcpatch.eval.run", description=__doc__.split("\n")[0])
+    # `python -m lcpatch.eval.run` is `lcpatch eval`: its usage says so.
+    parser = argparse.ArgumentParser(
+        prog="lcpatch eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_arguments(parser)
     return run_cli(parser.parse_args(argv))
 

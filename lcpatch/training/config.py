@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import RecipeError
 from ..fields import (
@@ -21,7 +21,9 @@ from ..fields import (
     check_number,
     check_str,
 )
-from ..rope import RopeScaling
+
+if TYPE_CHECKING:  # reading the training section (e.g. `lcpatch train --help`) must not import torch
+    from ..rope import RopeScaling
 
 TRAINERS = ("hf", "trl")
 DTYPES = ("auto", "float32", "bfloat16")
@@ -152,6 +154,8 @@ class LongPOStage(SectionConfig):
 
     def __post_init__(self) -> None:
         if isinstance(self.rope, dict):
+            from .. import rope  # noqa: F401  (files the scalings in ROPE_SCALINGS)
+
             object.__setattr__(self, "rope", ROPE_SCALINGS.from_dict(self.rope))
         elif not hasattr(self.rope, "scaling"):
             raise RecipeError(
