@@ -185,6 +185,12 @@ def test_demo_reads_utf8_with_or_without_a_bom(tmp_path):
     assert demo.read_text(path, 16) == "Café au lait"
 
 
+def test_demo_reads_line_ends_as_text_mode_does(tmp_path):
+    path = tmp_path / "crlf.txt"
+    path.write_bytes(b"Call me Ishmael.\r\nSome years ago\rnever mind\n")
+    assert demo.read_text(path, 16) == path.read_text() == "Call me Ishmael.\nSome years ago\nnever mind\n"
+
+
 def test_demo_unknown_flag_gets_the_demo_usage(no_model, capsys):
     with pytest.raises(SystemExit) as exit:
         cli_main(["demo", "--txt", "foo.txt"])

@@ -87,7 +87,7 @@ def default_text() -> Path:
 
 
 def read_text(path: Path, max_length: int) -> str:
-    """The text of --text, decoded as UTF-8; an error naming the file if it is not text, not UTF-8 or empty."""
+    """The text of --text, decoded as UTF-8 with universal newlines; an error naming the file if it is not text, not UTF-8 or empty."""
     if not path.is_file():
         raise LcpatchError(f"--text {str(path)!r} is not a file; pass a long plain-text file.")
     data = path.read_bytes()
@@ -109,7 +109,8 @@ def read_text(path: Path, max_length: int) -> str:
             f"--text {str(path)!r} has no text (it is empty or only whitespace); pass a long plain-text file "
             f"(the demo scores its first --max-length {max_length} tokens)."
         )
-    return text
+    # Line ends as text mode reads them (Gutenberg books end lines with CRLF): what was scored before.
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def first_tokens(tokenizer, text: str, path: Path, max_length: int) -> tuple[list[int], int]:
