@@ -11,7 +11,8 @@ from transformers import PreTrainedModel
 
 from .attention import ATTENTION_METHODS, Dense
 from .attention.interface import RUNTIMES
-from .errors import LcpatchError, PatchStateError
+from .context_length import UNBOUNDED_CONTEXT, AdvertisedLength, advertised_length
+from .errors import LcpatchError, PatchStateError, UnsupportedModelError
 from .generation import install_generate
 from .models import ModelStructure, find_structure
 from .models.structure import unwrap
@@ -36,14 +37,40 @@ def _label(recipe: Recipe) -> str:
     return recipe.name or recipe.attention.method
 
 
+def _base_model(model, call: str, expected: str) -> PreTrainedModel:
+    """The transformers model that `call` (e.g. "lcpatch.remove(model)") works on; an error naming what was
+    passed and what `call` takes otherwise."""
+    try:
+        return unwrap(model)
+    except UnsupportedModelError:
+        pass
+    from transformers import PreTrainedTokenizerBase
+
+    shown = repr(model) if isinstance(model, (str, int, float, type(None))) else f"a {type(model).__name__}"
+    fix = "; pass the model, not its tokenizer" if isinstance(model, PreTrainedTokenizerBase) else ""
+    if isinstance(model, str):
+        fix = "; load it first, e.g. AutoModelForCausalLM.from_pretrained(name)"
+    raise UnsupportedModelError(f"{call} takes {expected}; got {shown}{fix}.")
+
+
+_CAUSAL_LM = "a transformers causal LM (AutoModelForCausalLM, or a PEFT model wrapping one)"
+_PATCHED_LM = "a model patched with lcpatch.apply (a transformers causal LM, or a PEFT model wrapping one)"
+
+
 def apply(model, recipe: RecipeLike):
     """Patch this model instance with `recipe` (built-in name, YAML path, dict or Recipe); return the model.
 
     Only the instance changes: its attention implementation, rotary embedding output, cache and
-    `generate`. `lcpatch.remove(model)` undoes all of it.
+    `generate`, and the length its config advertises (see `lcpatch.context_length.advertised_length`: no limit
+    for lm-infinite, streaming-llm and infllm, factor × the training length for a RoPE scaling with dense
+    attention). `lcpatch.remove(model)` undoes all of it.
     """
+    return _apply(model, recipe, "lcpatch.apply(model, recipe)")
+
+
+def _apply(model, recipe: RecipeLike, call: str):
+    base = _base_model(model, call, _CAUSAL_LM)
     loaded = load_recipe(recipe)
-    base = unwrap(model)
     if base in _PATCHED:
         raise PatchStateError(
             f"this {type(base).__name__} is already patched with recipe '{_label(_PATCHED[base].recipe)}'; "
@@ -61,8 +88,15 @@ def apply(model, recipe: RecipeLike):
             runtime = PatchRuntime(structure, method, resolved.attention.method)
             runtime.install(log, RUNTIMES)
         install_generate(base, resolved, runtime, log)
+        # Last: what came before reads the model's own config (the rotary tables are built from a copy of it).
+        length = advertised_length(resolved, structure.training_length)
+        own_config = contextlib.nullcontext
+        if length is not None:
+            advertised = AdvertisedLength(structure, length)
+            advertised.install(log)
+            own_config = advertised.withheld
         for owner in {id(base): base, id(model): model}.values():
-            install_save_pretrained(owner, resolved, log)
+            install_save_pretrained(owner, resolved, log, own_config)
         summary = f"lcpatch={_label(resolved)}({_attention_fields(resolved)})"
         log.set_instance_attr(base, "extra_repr", lambda: summary)
         _PATCHED[base] = _Patched(resolved, structure, log, runtime)
@@ -75,7 +109,7 @@ def apply(model, recipe: RecipeLike):
 
 def remove(model) -> None:
     """Undo `apply` on this model: every hook, attribute and setting goes back to what it was."""
-    base = unwrap(model)
+    base = _base_model(model, "lcpatch.remove(model)", _PATCHED_LM)
     state = _PATCHED.get(base)
     if state is None:
         raise PatchStateError(
@@ -88,7 +122,7 @@ def remove(model) -> None:
 @contextlib.contextmanager
 def patched(model, recipe: RecipeLike) -> Iterator:
     """`with lcpatch.patched(model, "lm-infinite"): ...` — the patch is removed on exit, exceptions too."""
-    apply(model, recipe)
+    _apply(model, recipe, "lcpatch.patched(model, recipe)")
     try:
         yield model
     finally:
@@ -101,8 +135,8 @@ def _attention_fields(recipe: Recipe) -> str:
 
 
 def describe(model) -> str:
-    """What lcpatch did to this model: recipe (autos resolved), family, per-layer cache bound."""
-    base = unwrap(model)
+    """What lcpatch did to this model: recipe (autos resolved), family, per-layer cache bound, advertised length."""
+    base = _base_model(model, "lcpatch.describe(model)", _CAUSAL_LM + ", patched or not")
     state = _PATCHED.get(base)
     if state is None:
         return f"{type(base).__name__}: not patched by lcpatch."
@@ -116,22 +150,30 @@ def describe(model) -> str:
         sizes = sorted(set(state.runtime.method.cache_sizes()))
         # Λ caches never exceed this; InfLLM keeps this many on the device, its memory blocks beyond it.
         lines.append(f"KV positions on the device per layer: {' / '.join(map(str, sizes))}")
+    length = getattr(s.config, "max_position_embeddings", None)
+    if length is not None:
+        lines.append(
+            f"config.max_position_embeddings: {length}" + (" (no limit)" if length == UNBOUNDED_CONTEXT else "")
+        )
     return "\n".join(lines)
 
 
 def patched_recipe(model) -> Recipe | None:
     """The resolved recipe a model is patched with, or None."""
-    state = _PATCHED.get(unwrap(model))
+    state = _PATCHED.get(_base_model(model, "lcpatch.api.patched_recipe(model)", _CAUSAL_LM))
     return state.recipe if state else None
 
 
 def make_cache(model):
     """A fresh cache of the patched method (e.g. a bounded LambdaCache), to pass as the cache argument of
     forward() or generate()."""
-    state = _PATCHED.get(unwrap(model))
+    base = _base_model(model, "lcpatch.make_cache(model)", _PATCHED_LM)
+    state = _PATCHED.get(base)
     if state is None or state.runtime is None:
+        own = "is not patched by lcpatch" if state is None else f"is patched with {_label(state.recipe)}"
         raise LcpatchError(
-            "make_cache needs a model patched with an attention method that keeps its own cache "
-            f"({', '.join(m for m in ATTENTION_METHODS if m != 'dense')}); other models use transformers' own caches."
+            f"lcpatch.make_cache(model) needs a model patched with an attention method that keeps its own cache "
+            f"({', '.join(m for m in ATTENTION_METHODS if m != 'dense')}); this {type(base).__name__} {own}, "
+            "so it uses transformers' own caches: pass none (generate() makes one) or a transformers DynamicCache."
         )
     return state.runtime.make_cache()

@@ -94,7 +94,7 @@ class Recipe:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise RecipeError(f"recipe {source} is not valid YAML: {exc}") from exc
+            raise RecipeError(_yaml_error_message(source, exc)) from exc
         if not isinstance(data, dict):
             raise RecipeError(f"recipe {source} must hold a YAML mapping of sections; got {type(data).__name__}.")
         return cls.from_dict(data)
@@ -117,6 +117,29 @@ class Recipe:
             rope=self.rope.resolve(training_length),
             training=self.training.resolve(training_length) if self.training is not None else None,
         )
+
+
+def _yaml_error_message(source: str, exc: yaml.YAMLError) -> str:
+    """The parser's complaint, one part a line: where (line, column, the line with a caret), what, then the fix."""
+    mark = getattr(exc, "problem_mark", None)
+    if mark is None:  # e.g. a character YAML does not accept: the parser's message says where
+        details = str(exc).replace('"<unicode string>"', source)
+    else:
+        problem = getattr(exc, "problem", None) or "syntax error"
+        details = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+        snippet = mark.get_snippet(indent=4)
+        if snippet:
+            details += f"\n{snippet}"
+        context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+        if context and context_mark is not None:
+            details += f"\n  ({context} at line {context_mark.line + 1}, column {context_mark.column + 1})"
+        elif context:
+            details += f"\n  ({context})"
+    return (
+        f"recipe {source} is not valid YAML:\n  {details}\n"
+        "Fix the YAML at that place (indent with spaces, close every bracket, one `key: value` per line); "
+        "`print(lcpatch.load_recipe('lm-infinite').to_yaml())` prints a valid recipe to start from."
+    )
 
 
 RecipeLike = str | Path | dict | Recipe

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from .patching import PatchLog
@@ -11,17 +14,24 @@ from .recipe import Recipe
 RECIPE_FILE = "lcpatch_recipe.yaml"
 
 
-def install_save_pretrained(obj, recipe: Recipe, log: PatchLog) -> None:
+def install_save_pretrained(
+    obj,
+    recipe: Recipe,
+    log: PatchLog,
+    own_config: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+) -> None:
     """Shadow `obj.save_pretrained` so the folder also gets `lcpatch_recipe.yaml`.
 
-    The weights and config are transformers' own (lcpatch changes no parameter and its attention
-    setting is not serialised), so the folder still loads in plain transformers without lcpatch.
+    The weights and config are transformers' own (lcpatch changes no parameter, its attention setting is not
+    serialised, and the config is written inside `own_config()`, which puts back the model's own context length),
+    so the folder still loads in plain transformers without lcpatch.
     """
     original = obj.save_pretrained
 
     @functools.wraps(original)
     def save_pretrained(save_directory, *args, **kwargs):
-        result = original(save_directory, *args, **kwargs)
+        with own_config():
+            result = original(save_directory, *args, **kwargs)
         Path(save_directory, RECIPE_FILE).write_text(recipe.to_yaml())
         return result
 
