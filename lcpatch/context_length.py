@@ -8,6 +8,7 @@ the model's config, per recipe (`advertised_length`), and `remove` restores the 
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -57,9 +58,13 @@ class AdvertisedLength:
     YaRN configs), which is where lcpatch itself (`training_length`) and other tools then find it. The config
     object may be shared by other models (`type(model)(model.config)`); they see the values too while this
     model is patched.
+
+    The model's own rotary embedding keeps reading its own values: a dynamic-NTK rotary recomputes its
+    frequencies from `config.max_position_embeddings` as inputs grow, so it gets a copy of the config as it was.
     """
 
     def __init__(self, structure: ModelStructure, length: int):
+        self._rotary = structure.rotary_emb
         configs = {
             id(c): c for c in (structure.model.config, structure.config) if hasattr(c, "max_position_embeddings")
         }
@@ -71,6 +76,9 @@ class AdvertisedLength:
             self._changes += [(config, name, value, getattr(config, name, _ABSENT)) for name, value in values.items()]
 
     def install(self, log: PatchLog) -> None:
+        own = self._rotary.__dict__.get("config")
+        if any(own is config for config, *_ in self._changes):
+            log.set_instance_attr(self._rotary, "config", copy.deepcopy(own))
         self._put(advertised=True)
         log.on_undo(lambda: self._put(advertised=False))
 
