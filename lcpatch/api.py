@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -11,13 +12,12 @@ from transformers import PreTrainedModel
 
 from .attention import ATTENTION_METHODS, Dense
 from .attention.interface import RUNTIMES
-from .context_length import UNBOUNDED_CONTEXT, AdvertisedLength, advertised_length
 from .errors import LcpatchError, PatchStateError, UnsupportedModelError
 from .generation import install_generate
 from .models import ModelStructure, find_structure
 from .models.structure import unwrap
-from .patching import PatchLog
-from .recipe import Recipe, RecipeLike, load_recipe
+from .patching import AttributeSettings, PatchLog
+from .recipe import UNBOUNDED_CONTEXT, Recipe, RecipeLike, load_recipe
 from .runtime import PatchRuntime
 from .serialization import install_save_pretrained
 
@@ -61,9 +61,9 @@ def apply(model, recipe: RecipeLike):
     """Patch this model instance with `recipe` (built-in name, YAML path, dict or Recipe); return the model.
 
     Only the instance changes: its attention implementation, rotary embedding output, cache and
-    `generate`, and the length its config advertises (see `lcpatch.context_length.advertised_length`: no limit
-    for lm-infinite, streaming-llm and infllm, factor × the training length for a RoPE scaling with dense
-    attention). `lcpatch.remove(model)` undoes all of it.
+    `generate`, and the context length its config advertises (`Recipe.context_length`: no limit for lm-infinite,
+    streaming-llm and infllm, factor × the training length for a RoPE scaling with dense attention).
+    `lcpatch.remove(model)` undoes all of it.
     """
     return _apply(model, recipe, "lcpatch.apply(model, recipe)")
 
@@ -89,12 +89,7 @@ def _apply(model, recipe: RecipeLike, call: str):
             runtime.install(log, RUNTIMES)
         install_generate(base, resolved, runtime, log)
         # Last: what came before reads the model's own config (the rotary tables are built from a copy of it).
-        length = advertised_length(resolved, structure.training_length)
-        own_config = contextlib.nullcontext
-        if length is not None:
-            advertised = AdvertisedLength(structure, length)
-            advertised.install(log)
-            own_config = advertised.withheld
+        own_config = _advertise_context_length(structure, resolved, log)
         for owner in {id(base): base, id(model): model}.values():
             install_save_pretrained(owner, resolved, log, own_config)
         summary = f"lcpatch={_label(resolved)}({_attention_fields(resolved)})"
@@ -105,6 +100,37 @@ def _apply(model, recipe: RecipeLike, call: str):
         log.undo()
         raise
     return model
+
+
+def _advertise_context_length(structure: ModelStructure, recipe: Recipe, log: PatchLog):
+    """Set `config.max_position_embeddings` to `recipe.context_length(...)`, which transformers reads while
+    generating (it caps the default `max_length` and warns "exceeded the model's predefined maximum length" past
+    it) and other tools cut or size their input by; return the context manager under which the config holds the
+    model's own values again (for `save_pretrained`).
+
+    Where the config has no `original_max_position_embeddings`, it gets the training length: transformers' name
+    for the pretraining length of an extended model (Phi-3, YaRN configs), where lcpatch (`training_length`) and
+    other tools then find it. The model's rotary embedding keeps reading a copy of its own config, since a
+    dynamic-NTK one recomputes its frequencies from `max_position_embeddings` as inputs grow. The config object
+    may be shared by other models (`type(model)(model.config)`): they see the values too while this one is patched.
+    """
+    length = recipe.context_length(structure.training_length)
+    if length is None:
+        return contextlib.nullcontext
+    configs = [structure.config]  # the decoder's; the model's own too where it is another (a composite) config
+    if structure.model.config is not structure.config and hasattr(structure.model.config, "max_position_embeddings"):
+        configs.append(structure.model.config)
+    settings = []
+    for config in configs:
+        settings.append((config, "max_position_embeddings", length))
+        if not hasattr(config, "original_max_position_embeddings"):
+            settings.append((config, "original_max_position_embeddings", structure.training_length))
+    rotary = structure.rotary_emb
+    if any(rotary.__dict__.get("config") is config for config in configs):
+        log.set_instance_attr(rotary, "config", copy.deepcopy(rotary.config))
+    advertised = AttributeSettings(settings)
+    advertised.install(log)
+    return advertised.withheld
 
 
 def remove(model) -> None:

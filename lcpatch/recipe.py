@@ -12,7 +12,7 @@ import yaml
 
 from .attention import ATTENTION_METHODS, AttentionMethod, Dense
 from .errors import RecipeError
-from .fields import SectionConfig, check_bool, check_choice, check_int, check_keys
+from .fields import AUTO, SectionConfig, check_bool, check_choice, check_int, check_keys
 from .rope import ROPE_SCALINGS, NoScaling, RopeScaling
 from .training import TRAINING_METHODS, TrainingMethod
 
@@ -39,6 +39,11 @@ class GenerationOptions(SectionConfig):
 
 
 SECTIONS = ("name", "attention", "rope", "generation", "training")
+
+# The context length of "no limit": far beyond any prompt whose keys fit in memory, yet an ordinary int wherever
+# tools take it: in a JSON config, in int32 tensors and sums (2**31 - 1 has no room for `+ 1`), in RoPE code that
+# compares lengths with it (unlike tokenizers' 1e30, which no tensor holds).
+UNBOUNDED_CONTEXT = 2**30
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,26 @@ class Recipe:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def context_length(self, training_length: int) -> int | None:
+        """The context length a model patched with this recipe (autos resolved) advertises; None: the model's own.
+
+        - lm-infinite, streaming-llm, infllm: `UNBOUNDED_CONTEXT`. Every query attends to a bounded set of keys at
+          rotary distances the model was trained on, so no length is out of range; memory is the limit (Λ caches
+          are bounded, InfLLM's memory blocks grow, in CPU memory if need be).
+        - dense attention with a factor scaling of RoPE (linear, dynamic, yarn, llama3, longrope; e2llm with a
+          fixed g): factor × the training length, the length the scaling stretches the trained positions to.
+        - dense attention with e2llm's auto g: `UNBOUNDED_CONTEXT`, since g grows with each input's length.
+        - dense attention with the model's own RoPE or a new base θ (no length stated): None.
+        """
+        if not isinstance(self.attention, Dense):
+            return UNBOUNDED_CONTEXT
+        factor = getattr(self.rope, "factor", None)
+        if factor is None:
+            return None
+        if factor == AUTO:
+            return UNBOUNDED_CONTEXT
+        return round(float(factor) * training_length)
 
     def resolve(self, training_length: int) -> Recipe:
         """Replace every `auto` value with the one derived from the model's training length."""

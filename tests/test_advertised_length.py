@@ -10,8 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import lcpatch
-from lcpatch.context_length import UNBOUNDED_CONTEXT
 from lcpatch.models.structure import training_length
+from lcpatch.recipe import UNBOUNDED_CONTEXT
 
 from tiny_models import random_ids, tiny_model
 
