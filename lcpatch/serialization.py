@@ -49,6 +49,11 @@ def from_pretrained(path: str | Path, **kwargs):
     from .errors import RecipeError
 
     recipe_path = Path(path) / RECIPE_FILE
+    if not Path(path).is_dir():
+        raise RecipeError(
+            f"lcpatch.from_pretrained({str(path)!r}) needs a folder written by a patched model's save_pretrained; "
+            "there is no such folder. For a Hub model, load it with transformers and call lcpatch.apply(model, recipe)."
+        )
     if not recipe_path.is_file():
         raise RecipeError(
             f"{path} has no {RECIPE_FILE}: it was not saved from a patched model. "

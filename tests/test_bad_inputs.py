@@ -136,3 +136,8 @@ def test_a_distance_cap_above_the_pretraining_length_warns_at_apply():
     assert _recipe_warnings(lambda: lcpatch.apply(tiny_model(), "lm-infinite")) == []
     within = {"attention": {"method": "lm-infinite", "window": 32, "max_distance": 64}}
     assert len(_recipe_warnings(lambda: lcpatch.apply(tiny_model(), within))) == 1  # only the gap above the window
+
+
+def test_from_pretrained_of_a_missing_folder(tmp_path):
+    with pytest.raises(RecipeError, match=r"from_pretrained\('.*nowhere'\) needs a folder .* there is no such folder"):
+        lcpatch.from_pretrained(tmp_path / "nowhere")
