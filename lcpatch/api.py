@@ -8,7 +8,7 @@ import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .attention import ATTENTION_METHODS, Dense
 from .attention.interface import RUNTIMES
@@ -44,12 +44,12 @@ def _base_model(model, call: str, expected: str) -> PreTrainedModel:
         return unwrap(model)
     except UnsupportedModelError:
         pass
-    from transformers import PreTrainedTokenizerBase
-
     shown = repr(model) if isinstance(model, (str, int, float, type(None))) else f"a {type(model).__name__}"
-    fix = "; pass the model, not its tokenizer" if isinstance(model, PreTrainedTokenizerBase) else ""
+    fix = ""
     if isinstance(model, str):
         fix = "; load it first, e.g. AutoModelForCausalLM.from_pretrained(name)"
+    elif isinstance(model, PreTrainedTokenizerBase):
+        fix = "; pass the model, not its tokenizer"
     raise UnsupportedModelError(f"{call} takes {expected}; got {shown}{fix}.")
 
 
