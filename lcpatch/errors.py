@@ -32,11 +32,15 @@ class BackendError(LcpatchError, RuntimeError):
 
 
 class SequenceLimitError(LcpatchError, ValueError):
-    """An input is past a configured limit."""
+    """An input sequence the patched model cannot take: past a configured limit, empty, or a mask it cannot read."""
 
 
 class CacheError(LcpatchError, RuntimeError):
     """A KV cache that the patched model cannot use was passed in."""
+
+
+class RecipeWarning(UserWarning):
+    """A recipe that lcpatch runs as written but that is likely not what was meant (the message says why)."""
 
 
 def run_reporting_errors(job: Callable, args) -> int:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 _MISSING = object()
@@ -39,3 +40,32 @@ class PatchLog:
     def undo(self) -> None:
         while self._undo:
             self._undo.pop()()
+
+
+class AttributeSettings:
+    """Attribute values set through their normal setters (e.g. config fields), put back exactly by the log's undo
+    (an attribute that was absent is deleted again) and, for the duration of a `with`, by `withheld()`."""
+
+    def __init__(self, settings: list[tuple[Any, str, Any]]):
+        self._settings = [(obj, name, value, getattr(obj, name, _MISSING)) for obj, name, value in settings]
+
+    def install(self, log: PatchLog) -> None:
+        self._put(new=True)
+        log.on_undo(lambda: self._put(new=False))
+
+    @contextlib.contextmanager
+    def withheld(self) -> Iterator[None]:
+        """The values as they were before `install`, while the block runs."""
+        self._put(new=False)
+        try:
+            yield
+        finally:
+            self._put(new=True)
+
+    def _put(self, new: bool) -> None:
+        for obj, name, value, old in self._settings:
+            value = value if new else old
+            if value is _MISSING:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, value)

@@ -12,7 +12,7 @@ import yaml
 
 from .attention import ATTENTION_METHODS, AttentionMethod, Dense
 from .errors import RecipeError
-from .fields import SectionConfig, check_bool, check_choice, check_int, check_keys
+from .fields import AUTO, SectionConfig, check_bool, check_choice, check_int, check_keys
 from .rope import ROPE_SCALINGS, NoScaling, RopeScaling
 from .training import TRAINING_METHODS, TrainingMethod
 
@@ -39,6 +39,11 @@ class GenerationOptions(SectionConfig):
 
 
 SECTIONS = ("name", "attention", "rope", "generation", "training")
+
+# The context length of "no limit": far beyond any prompt whose keys fit in memory, yet an ordinary int wherever
+# tools take it: in a JSON config, in int32 tensors and sums (2**31 - 1 has no room for `+ 1`), in RoPE code that
+# compares lengths with it (unlike tokenizers' 1e30, which no tensor holds).
+UNBOUNDED_CONTEXT = 2**30
 
 
 @dataclass(frozen=True)
@@ -94,13 +99,33 @@ class Recipe:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise RecipeError(f"recipe {source} is not valid YAML: {exc}") from exc
+            raise RecipeError(_yaml_error_message(source, exc)) from exc
         if not isinstance(data, dict):
             raise RecipeError(f"recipe {source} must hold a YAML mapping of sections; got {type(data).__name__}.")
         return cls.from_dict(data)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def context_length(self, training_length: int) -> int | None:
+        """The context length a model patched with this recipe (autos resolved) advertises; None: the model's own.
+
+        - lm-infinite, streaming-llm, infllm: `UNBOUNDED_CONTEXT`. Every query attends to a bounded set of keys at
+          rotary distances the model was trained on, so no length is out of range; memory is the limit (Λ caches
+          are bounded, InfLLM's memory blocks grow, in CPU memory if need be).
+        - dense attention with a factor scaling of RoPE (linear, dynamic, yarn, llama3, longrope; e2llm with a
+          fixed g): factor × the training length, the length the scaling stretches the trained positions to.
+        - dense attention with e2llm's auto g: `UNBOUNDED_CONTEXT`, since g grows with each input's length.
+        - dense attention with the model's own RoPE or a new base θ (no length stated): None.
+        """
+        if not isinstance(self.attention, Dense):
+            return UNBOUNDED_CONTEXT
+        factor = getattr(self.rope, "factor", None)
+        if factor is None:
+            return None
+        if factor == AUTO:
+            return UNBOUNDED_CONTEXT
+        return round(float(factor) * training_length)
 
     def resolve(self, training_length: int) -> Recipe:
         """Replace every `auto` value with the one derived from the model's training length."""
@@ -117,6 +142,29 @@ class Recipe:
             rope=self.rope.resolve(training_length),
             training=self.training.resolve(training_length) if self.training is not None else None,
         )
+
+
+def _yaml_error_message(source: str, exc: yaml.YAMLError) -> str:
+    """The parser's complaint, one part a line: where (line, column, the line with a caret), what, then the fix."""
+    mark = getattr(exc, "problem_mark", None)
+    if mark is None:  # e.g. a character YAML does not accept: the parser's message says where
+        details = str(exc).replace('"<unicode string>"', source)
+    else:
+        problem = getattr(exc, "problem", None) or "syntax error"
+        details = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+        snippet = mark.get_snippet(indent=4)
+        if snippet:
+            details += f"\n{snippet}"
+        context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+        if context and context_mark is not None:
+            details += f"\n  ({context} at line {context_mark.line + 1}, column {context_mark.column + 1})"
+        elif context:
+            details += f"\n  ({context})"
+    return (
+        f"recipe {source} is not valid YAML:\n  {details}\n"
+        "Fix the YAML at that place (indent with spaces, close every bracket, one `key: value` per line); "
+        "`print(lcpatch.load_recipe('lm-infinite').to_yaml())` prints a valid recipe to start from."
+    )
 
 
 RecipeLike = str | Path | dict | Recipe

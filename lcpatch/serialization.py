@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from .patching import PatchLog
@@ -11,17 +14,24 @@ from .recipe import Recipe
 RECIPE_FILE = "lcpatch_recipe.yaml"
 
 
-def install_save_pretrained(obj, recipe: Recipe, log: PatchLog) -> None:
+def install_save_pretrained(
+    obj,
+    recipe: Recipe,
+    log: PatchLog,
+    own_config: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+) -> None:
     """Shadow `obj.save_pretrained` so the folder also gets `lcpatch_recipe.yaml`.
 
-    The weights and config are transformers' own (lcpatch changes no parameter and its attention
-    setting is not serialised), so the folder still loads in plain transformers without lcpatch.
+    The weights and config are transformers' own (lcpatch changes no parameter, its attention setting is not
+    serialised, and the config is written inside `own_config()`, which puts back the model's own context length),
+    so the folder still loads in plain transformers without lcpatch.
     """
     original = obj.save_pretrained
 
     @functools.wraps(original)
     def save_pretrained(save_directory, *args, **kwargs):
-        result = original(save_directory, *args, **kwargs)
+        with own_config():
+            result = original(save_directory, *args, **kwargs)
         Path(save_directory, RECIPE_FILE).write_text(recipe.to_yaml())
         return result
 
@@ -39,6 +49,11 @@ def from_pretrained(path: str | Path, **kwargs):
     from .errors import RecipeError
 
     recipe_path = Path(path) / RECIPE_FILE
+    if not Path(path).is_dir():
+        raise RecipeError(
+            f"lcpatch.from_pretrained({str(path)!r}) needs a folder written by a patched model's save_pretrained; "
+            "there is no such folder. For a Hub model, load it with transformers and call lcpatch.apply(model, recipe)."
+        )
     if not recipe_path.is_file():
         raise RecipeError(
             f"{path} has no {RECIPE_FILE}: it was not saved from a patched model. "

@@ -17,9 +17,10 @@ lets the kernels fuse them into the same pass as the in-window pairs.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
-from ..errors import RecipeError
+from ..errors import RecipeError, RecipeWarning
 from ..fields import ATTENTION_METHODS, AUTO, SectionConfig, check_choice, check_int
 from ..kernels.specs import LambdaSpec
 
@@ -35,7 +36,9 @@ def _check_backend(section: str, backend: str) -> None:
 class LMInfinite(SectionConfig):
     """LM-Infinite (Han et al., 2023): Λ-shaped attention with a relative-distance cap.
 
-    `window` defaults to the model's pretraining length and `max_distance` to `window`.
+    `window` defaults to the model's pretraining length and `max_distance` to `window`, the paper's setting.
+    A `max_distance` above `window` (far pairs seen farther than any in-window pair) or above the pretraining
+    length (far pairs at distances the model never saw) runs as written, with a `RecipeWarning` saying so.
     """
 
     n_global: int = 10
@@ -54,11 +57,39 @@ class LMInfinite(SectionConfig):
                 "pairs outside the window must not be seen closer than pairs inside it. "
                 "Use max_distance: auto (= window) or a value >= window."
             )
+        if AUTO not in (self.window, self.max_distance) and self.max_distance > self.window:
+            warnings.warn(
+                f"attention.max_distance ({self.max_distance}) is above attention.window ({self.window}): the "
+                f"global tokens outside the window are rotated as if {self.max_distance} tokens away, farther than "
+                f"any pair inside the window (at most {self.window - 1} apart), so distances {self.window} to "
+                f"{self.max_distance - 1} are never used. LM-Infinite caps far pairs at the window "
+                "(max_distance: auto); keep a larger cap only if that gap is meant.",
+                RecipeWarning,
+                stacklevel=2,
+            )
 
     def resolve(self, training_length: int) -> LMInfinite:
-        window = training_length if self.window == AUTO else self.window
-        max_distance = window if self.max_distance == AUTO else self.max_distance
-        return LMInfinite(self.n_global, window, max_distance, self.backend)
+        if AUTO in (self.window, self.max_distance):
+            window = training_length if self.window == AUTO else self.window
+            max_distance = window if self.max_distance == AUTO else self.max_distance
+            resolved = LMInfinite(self.n_global, window, max_distance, self.backend)
+        else:
+            resolved = self  # already checked (and warned about) when built
+        if resolved.max_distance > training_length:
+            farthest = (
+                f"attention.window ({resolved.window}) and max_distance ({resolved.max_distance}) are"
+                if resolved.window > training_length
+                else f"attention.max_distance ({resolved.max_distance}) is"
+            )
+            warnings.warn(
+                f"{farthest} above the model's pretraining length ({training_length}): pairs are rotated at "
+                f"distances up to {resolved.max_distance}, which the model never saw in pretraining and which "
+                "LM-Infinite's cap exists to avoid. Use window: auto and max_distance: auto (both the pretraining "
+                f"length), or values <= {training_length}.",
+                RecipeWarning,
+                stacklevel=2,
+            )
+        return resolved
 
     def spec(self) -> LambdaSpec:
         return LambdaSpec(self.n_global, self.window, self.max_distance)

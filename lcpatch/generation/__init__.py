@@ -8,9 +8,11 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING
 
+import torch
 from transformers import PreTrainedModel
 
 from .._compat import CACHE_ARG, with_cache_argument
+from ..errors import SequenceLimitError
 from ..models import family_of
 from ..patching import PatchLog
 from .fast_decode import install_fast_decode
@@ -32,8 +34,11 @@ def install_generate(model: PreTrainedModel, recipe: Recipe, runtime, log: Patch
     keep_past_above = getattr(model.config, dropped_up_to, None) if dropped_up_to else None
     plan = install_fast_decode(model, recipe.generation.decode, runtime, recipe.attention.method, log)
 
+    label = recipe.name or recipe.attention.method
+
     @functools.wraps(original)
     def generate(*args, prefill_progress: Progress | None = None, **kwargs):
+        _refuse_empty_prompt(args, kwargs, label)
         with before_generate(model, args, kwargs):
             kwargs = with_cache_argument(kwargs)
             config = kwargs.get("generation_config") or model.generation_config
@@ -54,3 +59,17 @@ def install_generate(model: PreTrainedModel, recipe: Recipe, runtime, log: Patch
             return original(*args, **kwargs)
 
     log.set_instance_attr(model, "generate", generate)
+
+
+def _refuse_empty_prompt(args: tuple, kwargs: dict, label: str) -> None:
+    """An lcpatch error for a prompt of zero tokens, which would otherwise fail deep in the first layer."""
+    name, prompt = "inputs_embeds", kwargs.get("inputs_embeds")
+    if prompt is None:
+        name, prompt = "input_ids", kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+    if torch.is_tensor(prompt) and prompt.ndim >= 2 and prompt.shape[1] == 0:
+        raise SequenceLimitError(
+            f"generate() on this model patched with {label} got an empty prompt: {name} of shape "
+            f"{tuple(prompt.shape)} has no token. Pass at least one token per row (e.g. the tokenizer's BOS: "
+            "input_ids=torch.tensor([[tokenizer.bos_token_id]])), or leave the prompt out to start from the "
+            "model's bos_token_id."
+        )
