@@ -135,8 +135,8 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
-# `lcpatch bench NAME`: its options, here so that its --help loads no torch, and the module lcpatch.bench.NAME,
-# with run_cli(args), that runs it.
+# `lcpatch bench NAME`: its options, and the module lcpatch.bench.NAME, with run_cli(args), that runs it. The options
+# live here, apart from the benchmarks, which import torch: they are parsed (and --help answered) before that import.
 BENCHMARKS = {"cost": add_cost_arguments, "attention": add_attention_arguments, "decode": add_decode_arguments}
 
 
