@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 
 import lcpatch
+from lcpatch.bench.shapes import PRESETS
 from lcpatch.cli import COMMANDS, main
 from lcpatch.cli.bench import BENCHMARKS
+from lcpatch.cli.data import DATA_BUILDERS
 from lcpatch.cli.train import FIELDS, MEANINGS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,17 +38,26 @@ def _python(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
 
 
-@pytest.mark.parametrize("command", [None, *COMMANDS])
+SUBCOMMANDS = [f"bench {name}" for name in BENCHMARKS] + [f"data {name}" for name in DATA_BUILDERS]
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS, *SUBCOMMANDS])
 def test_help_imports_no_torch_and_names_lcpatch_in_its_usage(command):
     words = command.split() if command else []
     found = _python("-c", PROBE.format(argv=[*words, "--help"]))
     assert found.returncode == 0, found.stderr
-    assert found.stdout.startswith(f"usage: {' '.join(['lcpatch', *words[:1]])} "), found.stdout[:200]
+    assert found.stdout.startswith(f"usage: {' '.join(['lcpatch', *words])} "), found.stdout[:200]
     assert found.stdout.rstrip().endswith("LOADED False False"), "--help imported torch or transformers"
 
 
 @pytest.mark.parametrize(
-    ("module", "usage"), [("lcpatch.cli.train", "lcpatch train"), ("lcpatch.demo.run", "lcpatch demo")]
+    ("module", "usage"),
+    [
+        ("lcpatch.cli.train", "lcpatch train"),
+        ("lcpatch.demo.run", "lcpatch demo"),
+        ("lcpatch.bench.attention", "lcpatch bench attention"),
+        ("lcpatch.bench.decode", "lcpatch bench decode"),
+    ],
 )
 def test_modules_run_with_python_m_say_lcpatch_in_their_usage(module, usage):
     found = _python("-m", module, "--help")
@@ -101,9 +112,15 @@ def test_train_help_explains_every_flag_with_its_default_and_names_the_training_
 
 def test_bench_help_names_its_benchmarks_and_the_default(capsys):
     text = _help(capsys, "bench")
-    assert BENCHMARKS == ("cost", "attention", "decode")
+    assert tuple(BENCHMARKS) == ("cost", "attention", "decode")
     assert re.search(r"^  cost \(default\): Cost against context length", text, re.M)
     assert re.search(r"^  attention: ", text, re.M) and re.search(r"^  decode: ", text, re.M)
+
+
+def test_bench_cost_help_names_the_presets(capsys):
+    text = _help(capsys, "bench", "cost")
+    assert f"(cost does not depend on the weights): {', '.join(PRESETS)}." in text
+    assert f"a preset: {', '.join(PRESETS)}" in " ".join(text.split())
 
 
 def test_unknown_train_recipe_is_one_line_and_a_failure(capsys):
@@ -117,8 +134,9 @@ def test_unknown_train_recipe_is_one_line_and_a_failure(capsys):
     [
         (["demo", "--txt", "foo.txt"], "lcpatch demo", "--txt foo.txt"),
         (["train", "e2llm", "--max-stpes", "3"], "lcpatch train", "--max-stpes"),
-        (["bench", "--nope", "--model", "m", "--out", "d"], "lcpatch bench", "--nope"),
+        (["bench", "--nope", "--model", "m", "--out", "d"], "lcpatch bench cost", "--nope"),
         (["bench", "decode", "--nope", "--out", "d"], "lcpatch bench decode", "--nope"),
+        (["data", "logo", "--nope", "--model", "m", "--data", "d", "--out", "o"], "lcpatch data logo", "--nope"),
     ],
 )
 def test_an_unknown_flag_gets_the_command_usage(capsys, argv, usage, unknown):

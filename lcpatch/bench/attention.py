@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..cli.bench import benchmark_parser
 from ..cli.common import MISSING, environment, pyplot
 from ..kernels.specs import LambdaSpec, Rotary
 
@@ -397,26 +398,7 @@ def plot(result: dict, path: Path) -> bool:
     return True
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lcpatch bench attention", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="folder for attention.json and attention.png")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[16384, 65536, 131072])
-    parser.add_argument(
-        "--backward-lengths",
-        type=int,
-        nargs="*",
-        default=None,
-        help="lengths that also time forward+backward (default: all)",
-    )
-    parser.add_argument("--contexts", type=int, nargs="*", default=[4096, 32768, 131072])
-    parser.add_argument(
-        "--methods",
-        nargs="*",
-        default=None,
-        help="time only the methods whose name contains one of these words (default: all)",
-    )
-    parser.add_argument("--sweep", action="store_true", help="also time the kernels' candidate block configs")
-    args = parser.parse_args(argv)
+def run_cli(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print(
             "lcpatch bench attention needs a CUDA GPU (the Triton kernels and the baselines it times run "
@@ -463,6 +445,10 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print(f"plot: {args.out / 'attention.png'}" if plot(result, args.out / "attention.png") else MISSING)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(benchmark_parser("attention").parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -23,45 +23,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from pathlib import Path
 
 import torch
 
-from ..cli.common import (
-    DTYPES,
-    VANILLA,
-    length_label,
-    parse_batches,
-    parse_lengths,
-    parse_recipes,
-    resolve_device,
-    resolve_dtype,
-)
+from ..cli.common import length_label, parse_batches, parse_lengths, parse_recipes, resolve_device, resolve_dtype
 from ..errors import LcpatchError, run_reporting_errors
-from .presets import PRESETS, load_model
+from .presets import load_model
 from .report import report, run_environment
 from .timing import measure
 
 logger = logging.getLogger(__name__)
 
-__doc__ = __doc__.format(presets=", ".join(PRESETS))
 RESULTS = "cost.json"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model", required=True, help=f"a model folder, a config.json, or a preset: {', '.join(PRESETS)}"
-    )
-    parser.add_argument("--layers", type=int, help="random-weight models only: keep the first N decoder layers")
-    parser.add_argument("--recipes", default=f"{VANILLA},lm-infinite", help=f"'{VANILLA}', recipe names or YAML paths")
-    parser.add_argument("--lengths", default="4k,16k,64k", help="prompt lengths, e.g. '4k,16k,64k' (k = 1024)")
-    parser.add_argument("--batch", default="1", help="batch sizes, e.g. '1,8'")
-    parser.add_argument("--new-tokens", type=int, default=32, help="decode steps timed after the first token")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, required=True, help="folder for cost.json, cost.md and cost.png")
-    parser.add_argument("--no-progress", action="store_true", help="no per-cell log lines")
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -152,11 +125,3 @@ def plot(result: dict, plt):
 
 def run_cli(args: argparse.Namespace) -> int:
     return run_reporting_errors(run, args)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="lcpatch bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_arguments(parser)
-    return run_cli(parser.parse_args(argv))

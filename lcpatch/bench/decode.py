@@ -25,45 +25,20 @@ import gc
 import json
 import logging
 import time
-from pathlib import Path
 
 import torch
 
-from ..cli.common import DTYPES, length_label, parse_batches, parse_lengths, resolve_device, resolve_dtype
+from ..cli.bench import DECODE_DEFAULTS, DECODE_METHODS, DECODE_TINY_DEFAULTS, benchmark_parser
+from ..cli.common import length_label, parse_batches, parse_lengths, resolve_device, resolve_dtype
 from ..errors import LcpatchError, run_reporting_errors
 from ..recipe import load_recipe
-from .presets import PRESETS, load_model
+from .presets import load_model
 from .report import report, run_environment
 from .timing import measure
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("vanilla", "hf-compile", "lcpatch-eager", "lcpatch-fast")
-DEFAULTS = {"lengths": "4k,32k,128k,1M", "batch": "1,8", "new_tokens": 64, "compile_cells": "4k:1", "max_tokens": 2**20}
-TINY_DEFAULTS = {"lengths": "64,256,1k", "batch": "1,2", "new_tokens": 16, "compile_cells": "", "max_tokens": 4096}
 RESULTS = "decode.json"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, required=True, help="folder for decode.json, decode.md and decode.png")
-    parser.add_argument("--model", default="llama3-8b", help=f"a preset ({', '.join(PRESETS)}) or a config.json")
-    parser.add_argument("--layers", type=int, help="keep the first N decoder layers (quicker runs)")
-    parser.add_argument("--lengths", help=f"prompt lengths (k = 1024, M = 1024²); default {DEFAULTS['lengths']}")
-    parser.add_argument("--batch", help=f"batch sizes; default {DEFAULTS['batch']}")
-    parser.add_argument("--new-tokens", type=int, help=f"tokens decoded per call; default {DEFAULTS['new_tokens']}")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"a subset of {','.join(METHODS)}")
-    parser.add_argument("--recipe", default="lm-infinite", help="lcpatch recipe (its generation.decode is set here)")
-    parser.add_argument(
-        "--compile-cells", help=f"LENGTH:BATCH cells where hf-compile runs; default {DEFAULTS['compile_cells']}"
-    )
-    parser.add_argument("--max-tokens", type=int, help="skip cells with batch × length above this; default 1M")
-    parser.add_argument("--budget-s", type=float, default=420.0, help="start no cell after this many seconds")
-    parser.add_argument(
-        "--tiny", action="store_true", help=f"a toy model on the CPU: checks the script; defaults {TINY_DEFAULTS}"
-    )
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
-    parser.add_argument("--seed", type=int, default=0)
 
 
 def _cells(spec: str) -> set[tuple[int, int]]:
@@ -78,9 +53,11 @@ def _cells(spec: str) -> set[tuple[int, int]]:
 
 def _methods(spec: str) -> list[str]:
     methods = [m.strip() for m in spec.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in DECODE_METHODS]
     if unknown or not methods:
-        raise LcpatchError(f"--methods: {spec!r} names {unknown or 'nothing'}; choose among {', '.join(METHODS)}.")
+        raise LcpatchError(
+            f"--methods: {spec!r} names {unknown or 'nothing'}; choose among {', '.join(DECODE_METHODS)}."
+        )
     return methods
 
 
@@ -133,7 +110,7 @@ def _error(exc: BaseException) -> str:
 
 
 def run(args: argparse.Namespace) -> dict:
-    for name, value in (TINY_DEFAULTS if args.tiny else DEFAULTS).items():
+    for name, value in (DECODE_TINY_DEFAULTS if args.tiny else DECODE_DEFAULTS).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.tiny and args.device == "auto":
@@ -249,16 +226,12 @@ def plot(result: dict, plt):
     return fig
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lcpatch bench decode", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_arguments(parser)
-    return parser
+def run_cli(args: argparse.Namespace) -> int:
+    return run_reporting_errors(run, args)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_reporting_errors(run, _parser().parse_args(argv))
+    return run_cli(benchmark_parser("decode").parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ import importlib
 
 from ..errors import run_reporting_errors
 
-# `lcpatch data NAME`: the module lcpatch.data.NAME, with add_arguments(parser) and run_cli(args).
+# `lcpatch data NAME`: the module lcpatch.data.NAME, with add_arguments(parser) and run_cli(args); it imports torch
+# inside run_cli only, so that its --help does not load it.
 DATA_BUILDERS = ("longpo", "logo")
 
 

@@ -13,11 +13,14 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from tqdm.auto import tqdm
 
 from ..errors import LcpatchError
+
+if TYPE_CHECKING:
+    import torch
 
 
 class JsonlShards:
@@ -55,6 +58,8 @@ class JsonlShards:
 
 
 def _left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -64,7 +69,6 @@ def _left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.T
     return ids.to(device), mask.to(device)
 
 
-@torch.no_grad()
 def generate_batched(
     model,
     tokenizer,
@@ -82,6 +86,8 @@ def generate_batched(
     as {"key", "text"} rows (`keys`: one per prompt, default its index) and prompts already there are
     not generated again.
     """
+    import torch  # here, not at the top: the data builders' --help imports this module and must not load torch
+
     if keys is None:
         keys = [str(i) for i in range(len(prompts))]
     if len(keys) != len(prompts) or len(set(keys)) != len(keys):
@@ -94,7 +100,10 @@ def generate_batched(
     was_training = model.training
     model.eval()
     try:
-        with tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc=desc, unit="prompt") as bar:
+        with (
+            torch.no_grad(),
+            tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc=desc, unit="prompt") as bar,
+        ):
             for start in range(0, len(todo), batch_size):
                 batch = todo[start : start + batch_size]
                 ids, mask = _left_padded([prompts[i] for i in batch], pad_id, model.device)

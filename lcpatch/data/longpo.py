@@ -22,13 +22,15 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import RecipeError
 from ..fields import AUTO, check_int, check_str
-from ..recipe import RecipeLike
 from .batched_generation import JsonlShards, generate_batched
 from .documents import load_texts
+
+if TYPE_CHECKING:  # lcpatch.recipe loads transformers; `lcpatch data longpo --help` must not
+    from ..recipe import RecipeLike
 
 logger = logging.getLogger(__name__)
 
