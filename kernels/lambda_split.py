@@ -116,8 +116,6 @@ def lambda_attention_split(
             kp, kv = positions.index_select(1, columns), valid.index_select(1, columns)
         q_pair, k_pair = qp[:, :, None], kp[:, None, :]
         mask = kv[:, None, :] & (k_pair <= q_pair) & (k_pair > q_pair - spec.window)  # (B, C, 1 + K)
-        mask[:, :, 0] = False
-        sees_window = mask.any(dim=-1)[:, None]  # (B, 1, C)
         mask[:, :, 0] = True  # the virtual key: its score says whether it counts
 
         # Global part: the few far keys, in float32.
@@ -131,7 +129,7 @@ def lambda_attention_split(
         else:
             sees_global = torch.zeros(batch, q_heads, stop - start, dtype=torch.bool, device=device)
             lse = torch.zeros(batch, q_heads, stop - start, device=device)
-        shift = torch.where(sees_global, lse, torch.where(sees_window, _ABSENT, 0.0)).to(dtype).float()
+        shift = torch.where(sees_global, lse, _ABSENT).to(dtype).float()
         if prefix:
             weights = torch.exp(g_scores - shift[..., None])
             ng = (weights.unflatten(1, (kv_heads, group)) @ g_value[:, :, None]).flatten(1, 2)
@@ -139,12 +137,13 @@ def lambda_attention_split(
         else:
             ng = torch.zeros(batch, q_heads, stop - start, v_dim, device=device)
             zg = torch.zeros_like(shift)
-        zg = torch.where(sees_global | sees_window, zg, 1.0)  # a row that sees nothing (padding) gets 0
 
         q_local = rotary.rotate(qc, qp - origin) * scaling
         q_in = torch.cat((F.pad(q_local, (0, width - 1 - dim)), shift[..., None]), dim=-1).to(dtype)
         attended = F.scaled_dot_product_attention(q_in, k_in, v_in, attn_mask=mask[:, None], scale=1.0, enable_gqa=True)
         a, c = attended[..., :v_dim].float(), attended[..., v_dim].float()
-        merged = (a + c[..., None] * ng) / (1 - c + c * zg)[..., None]
+        denominator = 1 - c + c * zg
+        # 0 only in a row that sees no key at all (padding): SDPA gave the virtual key all the weight; out 0.
+        merged = (a + c[..., None] * ng) / torch.where(denominator > 0, denominator, 1.0)[..., None]
         out[:, start:stop] = merged.transpose(1, 2).to(dtype)
     return out
