@@ -1,7 +1,7 @@
 """Λ attention split into SDPA calls (the torch backend) against the per-pair reference: output and
 dq/dk/dv, on every key layout the model produces (prefill chunks, left padding, the bounded cache,
-a ring buffer out of stream order). In float32 it must match to 1e-5; in half precision SDPA runs in
-that precision, with the kernels' tolerances. CPU here; real sizes on CUDA with LCPATCH_TEST_FULL=1.
+a ring buffer out of stream order). In float32 it must match to 1e-5 at test sizes; in half precision
+SDPA runs in that precision, with the kernels' tolerances. CPU here; real sizes on CUDA with LCPATCH_TEST_FULL=1.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from lambda_cases import (
     CASES,
     DECODE,
     DECODE_FULL,
+    DEVICE,
     FULL,
     Case,
     cache_layout,
@@ -29,7 +30,10 @@ from lcpatch.kernels.lambda_reference import lambda_attention_reference
 from lcpatch.kernels.lambda_split import lambda_attention_split
 
 SPLIT_CASES = [case for case in CASES if case.softcap is None]
-FP32_EXACT = ({torch.float32: 0.0}, {torch.float32: 0.0})  # i.e. max abs error <= 1e-5, see assert_close
+# At test sizes: max abs error <= 1e-5 (a 0 ratio leaves only assert_close's absolute check). At real sizes
+# sums of thousands of terms and rotation angles of thousands of radians round differently in fp32 than
+# in the reference: RMSE ratio <= 2.2e-5 measured (H200, 2026-12-03).
+FP32_EXACT = ({torch.float32: 5e-5}, {torch.float32: 5e-5}) if FULL else ({torch.float32: 0.0}, {torch.float32: 0.0})
 
 
 def split(chunk_size: int):
@@ -80,8 +84,8 @@ def test_query_that_sees_nothing_gets_zeros():
     """A padding query whose own key is invalid and that has no global key: zeros, as the reference."""
     case = Case("all-invalid", 5, 5, 4, n_global=0)
     q, k, v = make_qkv(case)
-    positions = torch.arange(5)[None]
-    valid = torch.tensor([[False, False, True, True, True]])
+    positions = torch.arange(5, device=DEVICE)[None]
+    valid = torch.tensor([[False, False, True, True, True]], device=DEVICE)
     out = lambda_attention_split(q, k, v, positions, positions, valid, case.spec, rotary(64), 0.125)
     assert torch.isfinite(out).all()
     assert out[0, :2].abs().max() == 0
