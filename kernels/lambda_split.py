@@ -70,6 +70,8 @@ def lambda_attention_split(
     dtype, device = query.dtype, query.device
     group = q_heads // kv_heads
     width = max(dim, v_dim) + 1  # one channel past both: the virtual key's score and weight
+    if device.type != "cpu":  # CUDA's fused SDPA kernels take head dims in multiples of 8 (else: the slow math path)
+        width = -(-width // 8) * 8
 
     if keys_in_stream_order:
         globals_ = (key_valid & (key_positions < spec.n_global)).any(dim=0)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from ..cli.bench import benchmark_parser
 from ..cli.common import MISSING, environment, pyplot
+from ..kernels.lambda_split import lambda_attention_split
 from ..kernels.specs import LambdaSpec, Rotary
 
 BATCH, Q_HEADS, KV_HEADS, DIM = 1, 32, 8, 128
@@ -119,6 +120,12 @@ class Prefill:
             ),
             "lcpatch Λ (Triton)": (
                 lambda: self._lambda_attention(
+                    q, k, v, self.positions, self.positions, self.valid, self.spec, self.rotary, DIM**-0.5
+                ),
+                lambda_pairs(self.n),
+            ),
+            "lcpatch Λ (torch: SDPA split)": (
+                lambda: lambda_attention_split(
                     q, k, v, self.positions, self.positions, self.valid, self.spec, self.rotary, DIM**-0.5
                 ),
                 lambda_pairs(self.n),
@@ -333,7 +340,13 @@ def markdown(result: dict) -> str:
         "",
     ]
     prefill = result["prefill"]
-    methods = ["dense causal SDPA", "FlexAttention Λ", "SDPA + bool mask Λ", "lcpatch Λ (Triton)"]
+    methods = [
+        "dense causal SDPA",
+        "FlexAttention Λ",
+        "SDPA + bool mask Λ",
+        "lcpatch Λ (Triton)",
+        "lcpatch Λ (torch: SDPA split)",
+    ]
     for phase in ("forward", "forward+backward"):
         lengths = sorted({r["n"] for r in prefill if r["phase"] == phase})
         if not lengths:
