@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 
 from ..errors import BackendError
+from ..kernels.infllm_split import execution_block_attention_split
 from ..kernels.lambda_reference import lambda_attention_reference
 from ..kernels.lambda_split import lambda_attention_split
 from ..kernels.specs import LambdaSpec, Rotary
@@ -38,8 +39,9 @@ def warn_once(message: str) -> None:
 
 
 class TorchBackend:
-    """PyTorch on any device and tensors: Λ attention split into SDPA calls (`kernels/lambda_split.py`),
-    or the per-pair reference for what SDPA cannot express (logit softcap, attention dropout)."""
+    """PyTorch on any device and tensors: Λ attention and InfLLM's execution blocks split into SDPA calls
+    (`kernels/lambda_split.py`, `kernels/infllm_split.py`), or the references for what SDPA cannot
+    express (logit softcap, attention dropout)."""
 
     def lambda_attention(self, *args, softcap=None, dropout=0.0, keys_in_stream_order=True) -> torch.Tensor:
         if softcap is None and dropout == 0.0:
@@ -51,7 +53,7 @@ class TorchBackend:
         )
 
     def block_attention(self, query, key, value, rotary: Rotary, dropout: float) -> Callable:
-        return execution_block_attention
+        return torch_block_attention
 
 
 class TritonBackend:
@@ -127,6 +129,17 @@ class TritonBackend:
         from ..kernels.infllm import execution_block_attention_triton
 
         return execution_block_attention_triton
+
+
+def torch_block_attention(query, query_positions, query_valid, near, memory, spec, rotary, scaling, softcap, dropout):
+    """InfLLM's execution block on SDPA (`kernels/infllm_split.py`), or the reference where SDPA cannot go."""
+    if softcap is None and dropout == 0.0:
+        return execution_block_attention_split(query, query_positions, query_valid, near, memory, spec, rotary, scaling)
+    reason = f"logit softcap {softcap}" if softcap is not None else f"attention dropout {dropout}"
+    warn_once(f"lcpatch: {reason} is not supported by SDPA; InfLLM attention runs the (slow) reference.")
+    return execution_block_attention(
+        query, query_positions, query_valid, near, memory, spec, rotary, scaling, softcap, dropout
+    )
 
 
 TORCH = TorchBackend()
