@@ -196,3 +196,10 @@ def make_qkv(case: Case, seed: int = 0):
     if case.softcap is not None:
         q = q * 3.0  # scores large enough for the cap to bend them
     return q.to(case.dtype), k.to(case.dtype), v.to(case.dtype)
+
+
+def run_prefill(engine, case: Case, q, k, v, backward: bool, tolerance=TOLERANCE) -> None:
+    """`run_both` over the keys of a (chunked) prefill: the queries are the last q_len key slots."""
+    k_pos, valid = stream_positions(case)
+    q_len = case.q_len
+    run_both(engine, case, q, k, v, k_pos[:, -q_len:], k_pos, valid, valid[:, -q_len:], backward, tolerance)

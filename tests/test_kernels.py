@@ -32,6 +32,7 @@ from lambda_cases import (  # noqa: E402
     make_qkv,
     rotary,
     run_both,
+    run_prefill,
     stream_positions,
 )
 
@@ -74,20 +75,7 @@ if not FULL:
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_prefill_forward_backward(case: Case):
-    q, k, v = make_qkv(case)
-    k_pos, valid = stream_positions(case)
-    run_both(
-        kernels.lambda_attention,
-        case,
-        q,
-        k,
-        v,
-        k_pos[:, -case.q_len :],
-        k_pos,
-        valid,
-        valid[:, -case.q_len :],
-        backward=True,
-    )
+    run_prefill(kernels.lambda_attention, case, *make_qkv(case), backward=True)
 
 
 def test_prefill_inference_layout():
@@ -96,20 +84,8 @@ def test_prefill_inference_layout():
     q, k, v = make_qkv(case)
     # (B, L, H, D) memory seen as (B, H, L, D), as q_proj(x).view(...).transpose(1, 2) gives.
     q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
-    k_pos, valid = stream_positions(case)
     with torch.no_grad():
-        run_both(
-            kernels.lambda_attention,
-            case,
-            q,
-            k,
-            v,
-            k_pos[:, -case.q_len :],
-            k_pos,
-            valid,
-            valid[:, -case.q_len :],
-            backward=False,
-        )
+        run_prefill(kernels.lambda_attention, case, q, k, v, backward=False)
 
 
 @pytest.mark.parametrize("case,seen,new", DECODE_FULL if FULL else DECODE, ids=lambda x: getattr(x, "name", ""))

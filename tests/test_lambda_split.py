@@ -22,6 +22,7 @@ from lambda_cases import (
     make_qkv,
     rotary,
     run_both,
+    run_prefill,
     stream_positions,
 )
 
@@ -47,18 +48,14 @@ def split(chunk_size: int):
 @pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: c.name)
 def test_prefill_forward_backward_float32(case: Case):
     case = replace(case, dtype=torch.float32)
-    q, k, v = make_qkv(case)
-    k_pos, valid = stream_positions(case)
     # A chunk that does not divide the length, so that chunks start inside and outside the window.
     engine = split(chunk_size=max(1, case.q_len // 3 + 1))
-    run_both(engine, case, q, k, v, k_pos[:, -case.q_len :], k_pos, valid, valid[:, -case.q_len :], True, FP32_EXACT)
+    run_prefill(engine, case, *make_qkv(case), backward=True, tolerance=FP32_EXACT)
 
 
 @pytest.mark.parametrize("case", [c for c in SPLIT_CASES if c.dtype != torch.float32], ids=lambda c: c.name)
 def test_prefill_half_precision(case: Case):
-    q, k, v = make_qkv(case)
-    k_pos, valid = stream_positions(case)
-    run_both(split(1024), case, q, k, v, k_pos[:, -case.q_len :], k_pos, valid, valid[:, -case.q_len :], True)
+    run_prefill(split(1024), case, *make_qkv(case), backward=True)
 
 
 @pytest.mark.parametrize("case,seen,new", DECODE_FULL if FULL else DECODE, ids=lambda x: getattr(x, "name", ""))

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lcpatch import Recipe, RecipeError, load_recipe
+
+# Random caps above random windows are warned about (tests/test_bad_inputs.py checks the warning).
+pytestmark = pytest.mark.filterwarnings("ignore::lcpatch.errors.RecipeWarning")
 
 values = st.one_of(
     st.integers(-10, 10_000),
