@@ -27,11 +27,13 @@ from .specs import LambdaSpec, Rotary
 
 def _window_slots(first_query_slot: int, start: int, stop: int, prefix: int, window: int):
     """Slots that can hold keys visible to queries [start, stop): the prefix and the window slice,
-    as in the reference; None when they are one slice [0, last). Returns (slots, last)."""
+    as in the reference. None when [0, last) does as well: the mask goes by positions, so a gap of at
+    most one chunk (what a bounded cache leaves: one evicted slot while decoding) costs less to mask
+    than to gather around. Returns (slots, last)."""
     last = first_query_slot + stop
     window_start = max(prefix, first_query_slot + start - window + 1)
     prefix_stop = min(prefix, last)
-    if window_start <= prefix_stop or window_start >= last:  # overlapping, or no slot past the prefix
+    if window_start - prefix_stop <= stop - start or window_start >= last:
         return None, last
     return torch.cat((torch.arange(prefix_stop), torch.arange(window_start, last))), last
 

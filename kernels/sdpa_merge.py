@@ -37,16 +37,15 @@ def head_width(dim: int, value_dim: int, device: torch.device) -> int:
 def with_virtual_key(keys: torch.Tensor, values: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotated keys (B, H, N, Dk) and values (B, H, N, Dv) as SDPA reads them: (B, H, 1 + N, width) each,
     column 0 the virtual key."""
-    batch, heads, _, dim = keys.shape
+    batch, heads, n, dim = keys.shape
     value_dim = values.shape[-1]
-    virtual_key = keys.new_zeros(batch, heads, 1, width)
-    virtual_key[..., -1] = 1
-    virtual_value = values.new_zeros(batch, heads, 1, width)
-    virtual_value[..., value_dim] = 1
-    return (
-        torch.cat((virtual_key, F.pad(keys, (0, width - dim))), dim=2),
-        torch.cat((virtual_value, F.pad(values, (0, width - value_dim))), dim=2),
-    )
+    padded_keys = keys.new_zeros(batch, heads, 1 + n, width)
+    padded_keys[:, :, 0, -1] = 1
+    padded_keys[:, :, 1:, :dim] = keys
+    padded_values = values.new_zeros(batch, heads, 1 + n, width)
+    padded_values[:, :, 0, value_dim] = 1
+    padded_values[:, :, 1:, :value_dim] = values
+    return padded_keys, padded_values
 
 
 def grouped_scores(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
