@@ -76,7 +76,7 @@ def lambda_attention_split(
     positions, valid = F.pad(key_positions, (1, 0)), F.pad(key_valid, (1, 0))
 
     # The global part's keys, rotated at their far positions, and where they may be: the prefix slots.
-    g_pos, g_value = key_positions[:, :prefix], value[:, :, :prefix].to(torch.float32)
+    g_pos, g_value = key_positions[:, :prefix], value[:, :, :prefix]
     g_valid = key_valid[:, :prefix] & (g_pos < spec.n_global)
     g_key_far = rotary.rotate(key[:, :, :prefix], spec.far_key_position(g_pos))
 

@@ -38,16 +38,23 @@ def warn_once(message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
+def sdpa_takes(softcap: float | None, dropout: float, otherwise: str) -> bool:
+    """Whether the SDPA engines can compute a call; if not, a one-time warning saying why and what runs instead."""
+    if softcap is None and dropout == 0.0:
+        return True
+    reason = f"logit softcap {softcap}" if softcap is not None else f"attention dropout {dropout}"
+    warn_once(f"lcpatch: {reason} is not supported by SDPA; {otherwise}.")
+    return False
+
+
 class TorchBackend:
     """PyTorch on any device and tensors: Λ attention and InfLLM's execution blocks split into SDPA calls
     (`kernels/lambda_split.py`, `kernels/infllm_split.py`), or the references for what SDPA cannot
     express (logit softcap, attention dropout)."""
 
     def lambda_attention(self, *args, softcap=None, dropout=0.0, keys_in_stream_order=True) -> torch.Tensor:
-        if softcap is None and dropout == 0.0:
+        if sdpa_takes(softcap, dropout, "Λ attention runs the (slow) per-pair reference"):
             return lambda_attention_split(*args, keys_in_stream_order=keys_in_stream_order)
-        reason = f"logit softcap {softcap}" if softcap is not None else f"attention dropout {dropout}"
-        warn_once(f"lcpatch: {reason} is not supported by SDPA; Λ attention runs the (slow) per-pair reference.")
         return lambda_attention_reference(
             *args, softcap=softcap, dropout=dropout, keys_in_stream_order=keys_in_stream_order
         )
@@ -124,7 +131,7 @@ class TritonBackend:
     def block_attention(self, query, key, value, rotary: Rotary, dropout: float) -> Callable:
         ok, reason = self.verify("block_attention", query, key, value, rotary, dropout)
         if not ok:
-            warn_once(f"lcpatch.kernels: {reason} is not supported by the InfLLM kernel; using the PyTorch reference.")
+            warn_once(f"lcpatch.kernels: {reason} is not supported by the InfLLM kernel; using PyTorch.")
             return TORCH.block_attention(query, key, value, rotary, dropout)
         from ..kernels.infllm import execution_block_attention_triton
 
@@ -133,10 +140,8 @@ class TritonBackend:
 
 def torch_block_attention(query, query_positions, query_valid, near, memory, spec, rotary, scaling, softcap, dropout):
     """InfLLM's execution block on SDPA (`kernels/infllm_split.py`), or the reference where SDPA cannot go."""
-    if softcap is None and dropout == 0.0:
+    if sdpa_takes(softcap, dropout, "InfLLM attention runs the (slow) reference"):
         return execution_block_attention_split(query, query_positions, query_valid, near, memory, spec, rotary, scaling)
-    reason = f"logit softcap {softcap}" if softcap is not None else f"attention dropout {dropout}"
-    warn_once(f"lcpatch: {reason} is not supported by SDPA; InfLLM attention runs the (slow) reference.")
     return execution_block_attention(
         query, query_positions, query_valid, near, memory, spec, rotary, scaling, softcap, dropout
     )
