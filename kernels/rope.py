@@ -71,11 +71,15 @@ def _rope_kernel(
     TURNS,
     OUT,
     OUT_FAR,
+    ADD,
     sx_b,
     sx_h,
     sx_l,
     sp_b,
     sp_l,
+    so_b,
+    so_h,
+    so_l,
     H,
     L,
     far_pos,
@@ -85,6 +89,8 @@ def _rope_kernel(
     BLOCK: tl.constexpr,
     FAR: tl.constexpr,
     CAPPED: tl.constexpr,
+    INVERSE: tl.constexpr,
+    ADDS: tl.constexpr,
 ):
     pid_l = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -97,12 +103,19 @@ def _rope_kernel(
     x_ptr = X + b.to(tl.int64) * sx_b + h.to(tl.int64) * sx_h + offs[:, None].to(tl.int64) * sx_l + offs_h[None, :]
     x1 = tl.load(x_ptr, mask=ok[:, None], other=0.0).to(tl.float32)
     x2 = tl.load(x_ptr + HALF, mask=ok[:, None], other=0.0).to(tl.float32)
-    out = pid_bh.to(tl.int64) * L * (2 * HALF) + offs[:, None].to(tl.int64) * (2 * HALF) + offs_h[None, :]
+    out = b.to(tl.int64) * so_b + h.to(tl.int64) * so_h + offs[:, None].to(tl.int64) * so_l + offs_h[None, :]
 
     cos, sin = cos_sin(pos, TURNS, HALF)
+    if INVERSE:  # the transpose of the rotation: how a gradient goes back through it
+        sin = -sin
     y1, y2 = rotate(x1, x2, cos, sin)
-    tl.store(OUT + out, (y1 * scale).to(OUT.dtype.element_ty), mask=ok[:, None])
-    tl.store(OUT + out + HALF, (y2 * scale).to(OUT.dtype.element_ty), mask=ok[:, None])
+    y1 = y1 * scale
+    y2 = y2 * scale
+    if ADDS:  # another gradient of the same tensor, in OUT's layout
+        y1 += tl.load(ADD + out, mask=ok[:, None], other=0.0).to(tl.float32)
+        y2 += tl.load(ADD + out + HALF, mask=ok[:, None], other=0.0).to(tl.float32)
+    tl.store(OUT + out, y1.to(OUT.dtype.element_ty), mask=ok[:, None])
+    tl.store(OUT + out + HALF, y2.to(OUT.dtype.element_ty), mask=ok[:, None])
     if FAR:
         if CAPPED:
             fpos = pos * 0 + far_pos
@@ -120,15 +133,27 @@ def rope(
     turns: torch.Tensor,
     scale: float,
     far: tuple[int, float, bool] | None = None,
+    seq_major: bool = False,
+    inverse: bool = False,
+    add: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Rotate x (B, H, L, D) at `positions` (B, L); returns a contiguous copy in x's dtype.
+    """Rotate x (B, H, L, D) at `positions` (B, L); returns a copy (B, H, L, D) in x's dtype.
 
+    The copy is contiguous, or with seq_major a view of a contiguous (B, L, H, D) tensor: the layout
+    flash-attention reads, and the one transformers' projections give q and k. `inverse` rotates by
+    minus the angles (a gradient going back through the rotation); `add` (B, H, L, D), a tensor in
+    the copy's layout, is added to the result (a second gradient of the same tensor).
     With far = (far_pos, far_scale, capped), also returns x rotated at the Λ rule's far query
     position (far_pos for LM-Infinite, min(position, far_pos) for StreamingLLM) times far_scale.
     """
     batch, heads, length, dim = x.shape
-    out = torch.empty(batch, heads, length, dim, dtype=x.dtype, device=x.device)
+    if seq_major:
+        out = torch.empty(batch, length, heads, dim, dtype=x.dtype, device=x.device).transpose(1, 2)
+    else:
+        out = torch.empty(batch, heads, length, dim, dtype=x.dtype, device=x.device)
     out_far = torch.empty_like(out) if far is not None else out
+    if add is not None and add.stride() != out.stride():
+        add = torch.empty_like(out).copy_(add)  # same strides as out: the kernel reads both at one offset
     far_pos, far_scale, capped = far if far is not None else (0, 1.0, False)
     block = 32 if interpreting() else 64
     _rope_kernel[grid_rows(length, block, batch * heads)](
@@ -137,11 +162,15 @@ def rope(
         turns,
         out,
         out_far,
+        add if add is not None else out,
         x.stride(0),
         x.stride(1),
         x.stride(2),
         positions.stride(0),
         positions.stride(1),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
         heads,
         length,
         far_pos,
@@ -151,6 +180,8 @@ def rope(
         BLOCK=block,
         FAR=far is not None,
         CAPPED=capped,
+        INVERSE=inverse,
+        ADDS=add is not None,
         num_warps=4,
     )
     return out, (out_far if far is not None else None)

@@ -1,11 +1,13 @@
-"""Where attention runs: the Triton kernels or PyTorch, decided here and only here.
+"""Where attention runs: flash-attention, the Triton kernels or PyTorch, decided here and only here.
 
 Modelled on flash-linear-attention's `fla/ops/backends`: a backend says whether it can run at all on
 a device (`available`) and, per op, whether it takes a call's tensors (`verify(op, ...) -> (ok,
-reason)`). A method's `backend` field picks one: 'torch', 'triton' (a BackendError if the kernels
-cannot run on the model's device), or 'auto' (the kernels where available). On CPU, 'auto' runs
-PyTorch even under TRITON_INTERPRET=1: the interpreter is for testing the kernels, not models.
-A call the Triton backend does not verify runs on PyTorch, with a one-time warning that says why.
+reason)`). A method's `backend` field picks one: 'torch', 'triton' or 'flash' (a BackendError if it
+cannot run on the model's device), or 'auto': flash where flash-attn-4 runs (Hopper and Blackwell
+GPUs), else the Triton kernels on CUDA, else PyTorch. On CPU, 'auto' runs PyTorch even under
+TRITON_INTERPRET=1: the interpreter is for testing the kernels, not models.
+A call a backend does not verify runs on the next one (flash, Triton, PyTorch), with a one-time
+warning that says why. Decode steps under 'flash' run the Triton decode kernel, by design.
 
 The ops (each backend has them under these names, with the reference's arguments):
 - `lambda_attention`: Λ attention, see `kernels/lambda_reference.py`;
@@ -22,6 +24,7 @@ import torch
 
 from ..errors import BackendError
 from ..kernels.infllm_split import execution_block_attention_split
+from ..kernels.lambda_flash import lambda_attention_flash, layout
 from ..kernels.lambda_reference import lambda_attention_reference
 from ..kernels.lambda_split import lambda_attention_split
 from ..kernels.specs import LambdaSpec, Rotary
@@ -138,6 +141,74 @@ class TritonBackend:
         return execution_block_attention_triton
 
 
+class FlashBackend:
+    """flash-attn-4 for Λ prefill and training (`kernels/lambda_flash.py`): the window part in one
+    flash-attention call, the global keys merged by a Triton kernel. Decode steps, InfLLM and the calls
+    flash-attention cannot take run on the Triton kernels."""
+
+    def available(self, device: torch.device) -> Verdict:
+        ok, reason = TRITON.available(device)
+        if not ok:
+            return ok, reason
+        try:
+            import flash_attn.cute  # noqa: F401
+        except ImportError as exc:
+            return False, f"flash-attn-4 cannot be imported ({exc})"
+        major, minor = torch.cuda.get_device_capability(device)
+        if major not in FLASH_ARCHS:
+            return (
+                False,
+                f"flash-attn-4 runs on Hopper and Blackwell GPUs; this one has compute capability {major}.{minor}",
+            )
+        return True, None
+
+    def verify(self, query, key, value, rotary: Rotary, softcap, dropout: float, keys_in_stream_order: bool) -> Verdict:
+        """Whether the flash engine takes these tensors (before looking at their positions)."""
+        dim = query.shape[-1]
+        if dim not in FLASH_HEAD_DIMS or key.shape[-1] != dim or value.shape[-1] != dim:
+            return (
+                False,
+                f"head dims q/k/v {dim}/{key.shape[-1]}/{value.shape[-1]} (flash engine: {FLASH_HEAD_DIMS}, all equal)",
+            )
+        if rotary.dim != dim:
+            return False, f"partial rotary ({rotary.dim} of {dim} dims rotated)"
+        if query.dtype not in (torch.float16, torch.bfloat16) or key.dtype != query.dtype or value.dtype != query.dtype:
+            return False, f"dtypes q/k/v {query.dtype}/{key.dtype}/{value.dtype} (flash-attention: fp16 or bf16)"
+        if softcap is not None:
+            return False, f"logit softcap {softcap}"
+        if dropout > 0.0:
+            return False, f"attention dropout {dropout}"
+        if not keys_in_stream_order:
+            return False, "keys out of stream order (a ring buffer)"
+        return True, None
+
+    def lambda_attention(
+        self, query, key, value, query_positions, key_positions, key_valid, spec, rotary, scaling,
+        softcap=None, dropout=0.0, keys_in_stream_order=True,
+    ) -> torch.Tensor:  # fmt: skip
+        """The reference's `lambda_attention_reference`, on flash-attention where it takes the call."""
+        from ..kernels.dispatch import takes_decode
+
+        args = (query, key, value, query_positions, key_positions, key_valid, spec, rotary, scaling)
+        if takes_decode(query, key, value):  # a few rows over the cache: the split-KV decode kernel's work
+            return TRITON.lambda_attention(
+                *args, softcap=softcap, dropout=dropout, keys_in_stream_order=keys_in_stream_order
+            )
+        ok, reason = self.verify(query, key, value, rotary, softcap, dropout, keys_in_stream_order)
+        keys = layout(query_positions, key_positions, key_valid, spec) if ok else None
+        if keys is not None and keys.problem is not None:
+            ok, reason = False, keys.problem
+        if not ok:
+            warn_once(f"lcpatch: {reason} is not supported by the flash-attention backend; using the Triton kernels.")
+            return TRITON.lambda_attention(
+                *args, softcap=softcap, dropout=dropout, keys_in_stream_order=keys_in_stream_order
+            )
+        return lambda_attention_flash(*args, keys)
+
+    def block_attention(self, query, key, value, rotary: Rotary, dropout: float) -> Callable:
+        return TRITON.block_attention(query, key, value, rotary, dropout)
+
+
 def torch_block_attention(query, query_positions, query_valid, near, memory, spec, rotary, scaling, softcap, dropout):
     """InfLLM's execution block on SDPA (`kernels/infllm_split.py`), or the reference where SDPA cannot go."""
     if sdpa_takes(softcap, dropout, "InfLLM attention runs the (slow) reference"):
@@ -149,12 +220,28 @@ def torch_block_attention(query, query_positions, query_valid, near, memory, spe
 
 TORCH = TorchBackend()
 TRITON = TritonBackend()
+FLASH = FlashBackend()
+FLASH_ARCHS = (9, 10, 11)  # compute capability majors flash-attn-4 compiles for: Hopper, Blackwell
+FLASH_HEAD_DIMS = (64, 128)
+FLASH_INSTALL = (
+    'pip install "lcpatch[flash]" (flash-attn-4, for Hopper and Blackwell GPUs; on older GPUs use '
+    "backend: triton, which needs no flash-attn)"
+)
 
 
-def select_backend(requested: str, device: torch.device) -> TorchBackend | TritonBackend:
-    """The backend for attention on `device` under a method's `backend` field ('auto', 'torch' or 'triton')."""
+def select_backend(requested: str, device: torch.device) -> TorchBackend | TritonBackend | FlashBackend:
+    """The backend for attention on `device` under a method's `backend` field ('auto', 'torch', 'triton', 'flash')."""
     if requested == "torch":
         return TORCH
+    if requested in ("auto", "flash"):
+        ok, reason = FLASH.available(device)
+        if ok:
+            return FLASH
+        if requested == "flash":
+            raise BackendError(
+                f"attention.backend is 'flash' but {reason}. Install it with {FLASH_INSTALL}; "
+                "or use backend: auto (the fastest backend that runs here)."
+            )
     ok, reason = TRITON.available(device)
     if requested == "triton" and not ok:
         raise BackendError(

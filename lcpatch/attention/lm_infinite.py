@@ -24,7 +24,7 @@ from ..errors import RecipeError, RecipeWarning
 from ..fields import ATTENTION_METHODS, AUTO, SectionConfig, check_choice, check_int
 from ..kernels.specs import LambdaSpec
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "flash")
 
 
 def _check_backend(section: str, backend: str) -> None:
