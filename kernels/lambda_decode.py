@@ -16,9 +16,10 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from .lambda_prefill import far_rule
-from .rope import cos_sin, frequency_turns, rotate, rotated_rows
+from .rope import FAST_TRIG, cos_sin, frequency_turns, rotate, rotated_rows
 from .specs import LambdaSpec, Rotary
 from .utils import LOG2E, dot_precision, interpreting, sm_count, tanh
 
@@ -36,6 +37,7 @@ class DecodeConfig(NamedTuple):
     min_tiles: int = 4  # no split shorter than this many key tiles
     splits: int = 0  # > 0: exactly this many splits (capped by the key tiles), overriding the heuristic
     fused: bool = True  # the last split program merges the splits (one launch), else a second kernel
+    fixed_angles: bool = True  # key angles reduced in 64-bit fixed point (integer ops), else in float64
 
 
 # Measured on an H100 (the attention benchmark's --sweep); benchmarks/attention/decode_sweep.py times the
@@ -94,6 +96,7 @@ def _lambda_decode_split(
     SOFTCAP: tl.constexpr,
     DOT_PREC: tl.constexpr,
     MODE: tl.constexpr,
+    FIXED_ANGLES: tl.constexpr,
 ):
     # MODE: 0 writes this split's partial softmax (a second kernel merges them); 1 (one split) writes
     # the output; 2 writes the partial, and the last split program of its (batch, KV head) merges them.
@@ -120,6 +123,8 @@ def _lambda_decode_split(
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_h = tl.arange(0, HALF)
     offs_d = tl.arange(0, 2 * HALF)
+    if FIXED_ANGLES:
+        turns_fixed = _fixed_point(TURNS, HALF)
     acc = tl.zeros((BLOCK_M, 2 * HALF), dtype=tl.float32)
     m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -133,7 +138,10 @@ def _lambda_decode_split(
         k_rows = K + start * sk_l + offs_n0[:, None] * sk_l + offs_h[None, :]
         x1 = tl.load(k_rows, mask=n_ok[:, None], other=0.0)
         x2 = tl.load(k_rows + HALF, mask=n_ok[:, None], other=0.0)
-        cos, sin = cos_sin(kp, TURNS, HALF)
+        if FIXED_ANGLES:
+            cos, sin = _cos_sin_fixed(kp, turns_fixed)
+        else:
+            cos, sin = cos_sin(kp, TURNS, HALF)
         k1, k2 = rotate(x1.to(tl.float32), x2.to(tl.float32), cos, sin)
         k1 = (k1 * rot_scale).to(x1.dtype)
         k2 = (k2 * rot_scale).to(x1.dtype)
@@ -177,6 +185,26 @@ def _lambda_decode_split(
                 out = _merge_splits(PART_O, PART_ML, pid_bh, splits, 2 * HALF, BLOCK_M)
                 _store_rows(OUT, out, b, hk, rows, so_b, so_l, so_h, Lq, group, 2 * HALF)
                 tl.store(ARRIVALS + pid_bh, 0)  # ready for the next call (and every CUDA graph replay)
+
+
+@triton.jit
+def _fixed_point(TURNS, HALF: tl.constexpr):
+    """The rotary frequencies (float64 turns per position) modulo one turn, times 2^64, as int64."""
+    turns = tl.load(TURNS + tl.arange(0, HALF))
+    return ((turns - tl.floor(turns + 0.5)) * 18446744073709551616.0).to(tl.int64)
+
+
+@triton.jit
+def _cos_sin_fixed(pos, turns_fixed):
+    """`cos_sin` with the angle reduced by integer ops: position x fixed-point turns wraps modulo one turn
+    (2^64), and the top 32 bits, signed, are the angle in [-1/2, 1/2) turn. Exact to 2^-32 turn (float64's
+    reduction loses ~2^-53 x position turns), and no float64 rounding or conversion per key."""
+    turn = ((pos.to(tl.int64)[:, None] * turns_fixed[None, :]) >> 32).to(tl.int32)
+    angle = turn.to(tl.float32) * 1.4629180792671596e-09  # 2π / 2^32
+    if FAST_TRIG:
+        return libdevice.fast_cosf(angle), libdevice.fast_sinf(angle)
+    else:
+        return tl.cos(angle), tl.sin(angle)
 
 
 @triton.jit
@@ -350,6 +378,7 @@ def lambda_decode(
         SOFTCAP=softcap is not None,
         DOT_PREC=dot_precision(query.dtype),
         MODE=mode,
+        FIXED_ANGLES=config.fixed_angles,
         num_warps=config.warps,
         num_stages=config.stages,
     )

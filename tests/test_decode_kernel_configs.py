@@ -35,8 +35,8 @@ SEEN = [60, 700]
 SWEEP = Path(__file__).resolve().parents[1] / "benchmarks" / "attention" / "decode_sweep.py"
 
 
-def run(config, case: Case = CASE) -> None:
-    q_pos, k_pos, valid = cache_layout(case, SEEN, 1)
+def run(config, case: Case = CASE, seen: list[int] = SEEN) -> None:
+    q_pos, k_pos, valid = cache_layout(case, seen, 1)
     case = Case(**{**case.__dict__, "q_len": 1, "k_len": k_pos.shape[1]})
     q, k, v = make_qkv(case)
     engine = partial(decode.lambda_decode, config=config)
@@ -57,6 +57,13 @@ def run(config, case: Case = CASE) -> None:
 def test_launch_modes_match_reference(config):
     run(config)
     run(config, Case(**{**CASE.__dict__, "capped": False, "softcap": 2.0, "dtype": torch.float32}))
+
+
+@pytest.mark.parametrize("fixed_angles", [True, False], ids=["fixed-point", "float64"])
+def test_key_angles_at_far_positions(fixed_angles):
+    """Both reductions of the key angles modulo a turn stay exact a billion positions in."""
+    config = decode.DecodeConfig(32, 4, 1, 0, splits=2, fixed_angles=fixed_angles)
+    run(config, Case(**{**CASE.__dict__, "dtype": torch.float32}), seen=[1_000_003, 1_234_567_890])
 
 
 def test_fused_merge_leaves_counters_at_zero():

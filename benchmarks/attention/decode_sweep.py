@@ -8,7 +8,7 @@ warps, stages, split count, one launch or split + combine) is checked against th
 timed with `triton.testing.do_bench_cudagraph`; TB/s = K and V bytes / graph time. Next to them: the
 device's copy bandwidth (a 1 GiB copy, bytes read + written / time), SDPA over the same cache (no Λ, no
 RoPE: the bound of an attention that only reads), and the heuristic config (splits=0) set from each
-batch's best, timed at both batches. Prints a table per batch; writes everything to --out (JSON).
+batch's best, timed at both batches. The knobs are `lcpatch.kernels.lambda_decode.DecodeConfig`'s. Prints a table per batch; writes everything to --out (JSON).
 """
 
 from __future__ import annotations
@@ -36,16 +36,18 @@ VARIANTS = [(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 4, 2), (128, 8
 SPLITS = {1: (16, 32, 64), 8: (4, 8, 16)}
 # Split + combine (two launches) only for these variants: the second launch's cost is the question.
 TWO_LAUNCH = [(64, 4, 3), (32, 4, 2)]
+# Key angles reduced in float64 (the prefill kernels' way) rather than in fixed point, for these variants.
+FLOAT64_ANGLES = [(64, 4, 3)]
 TOLERANCE = 1.5e-2  # RMSE(kernel - reference) / RMSE(reference), the GPU tests' bfloat16 bound
 
 
 def candidates(batch: int) -> list[DecodeConfig]:
     """The configs timed at `batch`, most informative first (the time budget cuts the tail)."""
     configs = [DecodeConfig(*DECODE_CONFIG[:4]), DecodeConfig(*DECODE_CONFIG[:4], fused=False)]
-    for fused, variants in ((True, VARIANTS), (False, TWO_LAUNCH)):
+    for fused, fixed, variants in ((True, True, VARIANTS), (False, True, TWO_LAUNCH), (True, False, FLOAT64_ANGLES)):
         for block_n, warps, stages in variants:
             for splits in SPLITS[batch]:
-                configs.append(DecodeConfig(block_n, warps, stages, 0, splits=splits, fused=fused))
+                configs.append(DecodeConfig(block_n, warps, stages, 0, splits=splits, fused=fused, fixed_angles=fixed))
     return configs
 
 
@@ -155,7 +157,7 @@ def main() -> None:
     for winner in best.values():
         c = winner["config"]
         per_sm = max(1, round(winner["programs"] / env["sms"]))
-        config = DecodeConfig(c["block_n"], c["warps"], c["stages"], per_sm, min_tiles=1, fused=c["fused"])
+        config = DecodeConfig(**{**c, "per_sm": per_sm, "min_tiles": 1, "splits": 0})
         for batch in BATCHES:
             if time.perf_counter() - started > args.budget + 15:
                 skipped += 1
@@ -195,7 +197,8 @@ def sdpa(q, k, v):
 
 def describe(row: dict) -> str:
     c = row["config"]
-    knobs = f"BLOCK_N={c['block_n']:3d} w={c['warps']} s={c['stages']} splits={row['splits_run']:3d}"
+    angles = "" if c["fixed_angles"] else " f64-angles"
+    knobs = f"BLOCK_N={c['block_n']:3d} w={c['warps']} s={c['stages']} splits={row['splits_run']:3d}{angles}"
     launch = "1 launch " if c["fused"] or row["splits_run"] == 1 else "2 launches"
     if c["splits"] == 0:
         launch += f" (heuristic per_sm={c['per_sm']} min_tiles={c['min_tiles']})"
