@@ -11,19 +11,40 @@ merges the partial softmaxes. Keys are rotated in the kernel (un-rotated cache, 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from .lambda_prefill import far_rule
-from .rope import cos_sin, frequency_turns, rotate, rotated_rows
+from .rope import FAST_TRIG, cos_sin, frequency_turns, rotate, rotated_rows
 from .specs import LambdaSpec, Rotary
 from .utils import LOG2E, dot_precision, interpreting, sm_count, tanh
 
 # Rows = query heads per KV head x new tokens; more than this goes to the prefill kernel.
 DECODE_MAX_ROWS = 64
-# (BLOCK_N, num_warps, num_stages, programs per SM), measured on an H100 (the attention benchmark's --sweep).
-DECODE_CONFIG = (64, 4, 3, 4)
+
+
+class DecodeConfig(NamedTuple):
+    """The decode kernel's performance choices (none changes the result beyond rounding)."""
+
+    block_n: int  # keys per tile
+    warps: int
+    stages: int
+    per_sm: int  # split programs the heuristic aims for per SM
+    min_tiles: int = 4  # no split shorter than this many key tiles
+    splits: int = 0  # > 0: exactly this many splits (capped by the key tiles), overriding the heuristic
+    fused: bool = True  # the last split program merges the splits (one launch), else a second kernel
+    fixed_angles: bool = True  # key angles reduced in 64-bit fixed point (integer ops), else in float64
+
+
+# Measured on an H100 (the attention benchmark's --sweep); benchmarks/attention/decode_sweep.py times the
+# candidates on one GPU. A plain 4-tuple (BLOCK_N, warps, stages, programs per SM) is taken too.
+DECODE_CONFIG = DecodeConfig(64, 4, 3, 4)
+# Each (batch, KV head)'s count of finished split programs, per (device, stream); back at 0 after every call.
+_ARRIVALS: dict[tuple[str, int], list[torch.Tensor]] = {}
 
 
 @triton.jit
@@ -33,6 +54,8 @@ def _lambda_decode_split(
     V,
     PART_O,
     PART_ML,
+    OUT,
+    ARRIVALS,
     QPOS,
     KPOS,
     KVALID,
@@ -52,6 +75,9 @@ def _lambda_decode_split(
     skp_l,
     skv_b,
     skv_l,
+    so_b,
+    so_l,
+    so_h,
     Hkv,
     Lq,
     Lk,
@@ -69,7 +95,11 @@ def _lambda_decode_split(
     CAPPED: tl.constexpr,
     SOFTCAP: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    MODE: tl.constexpr,
+    FIXED_ANGLES: tl.constexpr,
 ):
+    # MODE: 0 writes this split's partial softmax (a second kernel merges them); 1 (one split) writes
+    # the output; 2 writes the partial, and the last split program of its (batch, KV head) merges them.
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = (pid_bh // Hkv).to(tl.int64)
@@ -93,6 +123,8 @@ def _lambda_decode_split(
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_h = tl.arange(0, HALF)
     offs_d = tl.arange(0, 2 * HALF)
+    if FIXED_ANGLES:
+        turns_fixed = _fixed_point(TURNS, HALF)
     acc = tl.zeros((BLOCK_M, 2 * HALF), dtype=tl.float32)
     m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -106,7 +138,10 @@ def _lambda_decode_split(
         k_rows = K + start * sk_l + offs_n0[:, None] * sk_l + offs_h[None, :]
         x1 = tl.load(k_rows, mask=n_ok[:, None], other=0.0)
         x2 = tl.load(k_rows + HALF, mask=n_ok[:, None], other=0.0)
-        cos, sin = cos_sin(kp, TURNS, HALF)
+        if FIXED_ANGLES:
+            cos, sin = _cos_sin_fixed(kp, turns_fixed)
+        else:
+            cos, sin = cos_sin(kp, TURNS, HALF)
         k1, k2 = rotate(x1.to(tl.float32), x2.to(tl.float32), cos, sin)
         k1 = (k1 * rot_scale).to(x1.dtype)
         k2 = (k2 * rot_scale).to(x1.dtype)
@@ -133,10 +168,77 @@ def _lambda_decode_split(
         v = tl.load(v_rows, mask=n_ok[:, None], other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
         m_i = m_new
-    part = pid_bh.to(tl.int64) * tl.num_programs(1) + split
-    tl.store(PART_O + (part * BLOCK_M + rows)[:, None] * (2 * HALF) + offs_d[None, :], acc)
-    tl.store(PART_ML + part * 2 * BLOCK_M + rows, m_i)
-    tl.store(PART_ML + part * 2 * BLOCK_M + BLOCK_M + rows, l_i)
+    if MODE == 1:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        _store_rows(OUT, out, b, hk, rows, so_b, so_l, so_h, Lq, group, 2 * HALF)
+    else:
+        splits = tl.num_programs(1)
+        part = pid_bh.to(tl.int64) * splits + split
+        tl.store(PART_O + (part * BLOCK_M + rows)[:, None] * (2 * HALF) + offs_d[None, :], acc)
+        tl.store(PART_ML + part * 2 * BLOCK_M + rows, m_i)
+        tl.store(PART_ML + part * 2 * BLOCK_M + BLOCK_M + rows, l_i)
+        if MODE == 2:
+            # Every thread's partial is written before the count is released to the other programs.
+            tl.debug_barrier()
+            arrived = tl.atomic_add(ARRIVALS + pid_bh, 1, sem="acq_rel", scope="gpu")
+            if arrived == splits - 1:
+                out = _merge_splits(PART_O, PART_ML, pid_bh, splits, 2 * HALF, BLOCK_M)
+                _store_rows(OUT, out, b, hk, rows, so_b, so_l, so_h, Lq, group, 2 * HALF)
+                tl.store(ARRIVALS + pid_bh, 0)  # ready for the next call (and every CUDA graph replay)
+
+
+@triton.jit
+def _fixed_point(TURNS, HALF: tl.constexpr):
+    """The rotary frequencies (float64 turns per position) modulo one turn, times 2^64, as int64."""
+    turns = tl.load(TURNS + tl.arange(0, HALF))
+    return ((turns - tl.floor(turns + 0.5)) * 18446744073709551616.0).to(tl.int64)
+
+
+@triton.jit
+def _cos_sin_fixed(pos, turns_fixed):
+    """`cos_sin` with the angle reduced by integer ops: position x fixed-point turns wraps modulo one turn
+    (2^64), and the top 32 bits, signed, are the angle in [-1/2, 1/2) turn. Exact to 2^-32 turn (float64's
+    reduction loses ~2^-53 x position turns), and no float64 rounding or conversion per key."""
+    turn = ((pos.to(tl.int64)[:, None] * turns_fixed[None, :]) >> 32).to(tl.int32)
+    angle = turn.to(tl.float32) * 1.4629180792671596e-09  # 2π / 2^32
+    if FAST_TRIG:
+        return libdevice.fast_cosf(angle), libdevice.fast_sinf(angle)
+    else:
+        return tl.cos(angle), tl.sin(angle)
+
+
+@triton.jit
+def _merge_splits(PART_O, PART_ML, pid_bh, splits, D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The output rows (BLOCK_M, D), float32, of one (batch, KV head)'s partial softmaxes."""
+    rows = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
+    m = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
+    total = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for split in range(splits):
+        part = pid_bh.to(tl.int64) * splits + split
+        # .cg: other SMs wrote these; read them from L2, never from a stale L1 line.
+        m_s = tl.load(PART_ML + part * 2 * BLOCK_M + rows, cache_modifier=".cg")
+        l_s = tl.load(PART_ML + part * 2 * BLOCK_M + BLOCK_M + rows, cache_modifier=".cg")
+        o_s = tl.load(PART_O + (part * BLOCK_M + rows)[:, None] * D + offs_d[None, :], cache_modifier=".cg")
+        m_new = tl.maximum(m, m_s)
+        a = tl.exp2(m - m_new)
+        c = tl.exp2(m_s - m_new)
+        acc = acc * a[:, None] + o_s * c[:, None]
+        total = total * a + l_s * c
+        m = m_new
+    return acc / tl.where(total > 0, total, 1.0)[:, None]
+
+
+@triton.jit
+def _store_rows(OUT, out, b, hk, rows, so_b, so_l, so_h, Lq, group, D: tl.constexpr):
+    """Store rows (query head of KV head hk x new token) of `out` into OUT (B, Lq, Hq, D)."""
+    qi = rows % Lq
+    h = hk * group + rows // Lq
+    o_rows = OUT + b * so_b + qi.to(tl.int64) * so_l + h * so_h
+    offs_d = tl.arange(0, D)
+    row_ok = rows < group * Lq
+    tl.store(o_rows[:, None] + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
@@ -157,28 +259,41 @@ def _lambda_decode_combine(
     pid_bh = tl.program_id(0)
     b = (pid_bh // Hkv).to(tl.int64)
     hk = (pid_bh % Hkv).to(tl.int64)
-    rows = tl.arange(0, BLOCK_M)
-    row_ok = rows < group * Lq
-    offs_d = tl.arange(0, D)
-    acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
-    m = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
-    total = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for split in range(splits):
-        part = pid_bh.to(tl.int64) * splits + split
-        m_s = tl.load(PART_ML + part * 2 * BLOCK_M + rows)
-        l_s = tl.load(PART_ML + part * 2 * BLOCK_M + BLOCK_M + rows)
-        o_s = tl.load(PART_O + (part * BLOCK_M + rows)[:, None] * D + offs_d[None, :])
-        m_new = tl.maximum(m, m_s)
-        a = tl.exp2(m - m_new)
-        c = tl.exp2(m_s - m_new)
-        acc = acc * a[:, None] + o_s * c[:, None]
-        total = total * a + l_s * c
-        m = m_new
-    out = acc / tl.where(total > 0, total, 1.0)[:, None]
-    qi = rows % Lq
-    h = hk * group + rows // Lq
-    o_rows = OUT + b * so_b + qi.to(tl.int64) * so_l + h * so_h
-    tl.store(o_rows[:, None] + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+    out = _merge_splits(PART_O, PART_ML, pid_bh, splits, D, BLOCK_M)
+    _store_rows(OUT, out, b, hk, tl.arange(0, BLOCK_M), so_b, so_l, so_h, Lq, group, D)
+
+
+def decode_plan(batch: int, kv_heads: int, k_len: int, device: torch.device, config=None) -> tuple[DecodeConfig, int]:
+    """The config (`config`, else DECODE_CONFIG; a small one under the interpreter) and the split count
+    a decode over k_len keys runs with."""
+    if config is None:
+        config = DecodeConfig(32, 4, 1, 1, splits=3) if interpreting() else DECODE_CONFIG
+    config = DecodeConfig(*config)
+    tiles = triton.cdiv(k_len, config.block_n)
+    if config.splits > 0:
+        splits = min(config.splits, tiles)
+    else:
+        # Enough programs to fill every SM per_sm times over, but no split shorter than min_tiles tiles.
+        sms = 4 if interpreting() else sm_count(device.index or 0)
+        wanted = triton.cdiv(config.per_sm * sms, batch * kv_heads)
+        splits = max(1, min(wanted, triton.cdiv(tiles, config.min_tiles)))
+    # Whole tiles per split; rounding up may leave fewer splits than asked for.
+    return config, triton.cdiv(tiles, triton.cdiv(tiles, splits))
+
+
+def _arrivals(device: torch.device, programs: int) -> torch.Tensor:
+    """Zeroed int32 counters, one per (batch, KV head), that the fused merge leaves zeroed.
+
+    Kept per (device, stream): calls on one stream run one after another, so they never share a
+    counter mid-call (CUDA graphs replay with the counters of the stream they were captured on; two
+    graphs captured on one stream must not be replayed concurrently). Outgrown counters stay alive,
+    as a captured graph may still point at them.
+    """
+    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    kept = _ARRIVALS.setdefault((str(device), stream), [])
+    if not kept or kept[-1].numel() < programs:
+        kept.append(torch.zeros(max(4096, triton.next_power_of_2(programs)), dtype=torch.int32, device=device))
+    return kept[-1]
 
 
 def lambda_decode(
@@ -192,26 +307,28 @@ def lambda_decode(
     rotary: Rotary,
     scaling: float,
     softcap: float | None = None,
+    config: DecodeConfig | None = None,
 ) -> torch.Tensor:
-    """Λ attention of a few queries (heads per KV head x queries <= DECODE_MAX_ROWS), no autograd."""
+    """Λ attention of a few queries (heads per KV head x queries <= DECODE_MAX_ROWS), no autograd.
+
+    `config` overrides DECODE_CONFIG (the sweep and the tests run each candidate through it).
+    """
     batch, q_heads, q_len, dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
     group = q_heads // kv_heads
     capped, far_pos = far_rule(spec)
     turns = frequency_turns(rotary.inv_freq, query.device)
     block_m = max(16, triton.next_power_of_2(group * q_len))
-    if interpreting():
-        block_n, warps, stages, splits = 32, 4, 1, 3
-    else:
-        # Enough programs to fill every SM a few times over, but no split shorter than 4 key tiles.
-        block_n, warps, stages, per_sm = DECODE_CONFIG
-        wanted = triton.cdiv(per_sm * sm_count(query.device.index or 0), batch * kv_heads)
-        splits = max(1, min(wanted, triton.cdiv(k_len, 4 * block_n)))
-    split_len = triton.cdiv(triton.cdiv(k_len, splits), block_n) * block_n
-    splits = triton.cdiv(k_len, split_len)
-    part_o = torch.empty(batch * kv_heads * splits * block_m, dim, dtype=torch.float32, device=query.device)
-    part_ml = torch.empty(batch * kv_heads * splits * 2 * block_m, dtype=torch.float32, device=query.device)
+    config, splits = decode_plan(batch, kv_heads, k_len, query.device, config)
+    split_len = triton.cdiv(triton.cdiv(k_len, config.block_n), splits) * config.block_n
+    mode = 1 if splits == 1 else 2 if config.fused else 0
     out = torch.empty(batch, q_len, q_heads, dim, dtype=query.dtype, device=query.device)
+    if mode == 1:
+        part_o = part_ml = arrivals = out
+    else:
+        part_o = torch.empty(batch * kv_heads * splits * block_m, dim, dtype=torch.float32, device=query.device)
+        part_ml = torch.empty(batch * kv_heads * splits * 2 * block_m, dtype=torch.float32, device=query.device)
+        arrivals = _arrivals(query.device, batch * kv_heads) if mode == 2 else part_ml
     valid = key_valid.view(torch.uint8)
     _lambda_decode_split[(batch * kv_heads, splits)](
         query,
@@ -219,6 +336,8 @@ def lambda_decode(
         value,
         part_o,
         part_ml,
+        out,
+        arrivals,
         query_positions,
         key_positions,
         valid,
@@ -238,6 +357,9 @@ def lambda_decode(
         key_positions.stride(1),
         valid.stride(0),
         valid.stride(1),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
         kv_heads,
         q_len,
         k_len,
@@ -251,26 +373,29 @@ def lambda_decode(
         softcap or 0.0,
         HALF=dim // 2,
         BLOCK_M=block_m,
-        BLOCK_N=block_n,
+        BLOCK_N=config.block_n,
         CAPPED=capped,
         SOFTCAP=softcap is not None,
         DOT_PREC=dot_precision(query.dtype),
-        num_warps=warps,
-        num_stages=stages,
+        MODE=mode,
+        FIXED_ANGLES=config.fixed_angles,
+        num_warps=config.warps,
+        num_stages=config.stages,
     )
-    _lambda_decode_combine[(batch * kv_heads,)](
-        part_o,
-        part_ml,
-        out,
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        kv_heads,
-        q_len,
-        group,
-        splits,
-        D=dim,
-        BLOCK_M=block_m,
-        num_warps=4,
-    )
+    if mode == 0:
+        _lambda_decode_combine[(batch * kv_heads,)](
+            part_o,
+            part_ml,
+            out,
+            out.stride(0),
+            out.stride(1),
+            out.stride(2),
+            kv_heads,
+            q_len,
+            group,
+            splits,
+            D=dim,
+            BLOCK_M=block_m,
+            num_warps=4,
+        )
     return out

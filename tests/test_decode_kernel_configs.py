@@ -1,0 +1,101 @@
+"""The decode kernel's configs: every launch mode (one split writing the output, splits merged by the
+last program, splits merged by a second kernel) and every config the GPU sweep times give the
+reference's output; the split plan follows the config. Runs under TRITON_INTERPRET=1 on CPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from functools import partial
+from pathlib import Path
+
+FULL = os.environ.get("LCPATCH_TEST_FULL") == "1"
+if not FULL:
+    # Must be set before the kernels are defined: @triton.jit reads it at decoration time.
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from lambda_cases import Case, cache_layout, make_qkv, run_both  # noqa: E402
+
+from lcpatch.kernels import lambda_decode as decode  # noqa: E402
+
+if FULL and not torch.cuda.is_available():
+    pytest.skip("LCPATCH_TEST_FULL=1 needs a CUDA device", allow_module_level=True)
+if not FULL and not hasattr(decode._lambda_decode_split, "rewrite"):
+    pytest.skip("lcpatch.kernels was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+
+# 4 sinks + a window of 120 + 1 new token = 125 slots: 4 tiles of 32, 1 of 128.
+CASE = Case("decode-configs", 1, 0, 120, batch=2, kv_heads=2, group=4, dtype=torch.float16)
+SEEN = [60, 700]
+SWEEP = Path(__file__).resolve().parents[1] / "benchmarks" / "attention" / "decode_sweep.py"
+
+
+def run(config, case: Case = CASE, seen: list[int] = SEEN) -> None:
+    q_pos, k_pos, valid = cache_layout(case, seen, 1)
+    case = Case(**{**case.__dict__, "q_len": 1, "k_len": k_pos.shape[1]})
+    q, k, v = make_qkv(case)
+    engine = partial(decode.lambda_decode, config=config)
+    with torch.no_grad():
+        run_both(engine, case, q, k, v, q_pos, k_pos, valid, valid[:, -1:], backward=False)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        decode.DecodeConfig(32, 4, 1, 0, splits=1),  # one launch, no partials
+        decode.DecodeConfig(16, 4, 1, 0, splits=3, fused=True),  # the last split program merges
+        decode.DecodeConfig(16, 4, 1, 0, splits=3, fused=False),  # a second kernel merges
+        decode.DecodeConfig(16, 4, 1, 3, min_tiles=2),  # the heuristic
+    ],
+    ids=["one-split", "fused", "two-launch", "heuristic"],
+)
+def test_launch_modes_match_reference(config):
+    run(config)
+    run(config, Case(**{**CASE.__dict__, "capped": False, "softcap": 2.0, "dtype": torch.float32}))
+
+
+@pytest.mark.parametrize("fixed_angles", [True, False], ids=["fixed-point", "float64"])
+def test_key_angles_at_far_positions(fixed_angles):
+    """Both reductions of the key angles modulo a turn stay exact a billion positions in."""
+    config = decode.DecodeConfig(32, 4, 1, 0, splits=2, fixed_angles=fixed_angles)
+    run(config, Case(**{**CASE.__dict__, "dtype": torch.float32}), seen=[1_000_003, 1_234_567_890])
+
+
+def test_fused_merge_leaves_counters_at_zero():
+    """The next call (or CUDA graph replay) starts from zero arrivals, else it would merge too early."""
+    run(decode.DecodeConfig(16, 4, 1, 0, splits=5))
+    counters = decode._arrivals(torch.device("cpu"), CASE.batch * CASE.kv_heads)
+    assert counters.any().item() is False
+    run(decode.DecodeConfig(16, 4, 1, 0, splits=5))
+
+
+def test_split_plan():
+    device = torch.device("cpu")
+    # 320 keys are 10 tiles of 32. Fixed splits are capped by the tiles; whole tiles per split.
+    assert decode.decode_plan(1, 8, 320, device, decode.DecodeConfig(32, 4, 1, 0, splits=64))[1] == 10
+    assert decode.decode_plan(1, 8, 320, device, decode.DecodeConfig(32, 4, 1, 0, splits=4))[1] == 4
+    assert decode.decode_plan(1, 8, 320, device, decode.DecodeConfig(32, 4, 1, 0, splits=3))[1] == 3
+    # The heuristic: 16 programs per SM on the interpreter's 4 "SMs" over 8 KV heads wants 8 splits;
+    # min_tiles=4 allows cdiv(10, 4) = 3; min_tiles=1 allows 8, i.e. 2 tiles each, 5 splits.
+    assert decode.decode_plan(1, 8, 320, device, (32, 4, 1, 16))[1] == 3
+    config, splits = decode.decode_plan(1, 8, 320, device, decode.DecodeConfig(32, 4, 1, 16, min_tiles=1))
+    assert (splits, config.fused) == (5, True)
+
+
+def _sweep_configs() -> list:
+    spec = importlib.util.spec_from_file_location("decode_sweep", SWEEP)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    configs = {c for batch in sweep.BATCHES for c in sweep.candidates(batch)}
+    # Warps and stages do not change what the interpreter computes: one run per tile and split choice.
+    return sorted({c._replace(warps=4, stages=1) for c in configs})
+
+
+@pytest.mark.parametrize("config", _sweep_configs(), ids=str)
+def test_every_swept_config_matches_reference(config):
+    run(config)
