@@ -1,5 +1,6 @@
-"""Benchmark Λ attention on a CUDA GPU: lcpatch's Triton kernels next to dense causal SDPA,
-FlexAttention with the same Λ mask, and SDPA with an explicit boolean Λ mask.
+"""Benchmark Λ attention on a CUDA GPU: lcpatch's backends (flash, Triton, the SDPA split) next to dense
+causal SDPA, FlexAttention with the same Λ mask, SDPA with an explicit boolean Λ mask, and flash-attn's
+plain sliding window (no global tokens: the bound a Λ kernel on flash-attention can reach).
 
     python -m lcpatch.bench.attention --out bench/            # prefill 16k/64k/128k + decode
     python -m lcpatch.bench.attention --out bench/ --sweep    # also time kernel block configs
@@ -21,12 +22,14 @@ import argparse
 import importlib
 import json
 import sys
+import time
 import traceback
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from ..attention.backends import FLASH
 from ..cli.bench import benchmark_parser
 from ..cli.common import MISSING, environment, pyplot
 from ..kernels.lambda_split import lambda_attention_split
@@ -109,6 +112,7 @@ class Prefill:
         self.block_mask = create_block_mask(lambda_mask_mod, None, None, n, n, device="cuda", _compile=True)
         self.flex = torch.compile(flex_attention, dynamic=False)
         self._lambda_attention = lambda_attention
+        self.seq_major = [t.transpose(1, 2).contiguous() for t in (self.q, self.k, self.v)]  # flash-attn's layout
 
     def methods(self) -> dict:
         q, k, v = self.q, self.k, self.v
@@ -131,6 +135,18 @@ class Prefill:
                 lambda_pairs(self.n),
             ),
         }
+        flash_ok, _ = FLASH.available(self.q.device)
+        if flash_ok:
+            from flash_attn.cute import flash_attn_func
+
+            args = (self.positions, self.positions, self.valid, self.spec, self.rotary, DIM**-0.5)
+            methods["lcpatch Λ (flash)"] = (lambda: FLASH.lambda_attention(q, k, v, *args), lambda_pairs(self.n))
+            qs, ks, vs = self.seq_major
+            window = (WINDOW - 1, 0)
+            methods["flash-attn sliding window (bound)"] = (
+                lambda: flash_attn_func(qs, ks, vs, causal=True, window_size=window)[0],
+                lambda_pairs(self.n, n_global=0),
+            )
         if self.n <= 16384:  # an n x n boolean mask (and SDPA's use of it) only fits at this size
             i = torch.arange(self.n, device="cuda")
             mask = lambda_mask_mod(None, None, i[:, None], i[None, :])
@@ -141,7 +157,7 @@ class Prefill:
         if not backward:
             with torch.no_grad():
                 return bench(fn)
-        leaves = [t.requires_grad_(True) for t in (self.q, self.k, self.v)]
+        leaves = [t.requires_grad_(True) for t in (self.q, self.k, self.v, *self.seq_major)]
         try:
             out = fn()
             grad = torch.randn_like(out)
@@ -163,6 +179,7 @@ def _selected(name: str, methods: list[str] | None) -> bool:
 def run_prefill(lengths: list[int], backward_lengths: set[int], methods: list[str] | None = None) -> list[dict]:
     rows = []
     for n in lengths:
+        started = time.perf_counter()
         case = Prefill(n)
         for method, (fn, pairs) in case.methods().items():
             if not _selected(method, methods):
@@ -188,6 +205,7 @@ def run_prefill(lengths: list[int], backward_lengths: set[int], methods: list[st
                 )
         del case
         torch.cuda.empty_cache()
+        print(f"  prefill n={n}: {time.perf_counter() - started:.0f} s", flush=True)
     return rows
 
 
@@ -344,6 +362,8 @@ def markdown(result: dict) -> str:
         "dense causal SDPA",
         "FlexAttention Λ",
         "SDPA + bool mask Λ",
+        "flash-attn sliding window (bound)",
+        "lcpatch Λ (flash)",
         "lcpatch Λ (Triton)",
         "lcpatch Λ (torch: SDPA split)",
     ]
@@ -355,17 +375,15 @@ def markdown(result: dict) -> str:
             f"Prefill {phase} (B={BATCH}, {Q_HEADS}/{KV_HEADS} heads, D={DIM}, n_global={N_GLOBAL}, "
             f"window={WINDOW}; TFLOP/s over visible pairs only)",
             "",
-            "| n | " + " | ".join(methods) + " | lcpatch / Flex |",
-            "|---|" + "---|" * (len(methods) + 1),
+            "| n | " + " | ".join(methods) + " | flash / Flex | flash / bound | Triton / Flex |",
+            "|---|" + "---|" * (len(methods) + 3),
         ]
         for n in lengths:
             cells = [_cell(prefill, n=n, phase=phase, method=m) for m in methods]
-            ours, flex = (
-                _ms(prefill, n=n, phase=phase, method=methods[3]),
-                _ms(prefill, n=n, phase=phase, method=methods[1]),
-            )
-            ratio = f"{ours / flex:.2f}x" if ours and flex else "—"
-            lines.append(f"| {n // 1024}k | " + " | ".join(cells) + f" | {ratio} |")
+            ms = {m: _ms(prefill, n=n, phase=phase, method=m) for m in methods}
+            pairs = ((methods[4], methods[1]), (methods[4], methods[3]), (methods[5], methods[1]))
+            ratios = [f"{ms[a] / ms[b]:.2f}x" if ms[a] and ms[b] else "—" for a, b in pairs]
+            lines.append(f"| {n // 1024}k | " + " | ".join(cells + ratios) + " |")
         lines.append("")
     decode = result["decode"]
     if decode:
