@@ -102,9 +102,9 @@ def _flash_problem(model, device: torch.device) -> str | None:
     where a trainer will move it), or None."""
     if not model._supports_flash_attn:
         return f"transformers' {type(model).__name__} does not support flash attention"
+    if not torch.cuda.is_available():
+        return f"no CUDA GPU is available (the model is on {device.type})"
     if device.type != "cuda":
-        if not torch.cuda.is_available():
-            return f"the model is on {device.type} and no CUDA GPU is available"
         device = torch.device("cuda", torch.cuda.current_device())
     major, minor = torch.cuda.get_device_capability(device)
     if major not in FLASH_ARCHITECTURES:
