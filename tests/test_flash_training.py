@@ -9,6 +9,7 @@ import torch
 
 import lcpatch
 from lcpatch import RecipeError
+from lcpatch.api import patched_recipe
 from lcpatch.attention import Dense, dense
 from lcpatch.errors import BackendError
 from lcpatch.training.config import CausalLMTraining
@@ -46,7 +47,7 @@ def test_auto_keeps_the_models_own_attention_on_the_cpu(make_model, gpu):
         model = make_model(attn_implementation=own).to(torch.bfloat16)
         lcpatch.apply(model, "dense")
         assert attn(model) == own
-        assert lcpatch.api.patched_recipe(model).attention == Dense(backend="auto")
+        assert patched_recipe(model).attention == Dense(backend="auto")
 
 
 def test_flash_without_a_gpu_is_an_error_naming_the_fix(make_model):
@@ -56,7 +57,7 @@ def test_flash_without_a_gpu_is_an_error_naming_the_fix(make_model):
     message = str(error.value)
     assert "attention.backend is 'flash' but no CUDA GPU is available (the model is on cpu)" in message
     assert 'pip install "lcpatch[flash]"' in message and 'attn_implementation="flash_attention_2"' in message
-    assert attn(model) == "sdpa" and lcpatch.api.patched_recipe(model) is None
+    assert attn(model) == "sdpa" and patched_recipe(model) is None
 
 
 def test_flash_on_a_gpu_older_than_hopper_is_an_error_naming_its_capability(make_model, gpu):
