@@ -83,7 +83,9 @@ def _apply(model, recipe: RecipeLike, call: str):
         # RoPE first: an attention method that rotates keys itself must use the scaled tables.
         structure = resolved.rope.install(structure, isinstance(resolved.attention, Dense), log)
         runtime = None
-        if not isinstance(resolved.attention, Dense):
+        if isinstance(resolved.attention, Dense):
+            resolved.attention.install(structure, log)
+        else:
             method = resolved.attention.build(structure)
             runtime = PatchRuntime(structure, method, resolved.attention.method)
             runtime.install(log, RUNTIMES)

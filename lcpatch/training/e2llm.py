@@ -4,6 +4,8 @@ Each training sequence sees RoPE at positions (m + t) / g: the scale g drawn uni
 {1, ..., g_max}, the offset t uniformly from the integers in [0, g·L - R] (L: the model's training
 length, R: the sequence's length), the first `sink_tokens` tokens keeping t = 0 (attention sinks).
 So every RoPE position stays below L, while the model learns many position densities at once.
+A row packed padding-free (position ids restarting at 0 per sequence, `lcpatch.training.packing`)
+holds several sequences: each draws its own (g, t) from its own length.
 
 The model itself keeps its integer position_ids: transformers' mask code reads them (e.g. to find
 sequences packed by TRL's padding-free collator), so the transform is applied where RoPE is
@@ -24,12 +26,21 @@ from . import sequence_parallel
 
 
 def e2llm_positions(positions: torch.Tensor, g: torch.Tensor, t: torch.Tensor, sink_tokens: int) -> torch.Tensor:
-    """RoPE positions (m + t) / g (fp32) of integer positions m (B, L), with g and t per row (B,).
+    """RoPE positions (m + t) / g (fp32) of integer positions m (B, L), with g and t per row (B,) or per token (B, L).
 
     Positions below `sink_tokens` (each packed sequence restarts at 0) keep t = 0.
     """
-    shift = torch.where(positions >= sink_tokens, t.to(positions.device)[:, None], 0.0)
-    return (positions.to(torch.float32) + shift) / g.to(positions.device)[:, None]
+    g, t = (x.to(positions.device) for x in (g, t))
+    g, t = (x if x.ndim == 2 else x[:, None] for x in (g, t))
+    return (positions.to(torch.float32) + torch.where(positions >= sink_tokens, t, 0.0)) / g
+
+
+def sequence_ids(positions: torch.Tensor) -> torch.Tensor:
+    """The index (0, 1, ... over the whole batch) of the sequence each token of (B, L) positions belongs to: a
+    sequence starts at every row's first token and wherever the positions restart at 0 (padding-free packing)."""
+    starts = positions == 0
+    starts[:, 0] = True
+    return starts.flatten().cumsum(0).view_as(positions) - 1
 
 
 class E2LLMAugmentation:
@@ -53,10 +64,15 @@ class E2LLMAugmentation:
         return g.to(torch.float32), t.to(torch.float32)
 
     def __call__(self, positions: torch.Tensor) -> torch.Tensor:
-        # Under sequence parallelism this is one shard of each row: its length is the largest position of
-        # any shard, so that every rank of the group draws the same (g, t) for the row (same seed, same R).
-        g, t = self.draw(sequence_parallel.reduce_max(positions.amax(dim=1) + 1, sequence_parallel.active()))
-        return e2llm_positions(positions, g, t, self.sink_tokens)
+        """RoPE positions for a training forward: one (g, t) per sequence (per row, or per packed sequence)."""
+        ids = sequence_ids(positions)
+        lengths = positions.new_zeros(int(ids.max()) + 1).scatter_reduce(
+            0, ids.flatten(), positions.flatten() + 1, "amax"
+        )
+        # Under sequence parallelism (never packed) this is one shard of each row: its length is the largest position
+        # of any shard, so that every rank of the group draws the same (g, t) for the row (same seed, same R).
+        g, t = self.draw(sequence_parallel.reduce_max(lengths, sequence_parallel.active()))
+        return e2llm_positions(positions, g[ids.cpu()], t[ids.cpu()], self.sink_tokens)
 
 
 def start_augmentation(model, g_max: int, sink_tokens: int = 4, seed: int = 0) -> E2LLMAugmentation:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 from importlib import resources
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 
 from .._compat import CHECKPOINTING_ARG, check_version
 from ..api import apply, patched_recipe
+from ..attention import Dense
 from ..errors import RecipeError
 from ..recipe import Recipe, RecipeLike, load_recipe
 from ..serialization import RECIPE_FILE
@@ -62,6 +64,13 @@ def _dtype(training: CausalLMTraining) -> torch.dtype:
     return getattr(torch, training.dtype)
 
 
+def _training_device() -> torch.device:
+    """The device this process trains on: its local rank's GPU (where Accelerate puts the model), or the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def run(recipe: RecipeLike) -> Path:
     """Train as `recipe.training` says; return the output folder (weights or adapter, tokenizer, recipe)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -79,7 +88,11 @@ def run(recipe: RecipeLike) -> Path:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(training.model, dtype=dtype)
+    attention = recipe.attention
+    if isinstance(attention, Dense):  # the model is still on the CPU: decide for the device the trainer moves it to
+        recipe = dataclasses.replace(recipe, attention=attention.for_device(model, _training_device()))
     apply(model, recipe)
+    logger.info("training on attn_implementation %s", model.config.get_text_config()._attn_implementation)
     if sequence_parallel.configured_size() > 1:
         sequence_parallel.check_attention(model)  # Λ / InfLLM cannot attend over sequence shards
     resolved = patched_recipe(model)
@@ -125,6 +138,8 @@ def run(recipe: RecipeLike) -> Path:
     output = Path(training.output_dir)
     if trainer.is_world_process_zero():
         trainer.state.save_to_json(str(output / "trainer_state.json"))
+        if isinstance(attention, Dense):  # as written: `auto` is decided again wherever the trained model is loaded
+            resolved = dataclasses.replace(resolved, attention=attention)
         (output / RECIPE_FILE).write_text(resolved.to_yaml())
         backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "no process group"
         logger.info(
