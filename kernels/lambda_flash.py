@@ -24,6 +24,7 @@ is tested against `lambda_reference` on any device.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -63,6 +64,7 @@ def window_attention_reference(q, k, v, window: int, scale: float) -> tuple[torc
 
 
 NONE = -(2**30)  # a position before every window
+GRAD_STRIPES = 64  # copies of the global keys' gradients that the backward's programs add into
 
 
 class Layout(NamedTuple):
@@ -75,9 +77,31 @@ class Layout(NamedTuple):
     last_outside: int  # the largest position of a valid global token before `tail` (NONE: there is none)
     first_query: int
     last_query: int
+    query_positions: torch.Tensor  # int32, contiguous: what the kernels read
+    tail_positions: torch.Tensor  # those of flash-attention's keys, likewise
 
 
-def layout(
+_LAYOUTS: dict[tuple, tuple[list, Layout]] = {}
+
+
+def layout(query_positions: torch.Tensor, key_positions: torch.Tensor, key_valid: torch.Tensor, spec: LambdaSpec):
+    """`find_layout`, once per set of position tensors: every layer of a forward pass reads the same ones,
+    and the host sync is paid once. Cached by identity and version, held by weak references."""
+    tensors = (query_positions, key_positions, key_valid)
+    key = (*map(id, tensors), spec)
+    entry = _LAYOUTS.get(key)
+    if entry is not None and all(
+        ref() is t and version == t._version for (ref, version), t in zip(entry[0], tensors, strict=True)
+    ):
+        return entry[1]
+    if len(_LAYOUTS) > 64:
+        _LAYOUTS.clear()
+    found = find_layout(*tensors, spec)
+    _LAYOUTS[key] = ([(weakref.ref(t), t._version) for t in tensors], found)
+    return found
+
+
+def find_layout(
     query_positions: torch.Tensor, key_positions: torch.Tensor, key_valid: torch.Tensor, spec: LambdaSpec
 ) -> Layout:
     """Where flash-attention's keys start, and what the global part needs; one host sync.
@@ -119,7 +143,17 @@ def layout(
     if misplaced or last_start > k_len - q_len or last_start != first_start or stray:
         problem = "padding or gaps among the keys of the queries' windows (a left-padded batch, say)"
     tail = max(last_start, k_len - q_len - spec.window + 1)
-    return Layout(problem, tail, prefix, first_global, last_outside, first_q, last_q)
+    return Layout(
+        problem,
+        tail,
+        prefix,
+        first_global,
+        last_outside,
+        first_q,
+        last_q,
+        query_positions.to(torch.int32).contiguous(),
+        key_positions[:, tail:].to(torch.int32).contiguous(),
+    )
 
 
 @triton.jit
@@ -213,8 +247,8 @@ def _merge_fwd(
 def _merge_bwd(
     Q, QPOS, TURNS, OW, LSEW, OUT, LSE, DOUT, GK, GKN, GV, GPOS, GNEAR, DOW, DLSEW, DQ, DGK, DGKN, DGV,
     sq_b, sq_h, sq_l, sqp_b, so_b, so_l, so_h, sdo_b, sdo_l, sdo_h, sdq_b, sdq_h, sdq_l, sg_b, sg_h, sgp_b,
-    Hq, group, Lq, P, window, far_pos, first_global, last_outside, rot_scale, scaling,
-    HALF: tl.constexpr, BLOCK_M: tl.constexpr, CAPPED: tl.constexpr,
+    Hq, group, Lq, P, window, far_pos, first_global, last_outside, rot_scale, scaling, stripe_stride,
+    HALF: tl.constexpr, BLOCK_M: tl.constexpr, CAPPED: tl.constexpr, STRIPES: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -256,8 +290,11 @@ def _merge_bwd(
         dn2 = tl.zeros([BLOCK_M, HALF], tl.float32)
         g_base = b.to(tl.int64) * sg_b + hk.to(tl.int64) * sg_h
         gp_off = b.to(tl.int64) * sgp_b
+        # Every program adds to the same few keys' gradients: spread the adds over STRIPES copies.
+        stripe = (pid_m % STRIPES).to(tl.int64) * stripe_stride
         for g in range(P):
             g_off = g_base + g * 2 * HALF
+            d_off = stripe + g_off
             g_far = tl.load(GPOS + gp_off + g)
             s = _global_scores(f1, f2, n1, n2, qpos, ok, GK, GKN, GPOS, GNEAR, g_off, gp_off, g, window, HALF)
             v = tl.load(GV + g_off + offs_d)
@@ -273,11 +310,11 @@ def _merge_bwd(
             k2 = tl.load(GKN + g_off + HALF + offs_h)
             dn1 += ds_near[:, None] * k1[None, :]
             dn2 += ds_near[:, None] * k2[None, :]
-            tl.atomic_add(DGK + g_off + offs_h, tl.sum(ds_far[:, None] * f1, 0))
-            tl.atomic_add(DGK + g_off + HALF + offs_h, tl.sum(ds_far[:, None] * f2, 0))
-            tl.atomic_add(DGKN + g_off + offs_h, tl.sum(ds_near[:, None] * n1, 0))
-            tl.atomic_add(DGKN + g_off + HALF + offs_h, tl.sum(ds_near[:, None] * n2, 0))
-            tl.atomic_add(DGV + g_off + offs_d, tl.sum(p[:, None] * dout, 0))
+            tl.atomic_add(DGK + d_off + offs_h, tl.sum(ds_far[:, None] * f1, 0))
+            tl.atomic_add(DGK + d_off + HALF + offs_h, tl.sum(ds_far[:, None] * f2, 0))
+            tl.atomic_add(DGKN + d_off + offs_h, tl.sum(ds_near[:, None] * n1, 0))
+            tl.atomic_add(DGKN + d_off + HALF + offs_h, tl.sum(ds_near[:, None] * n2, 0))
+            tl.atomic_add(DGV + d_off + offs_d, tl.sum(p[:, None] * dout, 0))
         # back through each rotation (its transpose: minus the angle) and the scales
         df1, df2 = rotate(df1, df2, f_cos, -f_sin)
         dn1, dn2 = rotate(dn1, dn2, n_cos, -n_sin)
@@ -347,13 +384,17 @@ def merge_forward(query, query_positions, o_w, lse_w, g: GlobalKeys, keys, spec,
 
 
 class _GlobalMerge(torch.autograd.Function):
+    """The merge, differentiable. The query's gradient goes to `q_grad` (a `PendingGradient`), which the
+    rotation into flash-attention's layout adds to its own in the same pass."""
+
     @staticmethod
     def forward(ctx, o_w, lse_w, query, far_keys, near_keys, values, far_positions, near_positions, *args):
-        query_positions, keys, spec, rotary, scaling = args
+        query_positions, keys, spec, rotary, scaling, q_grad = args
         g = GlobalKeys(far_keys, near_keys, values, far_positions, near_positions)
         out, lse = merge_forward(query, query_positions, o_w, lse_w, g, keys, spec, rotary, scaling, False)
         ctx.save_for_backward(o_w, lse_w, query, *g, query_positions, out, lse)
         ctx.args = (keys, spec, rotary, scaling)
+        ctx.q_grad = q_grad
         return out
 
     @staticmethod
@@ -362,32 +403,44 @@ class _GlobalMerge(torch.autograd.Function):
         g = GlobalKeys(*g)
         (dout,) = unit_last(dout)
         grid, tensors, strides, g_strides, sizes, flags = _launch(query, query_positions, o_w, g, *ctx.args)
-        d_ow, dlse_w, dq = torch.empty_like(o_w), torch.empty_like(lse_w), torch.empty_like(query)
-        d_far, d_near, d_values = (torch.zeros_like(t) for t in (g.far_keys, g.near_keys, g.values))
+        d_ow, dlse_w = torch.empty_like(o_w), torch.empty_like(lse_w)
+        dq = torch.empty_like(query)
+        stripes = min(GRAD_STRIPES, grid[0])
+        d_far, d_near, d_values = (t.new_zeros(stripes, *t.shape) for t in (g.far_keys, g.near_keys, g.values))
         _merge_bwd[grid](
             *tensors, o_w, lse_w, out, lse, dout, g.far_keys, g.near_keys, g.values, g.far_positions,
             g.near_positions, d_ow, dlse_w, dq, d_far, d_near, d_values,
-            *strides, *dout.stride()[:3], *dq.stride()[:3], *g_strides, *sizes, **flags, num_warps=4,
+            *strides, *dout.stride()[:3], *dq.stride()[:3], *g_strides, *sizes,
+            d_far[0].numel(), STRIPES=stripes, **flags, num_warps=4,
         )  # fmt: skip
-        return d_ow, dlse_w, dq, d_far, d_near, d_values, None, None, None, None, None, None, None
+        ctx.q_grad.value = dq
+        return d_ow, dlse_w, None, d_far.sum(0), d_near.sum(0), d_values.sum(0), *[None] * 12
+
+
+class PendingGradient:
+    """A gradient one autograd node computes for another's input, to be added where that one's is written."""
+
+    value: torch.Tensor | None = None
 
 
 class _Rotate(torch.autograd.Function):
-    """q or k (B, H, L, D) rotated at its positions, as (B, L, H, D) contiguous: what flash-attention reads."""
+    """q or k (B, H, L, D) rotated at its positions, as (B, L, H, D) contiguous: what flash-attention reads.
+    Backward: the gradient rotated back, plus `pending` (the merge's gradient of the same q) in one pass."""
 
     @staticmethod
-    def forward(ctx, x, positions, turns, scale):
+    def forward(ctx, x, positions, turns, scale, pending):
         out, _ = rope(x, positions, turns, scale, seq_major=True)
         ctx.save_for_backward(positions, turns)
-        ctx.scale = scale
+        ctx.scale, ctx.pending = scale, pending
         return out.transpose(1, 2)
 
     @staticmethod
     def backward(ctx, grad):
         positions, turns = ctx.saved_tensors
         (grad,) = unit_last(grad)
-        dx, _ = rope(grad.transpose(1, 2), positions, turns, ctx.scale, seq_major=True, inverse=True)
-        return dx, None, None, None
+        add = ctx.pending.value if ctx.pending is not None else None
+        dx, _ = rope(grad.transpose(1, 2), positions, turns, ctx.scale, seq_major=True, inverse=True, add=add)
+        return dx, None, None, None, None
 
 
 def lambda_attention_flash(
@@ -407,11 +460,11 @@ def lambda_attention_flash(
     in stream order whose `layout` (`keys`) has no problem. No softcap, no dropout.
     """
     turns = frequency_turns(rotary.inv_freq, query.device)
-    query_positions = query_positions.to(torch.int32).contiguous()
-    tail_positions = key_positions[:, keys.tail :].to(torch.int32).contiguous()
-    q_rot = _Rotate.apply(query, query_positions, turns, rotary.scale)
-    k_rot = _Rotate.apply(key[:, :, keys.tail :], tail_positions, turns, rotary.scale)
-    v_tail = value[:, :, keys.tail :].transpose(1, 2).contiguous()
+    query_positions, tail_positions = keys.query_positions, keys.tail_positions
+    q_grad = PendingGradient()
+    q_rot = _Rotate.apply(query, query_positions, turns, rotary.scale, q_grad)
+    k_rot = _Rotate.apply(key[:, :, keys.tail :], tail_positions, turns, rotary.scale, None)
+    v_tail = value[:, :, keys.tail :].transpose(1, 2)  # flash-attention copies it only if it must
     o_w, lse_w = window_attention(q_rot, k_rot, v_tail, spec.window, scaling)
     far = keys.prefix > 0 and keys.last_query - spec.window >= keys.first_global
     near = keys.first_query - spec.window < keys.last_outside
@@ -422,4 +475,4 @@ def lambda_attention_flash(
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in (o_w, lse_w, query, *g[:3]))):
         out, _ = merge_forward(query, query_positions, o_w, lse_w, g, keys, spec, rotary, scaling, in_place=True)
         return out
-    return _GlobalMerge.apply(o_w, lse_w, query, *g, query_positions, keys, spec, rotary, scaling)
+    return _GlobalMerge.apply(o_w, lse_w, query, *g, query_positions, keys, spec, rotary, scaling, q_grad)
