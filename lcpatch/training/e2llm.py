@@ -65,13 +65,15 @@ class E2LLMAugmentation:
 
     def __call__(self, positions: torch.Tensor) -> torch.Tensor:
         """RoPE positions for a training forward: one (g, t) per sequence (per row, or per packed sequence)."""
-        ids = sequence_ids(positions)
+        sp = sequence_parallel.active()
+        # Under sequence parallelism (never packed) this is one shard of each row, its padding at position 0: one
+        # sequence per row, as long as the largest position of any shard, so that every rank of the group draws
+        # the same number of (g, t) and the same values (same seed, same R).
+        ids = sequence_ids(positions) if sp is None else torch.arange(len(positions))[:, None].expand_as(positions)
         lengths = positions.new_zeros(int(ids.max()) + 1).scatter_reduce(
-            0, ids.flatten(), positions.flatten() + 1, "amax"
+            0, ids.flatten().to(positions.device), positions.flatten() + 1, "amax"
         )
-        # Under sequence parallelism (never packed) this is one shard of each row: its length is the largest position
-        # of any shard, so that every rank of the group draws the same (g, t) for the row (same seed, same R).
-        g, t = self.draw(sequence_parallel.reduce_max(lengths, sequence_parallel.active()))
+        g, t = self.draw(sequence_parallel.reduce_max(lengths, sp))
         return e2llm_positions(positions, g[ids.cpu()], t[ids.cpu()], self.sink_tokens)
 
 
