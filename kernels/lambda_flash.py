@@ -64,7 +64,6 @@ def window_attention_reference(q, k, v, window: int, scale: float) -> tuple[torc
 
 
 NONE = -(2**30)  # a position before every window
-GRAD_STRIPES = 64  # copies of the global keys' gradients that the backward's programs add into
 
 
 class Layout(NamedTuple):
@@ -156,6 +155,11 @@ def find_layout(
     )
 
 
+def sees_near(keys: Layout, spec: LambdaSpec) -> bool:
+    """Whether some query sees a slot before flash-attention's keys inside its window (a bounded cache's sink)."""
+    return keys.first_query - spec.window < keys.last_outside
+
+
 @triton.jit
 def _rotated_query(Q, TURNS, row_ptr, ok, pos, scale, HALF):
     """Rows of q at `row_ptr` (M,) rotated at `pos`, times `scale`: halves (M, HALF) and the cos/sin used."""
@@ -168,20 +172,23 @@ def _rotated_query(Q, TURNS, row_ptr, ok, pos, scale, HALF):
 
 
 @triton.jit
-def _global_scores(f1, f2, n1, n2, qpos, ok, GK, GKN, GPOS, GNEAR, g_off, gp_off, g, window, HALF: tl.constexpr):
+def _global_scores(
+    f1, f2, n1, n2, qpos, ok, GK, GKN, GPOS, GNEAR, g_off, gp_off, g, window, HALF: tl.constexpr, HAS_NEAR: tl.constexpr
+):  # fmt: skip
     """Scores (M,) of global key g for every row: at the far positions beyond the window, at the true
-    distance inside it for a key flash-attention does not see; -inf where not visible."""
+    distance inside it for a key flash-attention does not see (HAS_NEAR); -inf where not visible."""
     offs_h = tl.arange(0, HALF)
     k1 = tl.load(GK + g_off + offs_h)
     k2 = tl.load(GK + g_off + HALF + offs_h)
     far = tl.sum(f1 * k1[None, :], 1) + tl.sum(f2 * k2[None, :], 1)
-    k1 = tl.load(GKN + g_off + offs_h)
-    k2 = tl.load(GKN + g_off + HALF + offs_h)
-    near = tl.sum(n1 * k1[None, :], 1) + tl.sum(n2 * k2[None, :], 1)
     g_far = tl.load(GPOS + gp_off + g)
-    g_near = tl.load(GNEAR + gp_off + g)
     s = tl.where(g_far <= qpos - window, far, float("-inf"))
-    s = tl.where((g_near > qpos - window) & (g_near <= qpos), near, s)
+    if HAS_NEAR:
+        k1 = tl.load(GKN + g_off + offs_h)
+        k2 = tl.load(GKN + g_off + HALF + offs_h)
+        near = tl.sum(n1 * k1[None, :], 1) + tl.sum(n2 * k2[None, :], 1)
+        g_near = tl.load(GNEAR + gp_off + g)
+        s = tl.where((g_near > qpos - window) & (g_near <= qpos), near, s)
     return tl.where(ok, s, float("-inf"))
 
 
@@ -190,7 +197,8 @@ def _merge_fwd(
     Q, QPOS, TURNS, OW, LSEW, GK, GKN, GV, GPOS, GNEAR, OUT, LSE,
     sq_b, sq_h, sq_l, sqp_b, so_b, so_l, so_h, sg_b, sg_h, sgp_b,
     Hq, group, Lq, P, window, far_pos, first_global, last_outside, rot_scale, scaling,
-    HALF: tl.constexpr, BLOCK_M: tl.constexpr, CAPPED: tl.constexpr, IN_PLACE: tl.constexpr, NEED_LSE: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_M: tl.constexpr, CAPPED: tl.constexpr, HAS_NEAR: tl.constexpr,
+    IN_PLACE: tl.constexpr, NEED_LSE: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -213,7 +221,9 @@ def _merge_fwd(
         else:
             fpos = tl.minimum(qpos, far_pos)
         f1, f2, _, _ = _rotated_query(Q, TURNS, q_rows, ok, fpos, rot_scale * scaling, HALF)
-        n1, n2, _, _ = _rotated_query(Q, TURNS, q_rows, ok, qpos, rot_scale * scaling, HALF)
+        n1, n2 = f1, f2  # read only where HAS_NEAR
+        if HAS_NEAR:
+            n1, n2, _, _ = _rotated_query(Q, TURNS, q_rows, ok, qpos, rot_scale * scaling, HALF)
         m = lse_w
         window_weight = tl.full([BLOCK_M], 1.0, tl.float32)
         total = tl.full([BLOCK_M], 1.0, tl.float32)
@@ -222,7 +232,9 @@ def _merge_fwd(
         gp_off = b.to(tl.int64) * sgp_b
         for g in range(P):
             g_off = g_base + g * 2 * HALF
-            s = _global_scores(f1, f2, n1, n2, qpos, ok, GK, GKN, GPOS, GNEAR, g_off, gp_off, g, window, HALF)
+            s = _global_scores(
+                f1, f2, n1, n2, qpos, ok, GK, GKN, GPOS, GNEAR, g_off, gp_off, g, window, HALF, HAS_NEAR
+            )
             v = tl.load(GV + g_off + offs_d)
             m_new = tl.maximum(m, s)
             alpha = tl.exp(m - m_new)
@@ -247,9 +259,11 @@ def _merge_fwd(
 def _merge_bwd(
     Q, QPOS, TURNS, OW, LSEW, OUT, LSE, DOUT, GK, GKN, GV, GPOS, GNEAR, DOW, DLSEW, DQ, DGK, DGKN, DGV,
     sq_b, sq_h, sq_l, sqp_b, so_b, so_l, so_h, sdo_b, sdo_l, sdo_h, sdq_b, sdq_h, sdq_l, sg_b, sg_h, sgp_b,
-    Hq, group, Lq, P, window, far_pos, first_global, last_outside, rot_scale, scaling, stripe_stride,
-    HALF: tl.constexpr, BLOCK_M: tl.constexpr, CAPPED: tl.constexpr, STRIPES: tl.constexpr,
+    Hq, group, Lq, P, window, far_pos, first_global, last_outside, rot_scale, scaling,
+    HALF: tl.constexpr, BLOCK_M: tl.constexpr, CAPPED: tl.constexpr, HAS_NEAR: tl.constexpr,
 ):  # fmt: skip
+    """DGK/DGKN/DGV are this program's own sums (n_blocks, B·Hq, P, D), reduced on the host: every program
+    adds to the same few keys, and atomics on them serialise the whole grid."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hq
@@ -263,6 +277,7 @@ def _merge_bwd(
     do_off = b.to(tl.int64) * sdo_b + rows[:, None].to(tl.int64) * sdo_l + h.to(tl.int64) * sdo_h + offs_d[None, :]
     dq_off = b.to(tl.int64) * sdq_b + h.to(tl.int64) * sdq_h + rows[:, None].to(tl.int64) * sdq_l + offs_h[None, :]
     lse_ptr = pid_bh.to(tl.int64) * Lq + rows
+    part = (pid_m.to(tl.int64) * tl.num_programs(1) + pid_bh) * P * 2 * HALF  # this program's sums
     dout = tl.load(DOUT + do_off, mask=ok[:, None], other=0.0).to(tl.float32)
     qpos = tl.load(QPOS + b.to(tl.int64) * sqp_b + rows, mask=ok, other=0)
     first = tl.load(QPOS + b.to(tl.int64) * sqp_b + pid_m * BLOCK_M)
@@ -283,41 +298,45 @@ def _merge_bwd(
         else:
             fpos = tl.minimum(qpos, far_pos)
         f1, f2, f_cos, f_sin = _rotated_query(Q, TURNS, q_rows, ok, fpos, rot_scale * scaling, HALF)
-        n1, n2, n_cos, n_sin = _rotated_query(Q, TURNS, q_rows, ok, qpos, rot_scale * scaling, HALF)
+        n1, n2, n_cos, n_sin = f1, f2, f_cos, f_sin  # read only where HAS_NEAR
+        if HAS_NEAR:
+            n1, n2, n_cos, n_sin = _rotated_query(Q, TURNS, q_rows, ok, qpos, rot_scale * scaling, HALF)
         df1 = tl.zeros([BLOCK_M, HALF], tl.float32)
         df2 = tl.zeros([BLOCK_M, HALF], tl.float32)
         dn1 = tl.zeros([BLOCK_M, HALF], tl.float32)
         dn2 = tl.zeros([BLOCK_M, HALF], tl.float32)
         g_base = b.to(tl.int64) * sg_b + hk.to(tl.int64) * sg_h
         gp_off = b.to(tl.int64) * sgp_b
-        # Every program adds to the same few keys' gradients: spread the adds over STRIPES copies.
-        stripe = (pid_m % STRIPES).to(tl.int64) * stripe_stride
         for g in range(P):
             g_off = g_base + g * 2 * HALF
-            d_off = stripe + g_off
+            d_off = part + g * 2 * HALF
             g_far = tl.load(GPOS + gp_off + g)
-            s = _global_scores(f1, f2, n1, n2, qpos, ok, GK, GKN, GPOS, GNEAR, g_off, gp_off, g, window, HALF)
+            s = _global_scores(
+                f1, f2, n1, n2, qpos, ok, GK, GKN, GPOS, GNEAR, g_off, gp_off, g, window, HALF, HAS_NEAR
+            )
             v = tl.load(GV + g_off + offs_d)
             p = tl.where(s > float("-inf"), tl.exp(s - lse), 0.0)
             ds = p * (tl.sum(dout * v[None, :], 1) - delta)
             ds_far = tl.where(g_far <= qpos - window, ds, 0.0)
-            ds_near = ds - ds_far
             k1 = tl.load(GK + g_off + offs_h)
             k2 = tl.load(GK + g_off + HALF + offs_h)
             df1 += ds_far[:, None] * k1[None, :]
             df2 += ds_far[:, None] * k2[None, :]
-            k1 = tl.load(GKN + g_off + offs_h)
-            k2 = tl.load(GKN + g_off + HALF + offs_h)
-            dn1 += ds_near[:, None] * k1[None, :]
-            dn2 += ds_near[:, None] * k2[None, :]
-            tl.atomic_add(DGK + d_off + offs_h, tl.sum(ds_far[:, None] * f1, 0))
-            tl.atomic_add(DGK + d_off + HALF + offs_h, tl.sum(ds_far[:, None] * f2, 0))
-            tl.atomic_add(DGKN + d_off + offs_h, tl.sum(ds_near[:, None] * n1, 0))
-            tl.atomic_add(DGKN + d_off + HALF + offs_h, tl.sum(ds_near[:, None] * n2, 0))
-            tl.atomic_add(DGV + d_off + offs_d, tl.sum(p[:, None] * dout, 0))
+            tl.store(DGK + d_off + offs_h, tl.sum(ds_far[:, None] * f1, 0))
+            tl.store(DGK + d_off + HALF + offs_h, tl.sum(ds_far[:, None] * f2, 0))
+            tl.store(DGV + d_off + offs_d, tl.sum(p[:, None] * dout, 0))
+            if HAS_NEAR:
+                ds_near = ds - ds_far
+                k1 = tl.load(GKN + g_off + offs_h)
+                k2 = tl.load(GKN + g_off + HALF + offs_h)
+                dn1 += ds_near[:, None] * k1[None, :]
+                dn2 += ds_near[:, None] * k2[None, :]
+                tl.store(DGKN + d_off + offs_h, tl.sum(ds_near[:, None] * n1, 0))
+                tl.store(DGKN + d_off + HALF + offs_h, tl.sum(ds_near[:, None] * n2, 0))
         # back through each rotation (its transpose: minus the angle) and the scales
         df1, df2 = rotate(df1, df2, f_cos, -f_sin)
-        dn1, dn2 = rotate(dn1, dn2, n_cos, -n_sin)
+        if HAS_NEAR:
+            dn1, dn2 = rotate(dn1, dn2, n_cos, -n_sin)
         scale = rot_scale * scaling
         tl.store(DQ + dq_off, ((df1 + dn1) * scale).to(DQ.dtype.element_ty), mask=ok[:, None])
         tl.store(DQ + dq_off + HALF, ((df2 + dn2) * scale).to(DQ.dtype.element_ty), mask=ok[:, None])
@@ -326,6 +345,12 @@ def _merge_bwd(
         tl.store(DLSEW + lse_ptr, tl.zeros([BLOCK_M], tl.float32), mask=ok)
         tl.store(DQ + dq_off, tl.zeros([BLOCK_M, HALF], DQ.dtype.element_ty), mask=ok[:, None])
         tl.store(DQ + dq_off + HALF, tl.zeros([BLOCK_M, HALF], DQ.dtype.element_ty), mask=ok[:, None])
+        for g in range(P):
+            d_off = part + g * 2 * HALF
+            tl.store(DGK + d_off + offs_d, tl.zeros([2 * HALF], tl.float32))
+            tl.store(DGV + d_off + offs_d, tl.zeros([2 * HALF], tl.float32))
+            if HAS_NEAR:
+                tl.store(DGKN + d_off + offs_d, tl.zeros([2 * HALF], tl.float32))
 
 
 class GlobalKeys(NamedTuple):
@@ -366,7 +391,8 @@ def _launch(query, query_positions, o_w, g: GlobalKeys, keys: Layout, spec: Lamb
     g_strides = (g.far_keys.stride(0), g.far_keys.stride(1), g.far_positions.stride(0))
     sizes = (q_heads, q_heads // g.far_keys.shape[1], q_len, keys.prefix, spec.window, far_pos)
     sizes += (keys.first_global, keys.last_outside, rotary.scale, scaling)
-    return grid, tensors, strides, g_strides, sizes, dict(HALF=dim // 2, BLOCK_M=block, CAPPED=capped)
+    flags = dict(HALF=dim // 2, BLOCK_M=block, CAPPED=capped, HAS_NEAR=sees_near(keys, spec))
+    return grid, tensors, strides, g_strides, sizes, flags
 
 
 def merge_forward(query, query_positions, o_w, lse_w, g: GlobalKeys, keys, spec, rotary, scaling, in_place):
@@ -405,16 +431,18 @@ class _GlobalMerge(torch.autograd.Function):
         grid, tensors, strides, g_strides, sizes, flags = _launch(query, query_positions, o_w, g, *ctx.args)
         d_ow, dlse_w = torch.empty_like(o_w), torch.empty_like(lse_w)
         dq = torch.empty_like(query)
-        stripes = min(GRAD_STRIPES, grid[0])
-        d_far, d_near, d_values = (t.new_zeros(stripes, *t.shape) for t in (g.far_keys, g.near_keys, g.values))
+        batch, kv_heads, prefix, dim = g.far_keys.shape
+        sums = (grid[0], batch, kv_heads, query.shape[1] // kv_heads, prefix, dim)  # per program
+        d_far, d_values = (query.new_empty(sums, dtype=torch.float32) for _ in range(2))
+        d_near = query.new_empty(sums if flags["HAS_NEAR"] else (1,), dtype=torch.float32)
         _merge_bwd[grid](
             *tensors, o_w, lse_w, out, lse, dout, g.far_keys, g.near_keys, g.values, g.far_positions,
             g.near_positions, d_ow, dlse_w, dq, d_far, d_near, d_values,
-            *strides, *dout.stride()[:3], *dq.stride()[:3], *g_strides, *sizes,
-            d_far[0].numel(), STRIPES=stripes, **flags, num_warps=4,
+            *strides, *dout.stride()[:3], *dq.stride()[:3], *g_strides, *sizes, **flags, num_warps=8,
         )  # fmt: skip
         ctx.q_grad.value = dq
-        return d_ow, dlse_w, None, d_far.sum(0), d_near.sum(0), d_values.sum(0), *[None] * 12
+        d_near = d_near.sum((0, 3)) if flags["HAS_NEAR"] else torch.zeros_like(g.near_keys)
+        return d_ow, dlse_w, None, d_far.sum((0, 3)), d_near, d_values.sum((0, 3)), *[None] * 12
 
 
 class PendingGradient:
@@ -467,8 +495,7 @@ def lambda_attention_flash(
     v_tail = value[:, :, keys.tail :].transpose(1, 2)  # flash-attention copies it only if it must
     o_w, lse_w = window_attention(q_rot, k_rot, v_tail, spec.window, scaling)
     far = keys.prefix > 0 and keys.last_query - spec.window >= keys.first_global
-    near = keys.first_query - spec.window < keys.last_outside
-    if not (far or near):
+    if not (far or sees_near(keys, spec)):
         return o_w  # the window part is everything every query sees
 
     g = global_keys(key, value, key_positions, key_valid, keys, spec, rotary)
