@@ -232,9 +232,7 @@ def _merge_fwd(
         gp_off = b.to(tl.int64) * sgp_b
         for g in range(P):
             g_off = g_base + g * 2 * HALF
-            s = _global_scores(
-                f1, f2, n1, n2, qpos, ok, GK, GKN, GPOS, GNEAR, g_off, gp_off, g, window, HALF, HAS_NEAR
-            )
+            s = _global_scores(f1, f2, n1, n2, qpos, ok, GK, GKN, GPOS, GNEAR, g_off, gp_off, g, window, HALF, HAS_NEAR)
             v = tl.load(GV + g_off + offs_d)
             m_new = tl.maximum(m, s)
             alpha = tl.exp(m - m_new)
@@ -311,9 +309,7 @@ def _merge_bwd(
             g_off = g_base + g * 2 * HALF
             d_off = part + g * 2 * HALF
             g_far = tl.load(GPOS + gp_off + g)
-            s = _global_scores(
-                f1, f2, n1, n2, qpos, ok, GK, GKN, GPOS, GNEAR, g_off, gp_off, g, window, HALF, HAS_NEAR
-            )
+            s = _global_scores(f1, f2, n1, n2, qpos, ok, GK, GKN, GPOS, GNEAR, g_off, gp_off, g, window, HALF, HAS_NEAR)
             v = tl.load(GV + g_off + offs_d)
             p = tl.where(s > float("-inf"), tl.exp(s - lse), 0.0)
             ds = p * (tl.sum(dout * v[None, :], 1) - delta)

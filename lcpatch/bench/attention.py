@@ -3,7 +3,7 @@ causal SDPA, FlexAttention with the same Λ mask, SDPA with an explicit boolean 
 plain sliding window (no global tokens: the bound a Λ kernel on flash-attention can reach).
 
     python -m lcpatch.bench.attention --out bench/            # prefill 16k/64k/128k + decode
-    python -m lcpatch.bench.attention --out bench/ --sweep    # also time kernel block configs
+    python -m lcpatch.bench.attention --out bench/ --sweep    # also time the Triton prefill block configs
 
 Prefill: B=1, 32 query heads, 8 KV heads, D=128, n_global=4, window=4096, bf16 (forward, and
 forward + backward). Decode: batch 8, one new token; lcpatch reads its bounded cache
@@ -276,9 +276,9 @@ def _decode_context(ctx, q, kv, spec, rotary, lambda_attention, methods) -> list
 
 
 def run_sweep(n: int) -> list[dict]:
-    """Time the kernels' candidate block configs (BLOCK_M, BLOCK_N, warps, stages) at length n."""
+    """Time the Triton prefill kernels' candidate block configs (BLOCK_M, BLOCK_N, warps, stages) at length n.
+    The decode kernel's knobs have their own sweep: benchmarks/attention/decode_sweep.py."""
     prefill = importlib.import_module("lcpatch.kernels.lambda_prefill")
-    decode = importlib.import_module("lcpatch.kernels.lambda_decode")
     candidates = {
         "fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 4)],
         "bwd_q": [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 8, 3), (64, 64, 8, 2)],
@@ -302,34 +302,6 @@ def run_sweep(n: int) -> list[dict]:
         prefill.GPU_CONFIGS[key] = default
     del case
     torch.cuda.empty_cache()
-
-    from ..kernels.dispatch import lambda_attention
-
-    q_pos, k_pos, valid = cache_layout(32768)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn(DECODE_BATCH, Q_HEADS, 1, DIM, device="cuda", dtype=DTYPE, generator=gen)
-    k, v = (torch.randn(DECODE_BATCH, KV_HEADS, k_pos.shape[1], DIM, device="cuda", dtype=DTYPE) for _ in range(2))
-    spec, rotary = LambdaSpec(N_GLOBAL, WINDOW, WINDOW), default_rotary()
-    default = decode.DECODE_CONFIG
-    for config in [
-        (64, 4, 3, 4),
-        (32, 4, 3, 4),
-        (128, 4, 2, 4),
-        (64, 8, 3, 4),
-        (64, 4, 3, 2),
-        (64, 4, 3, 8),
-        (64, 4, 4, 6),
-    ]:
-        decode.DECODE_CONFIG = config
-        row = {"kernel": "decode", "config": list(config)}
-        try:
-            with torch.no_grad():
-                row["ms"] = bench(lambda: lambda_attention(q, k, v, q_pos, k_pos, valid, spec, rotary, DIM**-0.5))
-        except Exception as exc:
-            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-        rows.append(row)
-        print(f"  sweep decode  {config} {row.get('ms', float('nan')):9.4f} ms", flush=True)
-    decode.DECODE_CONFIG = default
     return rows
 
 
@@ -354,7 +326,8 @@ def _ms(rows, **match) -> float | None:
 def markdown(result: dict) -> str:
     env = result["environment"]
     lines = [
-        f"Device: {env['device']}; torch {env['torch']}, triton {env['triton']}; {env['dtype']}; {env['date']}",
+        f"Device: {env['device']}; torch {env['torch']}, triton {env['triton']}, "
+        f"flash-attn-4 {env.get('flash_attn_4')}; {env['dtype']}; {env['date']}",
         "",
     ]
     prefill = result["prefill"]

@@ -105,7 +105,9 @@ def add_attention_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="time only the methods whose name contains one of these words (default: all)",
     )
-    parser.add_argument("--sweep", action="store_true", help="also time the kernels' candidate block configs")
+    parser.add_argument(
+        "--sweep", action="store_true", help="also time the Triton prefill kernels' candidate block configs"
+    )
 
 
 def add_decode_arguments(parser: argparse.ArgumentParser) -> None:

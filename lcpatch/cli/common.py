@@ -4,6 +4,7 @@ perplexity table, the optional matplotlib, and the environment a result was meas
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import platform
 import re
 import subprocess
@@ -128,8 +129,8 @@ def pyplot():
 
 def environment(device: torch.device | str | None = None) -> dict:
     """Where and with what a result was measured: the date, the device (default: the one torch would pick),
-    the versions of python, torch, transformers, triton (None when absent) and lcpatch, and the git commit of
-    lcpatch's checkout (None when lcpatch does not run from one)."""
+    the versions of python, torch, transformers, triton and flash-attn-4 (None when absent) and lcpatch, and the
+    git commit of lcpatch's checkout (None when lcpatch does not run from one)."""
     device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -142,6 +143,7 @@ def environment(device: torch.device | str | None = None) -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "triton": _triton_version(),
+        "flash_attn_4": _distribution_version("flash-attn-4"),
         "lcpatch": __version__,
         "commit": _git_commit(),
     }
@@ -153,6 +155,13 @@ def _triton_version() -> str | None:
     except ImportError:
         return None
     return triton.__version__
+
+
+def _distribution_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _git_commit() -> str | None:
