@@ -4,22 +4,24 @@ Every visible (i, j) pair belongs to exactly one of
 
 - the *window part*: 0 <= i - j < window, rotated at the true distance. With q and k rotated at their
   positions this is flash-attention's causal sliding window (window_size = (window - 1, 0)), which
-  returns its log-sum-exp (and takes a gradient through it);
+  returns its log-sum-exp;
 - the *global part*: j < n_global and i - j >= window, rotated at the method's far positions: at most
-  n_global keys per query, scored here in a small Triton kernel that also merges the two softmaxes:
+  n_global keys per query, scored here in a small Triton kernel (one tensor-core tile for all of them)
+  that merges the two softmaxes into flash-attention's output, in place:
 
       out = (e^(lse_w - m) o_w + sum_g e^(s_g - m) v_g) / Z,      lse = m + log Z
 
-The backward runs the same kernel's transpose: it hands flash-attention d o_w = a dout and
-d lse_w = a (dout · o_w - dout · out), a = e^(lse_w - lse), which is exactly the window part's share of
-the full softmax's gradient, and computes the global keys' gradients itself.
+The backward hands flash-attention's backward the *merged* out and lse: its P = e^(s - lse) is then each
+window pair's share of the full softmax, and its D = rowsum(dout * out) the full softmax's, so it returns
+exactly the window pairs' part of dq, dk, dv. The merge kernel's transpose adds the global keys' part.
 
 Flash-attention masks by slot, not by position: its keys are the run of valid slots at consecutive
 positions that ends with the queries (`layout` finds it, and says why a call has none: a left-padded
 batch, say); keys must be in stream order (not a ring buffer). A bounded cache's sink slots lie before
-that run: the global part scores them too, at the true distance where they are inside a window. The engine takes `window_attention`, the one call it makes to
-flash-attention, as an argument: `window_attention_reference` is a plain PyTorch stand-in, so the merge
-is tested against `lambda_reference` on any device.
+that run: the global part scores them too, at the true distance where they are inside a window. The
+engine takes `WindowAttention`, the two calls it makes to flash-attention, as an argument:
+`REFERENCE_WINDOW` is a plain PyTorch stand-in, so the merge is tested against `lambda_reference` on any
+device.
 """
 
 from __future__ import annotations
@@ -35,32 +37,78 @@ import triton.language as tl
 from .lambda_prefill import far_rule
 from .rope import cos_sin, frequency_turns, rope, rotate
 from .specs import LambdaSpec, Rotary
-from .utils import interpreting, unit_last
-
-# (q rotated, k rotated, v, window, scale) -> (out, lse): q (B, Lq, Hq, D), k/v (B, Lk, Hkv, D), causal with
-# the queries as the last Lq keys, keys i - j < window; out like q, lse (B, Hq, Lq) float32, natural log.
-WindowAttention = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+from .utils import dot_precision, interpreting, sm_count, unit_last
 
 
-def window_attention_flash(q, k, v, window: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """flash-attn-4's sliding window (Hopper and Blackwell GPUs)."""
-    from flash_attn.cute import flash_attn_func
+class WindowAttention(NamedTuple):
+    """Causal sliding-window attention with the queries as the last Lq keys, keys i - j < window; q (B, Lq, Hq, D)
+    and k/v (B, Lk, Hkv, D) rotated, lse (B, Hq, Lq) float32, natural log.
 
-    return flash_attn_func(q, k, v, softmax_scale=scale, causal=True, window_size=(window - 1, 0), return_lse=True)
+    forward(q, k, v, window, scale) -> (out, lse);
+    backward(q, k, v, out, dout, lse, window, scale) -> (dq, dk, dv), taking the out and lse to use for the
+    softmax's probabilities and their row sums (the merged ones: see the module's docstring).
+    """
+
+    forward: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    backward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
-def window_attention_reference(q, k, v, window: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same sliding window in plain PyTorch, O(Lq x Lk) memory: a stand-in for tests on any device."""
+def _window_forward_flash(q, k, v, window: int, scale: float):
+    from flash_attn.cute.interface import _flash_attn_fwd
+
+    out, lse, *_ = _flash_attn_fwd(
+        q, k, v, softmax_scale=scale, causal=True, window_size_left=window - 1, window_size_right=0, return_lse=True
+    )
+    return out, lse
+
+
+def _window_backward_flash(q, k, v, out, dout, lse, window: int, scale: float):
+    # flash-attention's public autograd function differentiates its own softmax; its backward, called
+    # directly, takes any (out, lse), which is how ring attention merges blocks too.
+    from flash_attn.cute.interface import _flash_attn_bwd
+
+    return _flash_attn_bwd(
+        q, k, v, out, dout, lse, scale, causal=True, window_size_left=window - 1, window_size_right=0
+    )[:3]
+
+
+def _window_scores(q, k, window: int, scale: float):
+    """(B, Hq, Lq, Lk) float32 scores, -inf outside the window, with k repeated over each group."""
     q_len, k_len = q.shape[1], k.shape[1]
     group = q.shape[2] // k.shape[2]
     qf = q.transpose(1, 2).float()
-    kf, vf = (t.transpose(1, 2).float().repeat_interleave(group, 1) for t in (k, v))
+    kf = k.transpose(1, 2).float().repeat_interleave(group, 1)
     i = torch.arange(q_len, device=q.device)[:, None] + (k_len - q_len)
     j = torch.arange(k_len, device=q.device)[None, :]
-    scores = (qf @ kf.transpose(-1, -2) * scale).masked_fill((j > i) | (i - j >= window), float("-inf"))
+    return (qf @ kf.transpose(-1, -2) * scale).masked_fill((j > i) | (i - j >= window), float("-inf"))
+
+
+def _window_forward_reference(q, k, v, window: int, scale: float):
+    group = q.shape[2] // k.shape[2]
+    scores = _window_scores(q, k, window, scale)
     lse = torch.logsumexp(scores, dim=-1)
-    out = torch.exp(scores - lse[..., None]) @ vf
+    out = torch.exp(scores - lse[..., None]) @ v.transpose(1, 2).float().repeat_interleave(group, 1)
     return out.transpose(1, 2).to(q.dtype), lse
+
+
+def _window_backward_reference(q, k, v, out, dout, lse, window: int, scale: float):
+    """The softmax's gradient written out: dS = P (dP - rowsum(dout * out)), with P from the given lse."""
+    batch, k_len, kv_heads, dim = k.shape
+    group = q.shape[2] // kv_heads
+    p = torch.exp(_window_scores(q, k, window, scale) - lse[..., None])
+    qf, do, o = (t.transpose(1, 2).float() for t in (q, dout, out))
+    kf, vf = (t.transpose(1, 2).float().repeat_interleave(group, 1) for t in (k, v))
+    ds = p * (do @ vf.transpose(-1, -2) - (do * o).sum(-1, keepdim=True))
+    dq = ds @ kf * scale
+    dk, dv = (
+        x.view(batch, kv_heads, group, k_len, dim).sum(2)
+        for x in (ds.transpose(-1, -2) @ qf * scale, p.transpose(-1, -2) @ do)
+    )
+    return dq.transpose(1, 2).to(q.dtype), dk.transpose(1, 2).to(k.dtype), dv.transpose(1, 2).to(v.dtype)
+
+
+FLASH_WINDOW = WindowAttention(_window_forward_flash, _window_backward_flash)  # flash-attn-4: Hopper, Blackwell
+REFERENCE_WINDOW = WindowAttention(_window_forward_reference, _window_backward_reference)  # O(Lq x Lk) memory
 
 
 NONE = -(2**30)  # a position before every window
@@ -161,45 +209,81 @@ def sees_near(keys: Layout, spec: LambdaSpec) -> bool:
 
 
 @triton.jit
-def _rotated_query(Q, TURNS, row_ptr, ok, pos, scale, HALF):
-    """Rows of q at `row_ptr` (M,) rotated at `pos`, times `scale`: halves (M, HALF) and the cos/sin used."""
+def _rotated_query(Q, TURNS, row_ptr, ok, pos, scale, HALF: tl.constexpr, LOW: tl.constexpr):
+    """Rows of q at `row_ptr` (M,) rotated at `pos` ((M,), or (1,): the same for every row), times `scale`:
+    halves (M, HALF), in q's dtype where LOW (as flash-attention multiplies them) else float32, and the
+    cos/sin used."""
     offs_h = tl.arange(0, HALF)
-    x1 = tl.load(Q + row_ptr[:, None] + offs_h[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-    x2 = tl.load(Q + row_ptr[:, None] + HALF + offs_h[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    x1 = tl.load(Q + row_ptr[:, None] + offs_h[None, :], mask=ok[:, None], other=0.0)
+    x2 = tl.load(Q + row_ptr[:, None] + HALF + offs_h[None, :], mask=ok[:, None], other=0.0)
     cos, sin = cos_sin(pos, TURNS, HALF)
-    y1, y2 = rotate(x1, x2, cos, sin)
-    return y1 * scale, y2 * scale, cos, sin
+    y1, y2 = rotate(x1.to(tl.float32), x2.to(tl.float32), cos, sin)
+    y1 *= scale
+    y2 *= scale
+    if LOW:  # one return: Triton types every return statement, taken or not
+        y1 = y1.to(x1.dtype)
+        y2 = y2.to(x1.dtype)
+    return y1, y2, cos, sin
 
 
 @triton.jit
-def _global_scores(
-    f1, f2, n1, n2, qpos, ok, GK, GKN, GPOS, GNEAR, g_off, gp_off, g, window, HALF: tl.constexpr, HAS_NEAR: tl.constexpr
+def _key_tiles(K, g_base, P, dtype, HALF: tl.constexpr, P_PAD: tl.constexpr):
+    """The global keys' halves (P_PAD, HALF) in `dtype`, zero past the P real ones."""
+    offs_p = tl.arange(0, P_PAD)
+    ptr = K + g_base + offs_p[:, None] * (2 * HALF) + tl.arange(0, HALF)[None, :]
+    live = (offs_p < P)[:, None]
+    return tl.load(ptr, mask=live, other=0.0).to(dtype), tl.load(ptr + HALF, mask=live, other=0.0).to(dtype)
+
+
+@triton.jit
+def _scores(x1, x2, k1, k2, PRECISION: tl.constexpr):
+    return tl.dot(x1, tl.trans(k1), input_precision=PRECISION) + tl.dot(x2, tl.trans(k2), input_precision=PRECISION)
+
+
+@triton.jit
+def _global_part(
+    Q, TURNS, GK, GKN, GV, GPOS, GNEAR, q_rows, ok, qpos, fpos, g_base, gp_off, P, window, q_scale,
+    HALF: tl.constexpr, P_PAD: tl.constexpr, HAS_NEAR: tl.constexpr, LOW: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Scores (M,) of global key g for every row: at the far positions beyond the window, at the true
-    distance inside it for a key flash-attention does not see (HAS_NEAR); -inf where not visible."""
-    offs_h = tl.arange(0, HALF)
-    k1 = tl.load(GK + g_off + offs_h)
-    k2 = tl.load(GK + g_off + HALF + offs_h)
-    far = tl.sum(f1 * k1[None, :], 1) + tl.sum(f2 * k2[None, :], 1)
-    g_far = tl.load(GPOS + gp_off + g)
-    s = tl.where(g_far <= qpos - window, far, float("-inf"))
+    """A block's rows against every global key at once (M, P_PAD): the query rotated far (f) and near (n)
+    with the cos/sin used, the keys, each score -inf where the row does not see that key that way: far
+    beyond the window, near (HAS_NEAR: a key flash-attention does not see) at the true distance inside it."""
+    offs_p = tl.arange(0, P_PAD)
+    never = 2147483647
+    f1, f2, f_cos, f_sin = _rotated_query(Q, TURNS, q_rows, ok, fpos, q_scale, HALF, LOW)
+    kf1, kf2 = _key_tiles(GK, g_base, P, f1.dtype, HALF, P_PAD)
+    g_far = tl.load(GPOS + gp_off + offs_p, mask=offs_p < P, other=never)
+    sees = ok[:, None] & (g_far[None, :] <= qpos[:, None] - window)
+    s_far = tl.where(sees, _scores(f1, f2, kf1, kf2, PRECISION), float("-inf"))
+    n1, n2, n_cos, n_sin, kn1, kn2, s_near = f1, f2, f_cos, f_sin, kf1, kf2, s_far  # read only where HAS_NEAR
     if HAS_NEAR:
-        k1 = tl.load(GKN + g_off + offs_h)
-        k2 = tl.load(GKN + g_off + HALF + offs_h)
-        near = tl.sum(n1 * k1[None, :], 1) + tl.sum(n2 * k2[None, :], 1)
-        g_near = tl.load(GNEAR + gp_off + g)
-        s = tl.where((g_near > qpos - window) & (g_near <= qpos), near, s)
-    return tl.where(ok, s, float("-inf"))
+        n1, n2, n_cos, n_sin = _rotated_query(Q, TURNS, q_rows, ok, qpos, q_scale, HALF, LOW)
+        kn1, kn2 = _key_tiles(GKN, g_base, P, f1.dtype, HALF, P_PAD)
+        g_near = tl.load(GNEAR + gp_off + offs_p, mask=offs_p < P, other=never)
+        sees = ok[:, None] & (g_near[None, :] > qpos[:, None] - window) & (g_near[None, :] <= qpos[:, None])
+        s_near = tl.where(sees, _scores(n1, n2, kn1, kn2, PRECISION), float("-inf"))
+    offs_d = tl.arange(0, 2 * HALF)
+    v = tl.load(GV + g_base + offs_p[:, None] * (2 * HALF) + offs_d[None, :], mask=(offs_p < P)[:, None], other=0.0)
+    return f1, f2, f_cos, f_sin, kf1, kf2, s_far, n1, n2, n_cos, n_sin, kn1, kn2, s_near, v.to(f1.dtype)
+
+
+@triton.jit
+def _block_sees_globals(QPOS, qp_row, start, Lq, window, first_global, last_outside, BLOCK_M: tl.constexpr):
+    """Whether some row of the block starting at `start` sees a global key (far, or near before the window)."""
+    first = tl.load(QPOS + qp_row + start)
+    last = tl.load(QPOS + qp_row + tl.minimum(start + BLOCK_M, Lq) - 1)
+    return (last - window >= first_global) | (first - window < last_outside)
 
 
 @triton.jit
 def _merge_fwd(
-    Q, QPOS, TURNS, OW, LSEW, GK, GKN, GV, GPOS, GNEAR, OUT, LSE,
+    Q, QPOS, TURNS, OUT, LSE, GK, GKN, GV, GPOS, GNEAR,
     sq_b, sq_h, sq_l, sqp_b, so_b, so_l, so_h, sg_b, sg_h, sgp_b,
-    Hq, group, Lq, P, window, far_pos, first_global, last_outside, rot_scale, scaling,
+    Hq, group, Lq, P, window, far_pos, first_global, last_outside, q_scale,
     HALF: tl.constexpr, BLOCK_M: tl.constexpr, CAPPED: tl.constexpr, HAS_NEAR: tl.constexpr,
-    IN_PLACE: tl.constexpr, NEED_LSE: tl.constexpr,
+    P_PAD: tl.constexpr, LOW: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
+    """OUT and LSE hold the window part and become the merged attention: each program reads its rows first."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hq
@@ -207,146 +291,129 @@ def _merge_fwd(
     hk = h // group
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     ok = rows < Lq
-    offs_d = tl.arange(0, 2 * HALF)
-    row_off = b.to(tl.int64) * so_b + rows[:, None].to(tl.int64) * so_l + h.to(tl.int64) * so_h + offs_d[None, :]
-    lse_ptr = pid_bh.to(tl.int64) * Lq + rows
-    lse_w = tl.load(LSEW + lse_ptr, mask=ok, other=0.0)
-    qpos = tl.load(QPOS + b.to(tl.int64) * sqp_b + rows, mask=ok, other=0)
-    first = tl.load(QPOS + b.to(tl.int64) * sqp_b + pid_m * BLOCK_M)
-    last = tl.load(QPOS + b.to(tl.int64) * sqp_b + tl.minimum(pid_m * BLOCK_M + BLOCK_M, Lq) - 1)
-    if (last - window >= first_global) | (first - window < last_outside):  # some row sees a global key here
+    if _block_sees_globals(
+        QPOS, b.to(tl.int64) * sqp_b, pid_m * BLOCK_M, Lq, window, first_global, last_outside, BLOCK_M
+    ):
+        offs_d = tl.arange(0, 2 * HALF)
+        row_off = b.to(tl.int64) * so_b + rows[:, None].to(tl.int64) * so_l + h.to(tl.int64) * so_h + offs_d[None, :]
+        lse_ptr = pid_bh.to(tl.int64) * Lq + rows
+        lse_w = tl.load(LSE + lse_ptr, mask=ok, other=0.0)
+        qpos = tl.load(QPOS + b.to(tl.int64) * sqp_b + rows, mask=ok, other=0)
         q_rows = b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h + rows.to(tl.int64) * sq_l
-        if CAPPED:
-            fpos = qpos * 0 + far_pos
+        if CAPPED:  # one far position for every row: one cos/sin per frequency
+            fpos = tl.full([1], far_pos, tl.int32)
         else:
             fpos = tl.minimum(qpos, far_pos)
-        f1, f2, _, _ = _rotated_query(Q, TURNS, q_rows, ok, fpos, rot_scale * scaling, HALF)
-        n1, n2 = f1, f2  # read only where HAS_NEAR
+        _, _, _, _, _, _, s_far, _, _, _, _, _, _, s_near, v = _global_part(
+            Q, TURNS, GK, GKN, GV, GPOS, GNEAR, q_rows, ok, qpos, fpos, b.to(tl.int64) * sg_b + hk.to(tl.int64) * sg_h,
+            b.to(tl.int64) * sgp_b, P, window, q_scale, HALF, P_PAD, HAS_NEAR, LOW, PRECISION,
+        )  # fmt: skip
+        m = tl.maximum(lse_w, tl.max(s_far, 1))
         if HAS_NEAR:
-            n1, n2, _, _ = _rotated_query(Q, TURNS, q_rows, ok, qpos, rot_scale * scaling, HALF)
-        m = lse_w
-        window_weight = tl.full([BLOCK_M], 1.0, tl.float32)
-        total = tl.full([BLOCK_M], 1.0, tl.float32)
-        acc = tl.zeros([BLOCK_M, 2 * HALF], tl.float32)
-        g_base = b.to(tl.int64) * sg_b + hk.to(tl.int64) * sg_h
-        gp_off = b.to(tl.int64) * sgp_b
-        for g in range(P):
-            g_off = g_base + g * 2 * HALF
-            s = _global_scores(f1, f2, n1, n2, qpos, ok, GK, GKN, GPOS, GNEAR, g_off, gp_off, g, window, HALF, HAS_NEAR)
-            v = tl.load(GV + g_off + offs_d)
-            m_new = tl.maximum(m, s)
-            alpha = tl.exp(m - m_new)
-            w = tl.exp(s - m_new)
-            window_weight *= alpha
-            total = total * alpha + w
-            acc = acc * alpha[:, None] + w[:, None] * v[None, :]
-            m = m_new
-        o_w = tl.load(OW + row_off, mask=ok[:, None], other=0.0).to(tl.float32)
+            m = tl.maximum(m, tl.max(s_near, 1))
+        p = tl.exp(s_far - m[:, None])
+        window_weight = tl.exp(lse_w - m)
+        total = window_weight + tl.sum(p, 1)
+        if HAS_NEAR:
+            p_near = tl.exp(s_near - m[:, None])
+            total += tl.sum(p_near, 1)
+            p += p_near  # a key is seen far or near, never both: one weight per key
+        acc = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        o_w = tl.load(OUT + row_off, mask=ok[:, None], other=0.0).to(tl.float32)
         out = (window_weight[:, None] * o_w + acc) / total[:, None]
         tl.store(OUT + row_off, out.to(OUT.dtype.element_ty), mask=ok[:, None])
-        if NEED_LSE:
-            tl.store(LSE + lse_ptr, m + tl.log(total), mask=ok)
-    else:
-        if not IN_PLACE:
-            tl.store(OUT + row_off, tl.load(OW + row_off, mask=ok[:, None], other=0.0), mask=ok[:, None])
-        if NEED_LSE:
-            tl.store(LSE + lse_ptr, lse_w, mask=ok)
+        tl.store(LSE + lse_ptr, m + tl.log(total), mask=ok)
 
 
 @triton.jit
 def _merge_bwd(
-    Q, QPOS, TURNS, OW, LSEW, OUT, LSE, DOUT, GK, GKN, GV, GPOS, GNEAR, DOW, DLSEW, DQ, DGK, DGKN, DGV,
+    Q, QPOS, TURNS, OUT, LSE, DOUT, GK, GKN, GV, GPOS, GNEAR, DQ, DGK, DGKN, DGV,
     sq_b, sq_h, sq_l, sqp_b, so_b, so_l, so_h, sdo_b, sdo_l, sdo_h, sdq_b, sdq_h, sdq_l, sg_b, sg_h, sgp_b,
-    Hq, group, Lq, P, window, far_pos, first_global, last_outside, rot_scale, scaling,
+    Hq, group, Lq, P, window, far_pos, first_global, last_outside, q_scale, n_blocks, blocks_per_program,
     HALF: tl.constexpr, BLOCK_M: tl.constexpr, CAPPED: tl.constexpr, HAS_NEAR: tl.constexpr,
+    P_PAD: tl.constexpr, LOW: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """DGK/DGKN/DGV are this program's own sums (n_blocks, B·Hq, P, D), reduced on the host: every program
-    adds to the same few keys, and atomics on them serialise the whole grid."""
-    pid_m = tl.program_id(0)
+    """The global part's gradients: dq (zero on rows that see no global key) and the keys' and values'.
+
+    A program takes `blocks_per_program` consecutive row blocks of one (b, h) and adds the keys' gradients
+    over them in registers; DGK/DGKN/DGV are each program's sums (n_programs, B·Hq, P, D), reduced on the
+    host: every program adds to the same few keys, and atomics on them serialise the whole grid."""
+    pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hq
     h = pid_bh % Hq
     hk = h // group
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    ok = rows < Lq
     offs_d = tl.arange(0, 2 * HALF)
     offs_h = tl.arange(0, HALF)
-    row_off = b.to(tl.int64) * so_b + rows[:, None].to(tl.int64) * so_l + h.to(tl.int64) * so_h + offs_d[None, :]
-    do_off = b.to(tl.int64) * sdo_b + rows[:, None].to(tl.int64) * sdo_l + h.to(tl.int64) * sdo_h + offs_d[None, :]
-    dq_off = b.to(tl.int64) * sdq_b + h.to(tl.int64) * sdq_h + rows[:, None].to(tl.int64) * sdq_l + offs_h[None, :]
-    lse_ptr = pid_bh.to(tl.int64) * Lq + rows
-    part = (pid_m.to(tl.int64) * tl.num_programs(1) + pid_bh) * P * 2 * HALF  # this program's sums
-    dout = tl.load(DOUT + do_off, mask=ok[:, None], other=0.0).to(tl.float32)
-    qpos = tl.load(QPOS + b.to(tl.int64) * sqp_b + rows, mask=ok, other=0)
-    first = tl.load(QPOS + b.to(tl.int64) * sqp_b + pid_m * BLOCK_M)
-    last = tl.load(QPOS + b.to(tl.int64) * sqp_b + tl.minimum(pid_m * BLOCK_M + BLOCK_M, Lq) - 1)
-    if (last - window >= first_global) | (first - window < last_outside):
-        out = tl.load(OUT + row_off, mask=ok[:, None], other=0.0).to(tl.float32)
-        o_w = tl.load(OW + row_off, mask=ok[:, None], other=0.0).to(tl.float32)
-        lse = tl.load(LSE + lse_ptr, mask=ok, other=0.0)
-        lse_w = tl.load(LSEW + lse_ptr, mask=ok, other=0.0)
-        delta = tl.sum(dout * out, 1)
-        a = tl.exp(lse_w - lse)  # the window part's share of the softmax
-        tl.store(DOW + row_off, (a[:, None] * dout).to(DOW.dtype.element_ty), mask=ok[:, None])
-        tl.store(DLSEW + lse_ptr, a * (tl.sum(dout * o_w, 1) - delta), mask=ok)
-
-        q_rows = b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h + rows.to(tl.int64) * sq_l
-        if CAPPED:
-            fpos = qpos * 0 + far_pos
+    offs_p = tl.arange(0, P_PAD)
+    g_base = b.to(tl.int64) * sg_b + hk.to(tl.int64) * sg_h
+    dgk1 = tl.zeros([P_PAD, HALF], tl.float32)
+    dgk2 = tl.zeros([P_PAD, HALF], tl.float32)
+    dgn1 = tl.zeros([P_PAD, HALF], tl.float32)
+    dgn2 = tl.zeros([P_PAD, HALF], tl.float32)
+    dgv = tl.zeros([P_PAD, 2 * HALF], tl.float32)
+    first_block = pid_s * blocks_per_program
+    for blk in range(first_block, tl.minimum(first_block + blocks_per_program, n_blocks)):
+        rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+        ok = rows < Lq
+        dq_off = b.to(tl.int64) * sdq_b + h.to(tl.int64) * sdq_h + rows[:, None].to(tl.int64) * sdq_l + offs_h[None, :]
+        if _block_sees_globals(
+            QPOS, b.to(tl.int64) * sqp_b, blk * BLOCK_M, Lq, window, first_global, last_outside, BLOCK_M
+        ):
+            row_off = (
+                b.to(tl.int64) * so_b + rows[:, None].to(tl.int64) * so_l + h.to(tl.int64) * so_h + offs_d[None, :]
+            )
+            do_off = (
+                b.to(tl.int64) * sdo_b + rows[:, None].to(tl.int64) * sdo_l + h.to(tl.int64) * sdo_h + offs_d[None, :]
+            )
+            dout = tl.load(DOUT + do_off, mask=ok[:, None], other=0.0)
+            out = tl.load(OUT + row_off, mask=ok[:, None], other=0.0)
+            delta = tl.sum(dout.to(tl.float32) * out.to(tl.float32), 1)
+            lse = tl.load(LSE + pid_bh.to(tl.int64) * Lq + rows, mask=ok, other=0.0)
+            qpos = tl.load(QPOS + b.to(tl.int64) * sqp_b + rows, mask=ok, other=0)
+            q_rows = b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h + rows.to(tl.int64) * sq_l
+            if CAPPED:
+                fpos = tl.full([1], far_pos, tl.int32)
+            else:
+                fpos = tl.minimum(qpos, far_pos)
+            f1, f2, f_cos, f_sin, kf1, kf2, s_far, n1, n2, n_cos, n_sin, kn1, kn2, s_near, v = _global_part(
+                Q, TURNS, GK, GKN, GV, GPOS, GNEAR, q_rows, ok, qpos, fpos, g_base, b.to(tl.int64) * sgp_b, P,
+                window, q_scale, HALF, P_PAD, HAS_NEAR, LOW, PRECISION,
+            )  # fmt: skip
+            dout = dout.to(v.dtype)
+            dp = tl.dot(dout, tl.trans(v), input_precision=PRECISION) - delta[:, None]  # (M, P_PAD)
+            p = tl.exp(s_far - lse[:, None])
+            ds = (p * dp).to(v.dtype)
+            df1 = tl.dot(ds, kf1, input_precision=PRECISION)
+            df2 = tl.dot(ds, kf2, input_precision=PRECISION)
+            dgk1 = tl.dot(tl.trans(ds), f1, dgk1, input_precision=PRECISION)
+            dgk2 = tl.dot(tl.trans(ds), f2, dgk2, input_precision=PRECISION)
+            df1, df2 = rotate(df1, df2, f_cos, -f_sin)  # back through the rotation: its transpose
+            if HAS_NEAR:
+                p_near = tl.exp(s_near - lse[:, None])
+                ds = (p_near * dp).to(v.dtype)
+                dn1 = tl.dot(ds, kn1, input_precision=PRECISION)
+                dn2 = tl.dot(ds, kn2, input_precision=PRECISION)
+                dgn1 = tl.dot(tl.trans(ds), n1, dgn1, input_precision=PRECISION)
+                dgn2 = tl.dot(tl.trans(ds), n2, dgn2, input_precision=PRECISION)
+                dn1, dn2 = rotate(dn1, dn2, n_cos, -n_sin)
+                df1 += dn1
+                df2 += dn2
+                p += p_near
+            dgv = tl.dot(tl.trans(p.to(v.dtype)), dout, dgv, input_precision=PRECISION)
+            tl.store(DQ + dq_off, (df1 * q_scale).to(DQ.dtype.element_ty), mask=ok[:, None])
+            tl.store(DQ + dq_off + HALF, (df2 * q_scale).to(DQ.dtype.element_ty), mask=ok[:, None])
         else:
-            fpos = tl.minimum(qpos, far_pos)
-        f1, f2, f_cos, f_sin = _rotated_query(Q, TURNS, q_rows, ok, fpos, rot_scale * scaling, HALF)
-        n1, n2, n_cos, n_sin = f1, f2, f_cos, f_sin  # read only where HAS_NEAR
-        if HAS_NEAR:
-            n1, n2, n_cos, n_sin = _rotated_query(Q, TURNS, q_rows, ok, qpos, rot_scale * scaling, HALF)
-        df1 = tl.zeros([BLOCK_M, HALF], tl.float32)
-        df2 = tl.zeros([BLOCK_M, HALF], tl.float32)
-        dn1 = tl.zeros([BLOCK_M, HALF], tl.float32)
-        dn2 = tl.zeros([BLOCK_M, HALF], tl.float32)
-        g_base = b.to(tl.int64) * sg_b + hk.to(tl.int64) * sg_h
-        gp_off = b.to(tl.int64) * sgp_b
-        for g in range(P):
-            g_off = g_base + g * 2 * HALF
-            d_off = part + g * 2 * HALF
-            g_far = tl.load(GPOS + gp_off + g)
-            s = _global_scores(f1, f2, n1, n2, qpos, ok, GK, GKN, GPOS, GNEAR, g_off, gp_off, g, window, HALF, HAS_NEAR)
-            v = tl.load(GV + g_off + offs_d)
-            p = tl.where(s > float("-inf"), tl.exp(s - lse), 0.0)
-            ds = p * (tl.sum(dout * v[None, :], 1) - delta)
-            ds_far = tl.where(g_far <= qpos - window, ds, 0.0)
-            k1 = tl.load(GK + g_off + offs_h)
-            k2 = tl.load(GK + g_off + HALF + offs_h)
-            df1 += ds_far[:, None] * k1[None, :]
-            df2 += ds_far[:, None] * k2[None, :]
-            tl.store(DGK + d_off + offs_h, tl.sum(ds_far[:, None] * f1, 0))
-            tl.store(DGK + d_off + HALF + offs_h, tl.sum(ds_far[:, None] * f2, 0))
-            tl.store(DGV + d_off + offs_d, tl.sum(p[:, None] * dout, 0))
-            if HAS_NEAR:
-                ds_near = ds - ds_far
-                k1 = tl.load(GKN + g_off + offs_h)
-                k2 = tl.load(GKN + g_off + HALF + offs_h)
-                dn1 += ds_near[:, None] * k1[None, :]
-                dn2 += ds_near[:, None] * k2[None, :]
-                tl.store(DGKN + d_off + offs_h, tl.sum(ds_near[:, None] * n1, 0))
-                tl.store(DGKN + d_off + HALF + offs_h, tl.sum(ds_near[:, None] * n2, 0))
-        # back through each rotation (its transpose: minus the angle) and the scales
-        df1, df2 = rotate(df1, df2, f_cos, -f_sin)
-        if HAS_NEAR:
-            dn1, dn2 = rotate(dn1, dn2, n_cos, -n_sin)
-        scale = rot_scale * scaling
-        tl.store(DQ + dq_off, ((df1 + dn1) * scale).to(DQ.dtype.element_ty), mask=ok[:, None])
-        tl.store(DQ + dq_off + HALF, ((df2 + dn2) * scale).to(DQ.dtype.element_ty), mask=ok[:, None])
-    else:  # the window part is the whole softmax: its gradient passes through unchanged
-        tl.store(DOW + row_off, dout.to(DOW.dtype.element_ty), mask=ok[:, None])
-        tl.store(DLSEW + lse_ptr, tl.zeros([BLOCK_M], tl.float32), mask=ok)
-        tl.store(DQ + dq_off, tl.zeros([BLOCK_M, HALF], DQ.dtype.element_ty), mask=ok[:, None])
-        tl.store(DQ + dq_off + HALF, tl.zeros([BLOCK_M, HALF], DQ.dtype.element_ty), mask=ok[:, None])
-        for g in range(P):
-            d_off = part + g * 2 * HALF
-            tl.store(DGK + d_off + offs_d, tl.zeros([2 * HALF], tl.float32))
-            tl.store(DGV + d_off + offs_d, tl.zeros([2 * HALF], tl.float32))
-            if HAS_NEAR:
-                tl.store(DGKN + d_off + offs_d, tl.zeros([2 * HALF], tl.float32))
+            tl.store(DQ + dq_off, tl.zeros([BLOCK_M, HALF], DQ.dtype.element_ty), mask=ok[:, None])
+            tl.store(DQ + dq_off + HALF, tl.zeros([BLOCK_M, HALF], DQ.dtype.element_ty), mask=ok[:, None])
+    part = (pid_s.to(tl.int64) * tl.num_programs(1) + pid_bh) * P * 2 * HALF + offs_p[:, None] * (2 * HALF)
+    live = (offs_p < P)[:, None]
+    tl.store(DGK + part + offs_h[None, :], dgk1, mask=live)
+    tl.store(DGK + part + HALF + offs_h[None, :], dgk2, mask=live)
+    tl.store(DGV + part + offs_d[None, :], dgv, mask=live)
+    if HAS_NEAR:
+        tl.store(DGKN + part + offs_h[None, :], dgn1, mask=live)
+        tl.store(DGKN + part + HALF + offs_h[None, :], dgn2, mask=live)
 
 
 class GlobalKeys(NamedTuple):
@@ -376,69 +443,69 @@ def global_keys(key, value, key_positions, key_valid, keys: Layout, spec: Lambda
     )
 
 
-def _launch(query, query_positions, o_w, g: GlobalKeys, keys: Layout, spec: LambdaSpec, rotary: Rotary, scaling):
-    """Grid and the arguments both merge kernels share, in their order."""
+class _Merge(NamedTuple):
+    """What both merge kernels take, in their order."""
+
+    tensors: tuple  # q, its positions, the rotary frequencies; then (after the kernel's own) the global keys
+    strides: tuple
+    g_strides: tuple
+    sizes: tuple
+    flags: dict
+
+
+def _merge_args(query, query_positions, out, g: GlobalKeys, keys: Layout, spec, rotary: Rotary, scaling) -> _Merge:
     capped, far_pos = far_rule(spec)
     batch, q_heads, q_len, dim = query.shape
-    block = 16 if interpreting() else 64
-    grid = (triton.cdiv(q_len, block), batch * q_heads)
-    tensors = (query, query_positions, frequency_turns(rotary.inv_freq, query.device))
-    strides = (*query.stride()[:3], query_positions.stride(0), o_w.stride(0), o_w.stride(1), o_w.stride(2))
-    g_strides = (g.far_keys.stride(0), g.far_keys.stride(1), g.far_positions.stride(0))
+    strides = (*query.stride()[:3], query_positions.stride(0), out.stride(0), out.stride(1), out.stride(2))
     sizes = (q_heads, q_heads // g.far_keys.shape[1], q_len, keys.prefix, spec.window, far_pos)
-    sizes += (keys.first_global, keys.last_outside, rotary.scale, scaling)
-    flags = dict(HALF=dim // 2, BLOCK_M=block, CAPPED=capped, HAS_NEAR=sees_near(keys, spec))
-    return grid, tensors, strides, g_strides, sizes, flags
-
-
-def merge_forward(query, query_positions, o_w, lse_w, g: GlobalKeys, keys, spec, rotary, scaling, in_place):
-    """The merged output (B, Lq, Hq, D) (o_w itself when in_place) and, unless in place, its log-sum-exp."""
-    grid, tensors, strides, g_strides, sizes, flags = _launch(
-        query, query_positions, o_w, g, keys, spec, rotary, scaling
+    sizes += (keys.first_global, keys.last_outside, rotary.scale * scaling)
+    flags = dict(
+        HALF=dim // 2,
+        BLOCK_M=16 if interpreting() else 32,  # 32 rows x 8 warps: no register spills on sm_90 (ptxas -v)
+        CAPPED=capped,
+        HAS_NEAR=sees_near(keys, spec),
+        P_PAD=max(16, triton.next_power_of_2(keys.prefix)),  # every global key in one tensor-core tile
+        # the products in q's dtype, as flash-attention's; not under the interpreter, which multiplies
+        # bfloat16 tiles wrongly (Triton 3.9)
+        LOW=query.dtype != torch.float32 and not interpreting(),
+        PRECISION=dot_precision(query.dtype),
     )
-    out = o_w if in_place else torch.empty_like(o_w)
-    lse = lse_w if in_place else torch.empty_like(lse_w)
-    _merge_fwd[grid](
-        *tensors, o_w, lse_w, g.far_keys, g.near_keys, g.values, g.far_positions, g.near_positions, out, lse,
-        *strides, *g_strides, *sizes, IN_PLACE=in_place, NEED_LSE=not in_place, **flags, num_warps=4,
+    return _Merge(
+        (query, query_positions, frequency_turns(rotary.inv_freq, query.device)),
+        strides,
+        (g.far_keys.stride(0), g.far_keys.stride(1), g.far_positions.stride(0)),
+        sizes,
+        flags,
+    )
+
+
+def merge_forward(query, query_positions, out, lse, g: GlobalKeys, keys, spec, rotary, scaling) -> None:
+    """Merges the global part into flash-attention's `out` (B, Lq, Hq, D) and `lse` (B, Hq, Lq), in place."""
+    a = _merge_args(query, query_positions, out, g, keys, spec, rotary, scaling)
+    grid = (triton.cdiv(query.shape[2], a.flags["BLOCK_M"]), query.shape[0] * query.shape[1])
+    _merge_fwd[grid](*a.tensors, out, lse, *g, *a.strides, *a.g_strides, *a.sizes, **a.flags, num_warps=8)
+
+
+def merge_backward(query, query_positions, out, lse, dout, g: GlobalKeys, keys, spec, rotary, scaling):
+    """The global part's gradients: dq (like query) and the global keys' (far, near) and values'."""
+    a = _merge_args(query, query_positions, out, g, keys, spec, rotary, scaling)
+    batch, q_heads, q_len, _ = query.shape
+    n_blocks = triton.cdiv(q_len, a.flags["BLOCK_M"])
+    # a few waves of programs, each adding the keys' gradients over a run of blocks
+    programs = 2 if interpreting() else 8 * sm_count(query.device.index or 0)
+    per_program = triton.cdiv(n_blocks, max(1, triton.cdiv(programs, batch * q_heads)))
+    grid = (triton.cdiv(n_blocks, per_program), batch * q_heads)
+    dq = torch.empty_like(query)
+    kv_heads, prefix, dim = g.far_keys.shape[1:]
+    sums = (grid[0], batch, kv_heads, q_heads // kv_heads, prefix, dim)  # per program
+    d_far, d_values = (query.new_empty(sums, dtype=torch.float32) for _ in range(2))
+    d_near = query.new_empty(sums if a.flags["HAS_NEAR"] else (1,), dtype=torch.float32)
+    _merge_bwd[grid](
+        *a.tensors, out, lse, dout, *g, dq, d_far, d_near, d_values, *a.strides, *dout.stride()[:3],
+        *dq.stride()[:3], *a.g_strides, *a.sizes, n_blocks, per_program, **a.flags, num_warps=8,
     )  # fmt: skip
-    return out, None if in_place else lse
-
-
-class _GlobalMerge(torch.autograd.Function):
-    """The merge, differentiable. The query's gradient goes to `q_grad` (a `PendingGradient`), which the
-    rotation into flash-attention's layout adds to its own in the same pass."""
-
-    @staticmethod
-    def forward(ctx, o_w, lse_w, query, far_keys, near_keys, values, far_positions, near_positions, *args):
-        query_positions, keys, spec, rotary, scaling, q_grad = args
-        g = GlobalKeys(far_keys, near_keys, values, far_positions, near_positions)
-        out, lse = merge_forward(query, query_positions, o_w, lse_w, g, keys, spec, rotary, scaling, False)
-        ctx.save_for_backward(o_w, lse_w, query, *g, query_positions, out, lse)
-        ctx.args = (keys, spec, rotary, scaling)
-        ctx.q_grad = q_grad
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        o_w, lse_w, query, *g, query_positions, out, lse = ctx.saved_tensors
-        g = GlobalKeys(*g)
-        (dout,) = unit_last(dout)
-        grid, tensors, strides, g_strides, sizes, flags = _launch(query, query_positions, o_w, g, *ctx.args)
-        d_ow, dlse_w = torch.empty_like(o_w), torch.empty_like(lse_w)
-        dq = torch.empty_like(query)
-        batch, kv_heads, prefix, dim = g.far_keys.shape
-        sums = (grid[0], batch, kv_heads, query.shape[1] // kv_heads, prefix, dim)  # per program
-        d_far, d_values = (query.new_empty(sums, dtype=torch.float32) for _ in range(2))
-        d_near = query.new_empty(sums if flags["HAS_NEAR"] else (1,), dtype=torch.float32)
-        _merge_bwd[grid](
-            *tensors, o_w, lse_w, out, lse, dout, g.far_keys, g.near_keys, g.values, g.far_positions,
-            g.near_positions, d_ow, dlse_w, dq, d_far, d_near, d_values,
-            *strides, *dout.stride()[:3], *dq.stride()[:3], *g_strides, *sizes, **flags, num_warps=8,
-        )  # fmt: skip
-        ctx.q_grad.value = dq
-        d_near = d_near.sum((0, 3)) if flags["HAS_NEAR"] else torch.zeros_like(g.near_keys)
-        return d_ow, dlse_w, None, d_far.sum((0, 3)), d_near, d_values.sum((0, 3)), *[None] * 12
+    d_near = d_near.sum((0, 3)) if a.flags["HAS_NEAR"] else torch.zeros_like(g.near_keys)
+    return dq, d_far.sum((0, 3)), d_near, d_values.sum((0, 3))
 
 
 class PendingGradient:
@@ -467,6 +534,36 @@ class _Rotate(torch.autograd.Function):
         return dx, None, None, None, None
 
 
+class _LambdaFlash(torch.autograd.Function):
+    """The window part and the merge, differentiable. The query's gradient from the global part goes to
+    `q_grad` (a `PendingGradient`), which the query's rotation adds to its own in the same pass."""
+
+    @staticmethod
+    def forward(ctx, q_rot, k_rot, v_tail, query, *args):
+        *g, query_positions, keys, spec, rotary, scaling, q_grad, window_attention = args
+        out, lse = window_attention.forward(q_rot, k_rot, v_tail, spec.window, scaling)
+        merges = g[0] is not None
+        if merges:
+            merge_forward(query, query_positions, out, lse, GlobalKeys(*g), keys, spec, rotary, scaling)
+        ctx.save_for_backward(q_rot, k_rot, v_tail, out, lse, *([query, *g, query_positions] if merges else []))
+        ctx.args = (keys, spec, rotary, scaling, q_grad, window_attention, merges)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        keys, spec, rotary, scaling, q_grad, window_attention, merges = ctx.args
+        q_rot, k_rot, v_tail, out, lse, *rest = ctx.saved_tensors
+        (dout,) = unit_last(dout)
+        d_globals = [None] * 5
+        if merges:
+            query, *g, query_positions = rest
+            q_grad.value, *d_globals[:3] = merge_backward(
+                query, query_positions, out, lse, dout, GlobalKeys(*g), keys, spec, rotary, scaling
+            )
+        dq, dk, dv = window_attention.backward(q_rot, k_rot, v_tail, out, dout, lse, spec.window, scaling)
+        return dq, dk, dv, None, *d_globals, *[None] * 7
+
+
 def lambda_attention_flash(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -478,7 +575,7 @@ def lambda_attention_flash(
     rotary: Rotary,
     scaling: float,
     keys: Layout,
-    window_attention: WindowAttention = window_attention_flash,
+    window_attention: WindowAttention = FLASH_WINDOW,
 ) -> torch.Tensor:
     """Λ attention over un-rotated q/k with the reference's arguments and result (B, Lq, Hq, D), for keys
     in stream order whose `layout` (`keys`) has no problem. No softcap, no dropout.
@@ -489,13 +586,8 @@ def lambda_attention_flash(
     q_rot = _Rotate.apply(query, query_positions, turns, rotary.scale, q_grad)
     k_rot = _Rotate.apply(key[:, :, keys.tail :], tail_positions, turns, rotary.scale, None)
     v_tail = value[:, :, keys.tail :].transpose(1, 2)  # flash-attention copies it only if it must
-    o_w, lse_w = window_attention(q_rot, k_rot, v_tail, spec.window, scaling)
     far = keys.prefix > 0 and keys.last_query - spec.window >= keys.first_global
-    if not (far or sees_near(keys, spec)):
-        return o_w  # the window part is everything every query sees
-
-    g = global_keys(key, value, key_positions, key_valid, keys, spec, rotary)
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (o_w, lse_w, query, *g[:3]))):
-        out, _ = merge_forward(query, query_positions, o_w, lse_w, g, keys, spec, rotary, scaling, in_place=True)
-        return out
-    return _GlobalMerge.apply(o_w, lse_w, query, *g, query_positions, keys, spec, rotary, scaling, q_grad)
+    merges = far or sees_near(keys, spec)  # else the window part is everything every query sees
+    g = global_keys(key, value, key_positions, key_valid, keys, spec, rotary) if merges else [None] * 5
+    args = (query_positions, keys, spec, rotary, scaling, q_grad, window_attention)
+    return _LambdaFlash.apply(q_rot, k_rot, v_tail, query, *g, *args)

@@ -1,23 +1,28 @@
 """Λ attention on flash-attention (`kernels/lambda_flash.py`) against the per-pair reference: output and
 dq/dk/dv over a prefill, chunks over the bounded cache (sink slots before flash-attention's keys), and
-the layouts it must refuse. On CPU the flash-attention call is `window_attention_reference`, a PyTorch
+the layouts it must refuse. On CPU the flash-attention calls are `REFERENCE_WINDOW`, a PyTorch
 stand-in, and the merge kernels run under TRITON_INTERPRET=1; with LCPATCH_TEST_FULL=1 on a GPU where
 flash-attn-4 imports, half precision runs the real flash-attention at real sizes.
 """
 
 from __future__ import annotations
 
+import itertools
+import os
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 from lambda_cases import CASES, DEVICE, FULL, Case, cache_layout, make_qkv, run_both, run_prefill, stream_positions
 
 from lcpatch.kernels.lambda_flash import (
+    FLASH_WINDOW,
+    REFERENCE_WINDOW,
     lambda_attention_flash,
     layout,
-    window_attention_flash,
-    window_attention_reference,
 )
 
 try:
@@ -33,7 +38,7 @@ FP32 = ({torch.float32: 5e-5}, {torch.float32: 5e-5}) if FULL else ({torch.float
 
 
 def flash(dtype: torch.dtype):
-    window_attention = window_attention_flash if HAS_FLASH and dtype != torch.float32 else window_attention_reference
+    window_attention = FLASH_WINDOW if HAS_FLASH and dtype != torch.float32 else REFERENCE_WINDOW
 
     def engine(q, k, v, q_pos, k_pos, valid, spec, rotary, scaling, softcap=None):
         assert softcap is None
@@ -123,7 +128,7 @@ def test_no_global_part_returns_the_window_attention_itself():
     keys = layout(k_pos, k_pos, valid, case.spec)
     assert keys.problem is None and keys.tail == 0
     out = lambda_attention_flash(
-        q, k, v, k_pos, k_pos, valid, case.spec, *_rotary_scaling(case), keys, window_attention_reference
+        q, k, v, k_pos, k_pos, valid, case.spec, *_rotary_scaling(case), keys, REFERENCE_WINDOW
     )
     assert out.shape == (1, 12, 4, 64)
 
@@ -148,3 +153,50 @@ def test_recipe_takes_backend_flash():
 
     recipe = lcpatch.Recipe.from_dict({"attention": {"method": "lm-infinite", "backend": "flash"}})
     assert recipe.attention.backend == "flash"
+
+
+@pytest.mark.parametrize("kernel", ["_merge_fwd", "_merge_bwd"])
+def test_merge_kernels_compile_for_hopper(kernel: str):
+    """The interpreter runs Python, not Triton's typing: a kernel it runs may still not compile (a return
+    of another dtype under a constexpr branch did not). Every variant the GPU takes is compiled for sm_90,
+    in a process without TRITON_INTERPRET (under it, `triton.jit` gives functions the compiler cannot take)."""
+    from triton.backends import backends
+
+    if "nvidia" not in backends:
+        pytest.skip("this Triton has no NVIDIA backend")
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    code = f"from test_lambda_flash import compile_variants; compile_variants({kernel!r})"
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=Path(__file__).parent, env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+def compile_variants(kernel: str) -> None:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from lcpatch.kernels import lambda_flash
+
+    fn = getattr(lambda_flash, kernel)
+    pointers = fn.arg_names[: fn.arg_names.index("sq_b")]  # the tensors come first, then strides and sizes
+    for low, capped, near in itertools.product((True, False), repeat=3):
+        flags = dict(HALF=64, BLOCK_M=32, CAPPED=capped, HAS_NEAR=near, P_PAD=16, LOW=low)
+        flags["PRECISION"] = "tf32" if low else "ieee"
+        half = "*bf16" if low else "*fp32"
+        pointer = {"QPOS": "*i64", "GPOS": "*i32", "GNEAR": "*i32", "Q": half, "OUT": half, "DOUT": half, "DQ": half}
+        signature = {}
+        for name in fn.arg_names:
+            if name in flags:
+                signature[name] = "constexpr"
+            elif name in pointers:
+                signature[name] = pointer.get(name, "*fp32")
+            else:
+                signature[name] = "fp32" if name == "q_scale" else "i32"
+        constants = {(fn.arg_names.index(name),): value for name, value in flags.items()}
+        source = ASTSource(fn, signature, constexprs=constants)
+        try:
+            triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+        except Exception as exc:
+            raise AssertionError(f"{kernel} with LOW={low}, CAPPED={capped}, HAS_NEAR={near}") from exc

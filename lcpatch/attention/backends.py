@@ -150,8 +150,8 @@ class FlashBackend:
         ok, reason = TRITON.available(device)
         if not ok:
             return ok, reason
-        try:
-            import flash_attn.cute  # noqa: F401
+        try:  # the engine calls flash-attention's forward and backward functions (`kernels/lambda_flash.py`)
+            from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd  # noqa: F401
         except ImportError as exc:
             return False, f"flash-attn-4 cannot be imported ({exc})"
         major, minor = torch.cuda.get_device_capability(device)
