@@ -418,8 +418,9 @@ def _merge_bwd(
 
 class GlobalKeys(NamedTuple):
     """The prefix slots as the global part reads them: keys rotated at the far key position and at their own
-    (B, Hkv, P, D), values (float32, autograd through all three), and positions (B, P) where each is seen
-    far (a valid global token) or near (one before flash-attention's keys); elsewhere past every query."""
+    (B, Hkv, P, D), values (float32), and positions (B, P) where each is seen far (a valid global token) or
+    near (one before flash-attention's keys); elsewhere past every query. Built without autograd: their
+    gradients are the merge's, taken back by hand (`_LambdaFlash.backward`)."""
 
     far_keys: torch.Tensor
     near_keys: torch.Tensor
@@ -443,6 +444,11 @@ def global_keys(key, value, key_positions, key_valid, keys: Layout, spec: Lambda
     )
 
 
+# (query rows, warps) per program of the merge kernels on a GPU; `benchmarks/attention/merge_sweep.py` times
+# others. The backward's 32 rows x 8 warps keep its registers from spilling on sm_90 (ptxas -v).
+MERGE_TILES = {"forward": (64, 4), "backward": (32, 8)}
+
+
 class _Merge(NamedTuple):
     """What both merge kernels take, in their order."""
 
@@ -453,7 +459,9 @@ class _Merge(NamedTuple):
     flags: dict
 
 
-def _merge_args(query, query_positions, out, g: GlobalKeys, keys: Layout, spec, rotary: Rotary, scaling) -> _Merge:
+def _merge_args(
+    query, query_positions, out, g: GlobalKeys, keys: Layout, spec, rotary: Rotary, scaling, rows
+) -> _Merge:
     capped, far_pos = far_rule(spec)
     batch, q_heads, q_len, dim = query.shape
     strides = (*query.stride()[:3], query_positions.stride(0), out.stride(0), out.stride(1), out.stride(2))
@@ -461,7 +469,7 @@ def _merge_args(query, query_positions, out, g: GlobalKeys, keys: Layout, spec, 
     sizes += (keys.first_global, keys.last_outside, rotary.scale * scaling)
     flags = dict(
         HALF=dim // 2,
-        BLOCK_M=16 if interpreting() else 32,  # 32 rows x 8 warps: no register spills on sm_90 (ptxas -v)
+        BLOCK_M=16 if interpreting() else rows,
         CAPPED=capped,
         HAS_NEAR=sees_near(keys, spec),
         P_PAD=max(16, triton.next_power_of_2(keys.prefix)),  # every global key in one tensor-core tile
@@ -481,14 +489,16 @@ def _merge_args(query, query_positions, out, g: GlobalKeys, keys: Layout, spec, 
 
 def merge_forward(query, query_positions, out, lse, g: GlobalKeys, keys, spec, rotary, scaling) -> None:
     """Merges the global part into flash-attention's `out` (B, Lq, Hq, D) and `lse` (B, Hq, Lq), in place."""
-    a = _merge_args(query, query_positions, out, g, keys, spec, rotary, scaling)
+    rows, warps = MERGE_TILES["forward"]
+    a = _merge_args(query, query_positions, out, g, keys, spec, rotary, scaling, rows)
     grid = (triton.cdiv(query.shape[2], a.flags["BLOCK_M"]), query.shape[0] * query.shape[1])
-    _merge_fwd[grid](*a.tensors, out, lse, *g, *a.strides, *a.g_strides, *a.sizes, **a.flags, num_warps=8)
+    _merge_fwd[grid](*a.tensors, out, lse, *g, *a.strides, *a.g_strides, *a.sizes, **a.flags, num_warps=warps)
 
 
 def merge_backward(query, query_positions, out, lse, dout, g: GlobalKeys, keys, spec, rotary, scaling):
     """The global part's gradients: dq (like query) and the global keys' (far, near) and values'."""
-    a = _merge_args(query, query_positions, out, g, keys, spec, rotary, scaling)
+    rows, warps = MERGE_TILES["backward"]
+    a = _merge_args(query, query_positions, out, g, keys, spec, rotary, scaling, rows)
     batch, q_heads, q_len, _ = query.shape
     n_blocks = triton.cdiv(q_len, a.flags["BLOCK_M"])
     # a few waves of programs, each adding the keys' gradients over a run of blocks
@@ -502,21 +512,22 @@ def merge_backward(query, query_positions, out, lse, dout, g: GlobalKeys, keys, 
     d_near = query.new_empty(sums if a.flags["HAS_NEAR"] else (1,), dtype=torch.float32)
     _merge_bwd[grid](
         *a.tensors, out, lse, dout, *g, dq, d_far, d_near, d_values, *a.strides, *dout.stride()[:3],
-        *dq.stride()[:3], *a.g_strides, *a.sizes, n_blocks, per_program, **a.flags, num_warps=8,
+        *dq.stride()[:3], *a.g_strides, *a.sizes, n_blocks, per_program, **a.flags, num_warps=warps,
     )  # fmt: skip
     d_near = d_near.sum((0, 3)) if a.flags["HAS_NEAR"] else torch.zeros_like(g.near_keys)
     return dq, d_far.sum((0, 3)), d_near, d_values.sum((0, 3))
 
 
 class PendingGradient:
-    """A gradient one autograd node computes for another's input, to be added where that one's is written."""
+    """A gradient one autograd node computes for another's input, added where that one's is written: to all
+    of it, or (a shorter tensor) to its first rows. One path into each input: no full-size zeros and sums."""
 
     value: torch.Tensor | None = None
 
 
 class _Rotate(torch.autograd.Function):
     """q or k (B, H, L, D) rotated at its positions, as (B, L, H, D) contiguous: what flash-attention reads.
-    Backward: the gradient rotated back, plus `pending` (the merge's gradient of the same q) in one pass."""
+    Backward: the gradient rotated back, plus `pending` (the merge's gradient of the same input)."""
 
     @staticmethod
     def forward(ctx, x, positions, turns, scale, pending):
@@ -529,39 +540,71 @@ class _Rotate(torch.autograd.Function):
     def backward(ctx, grad):
         positions, turns = ctx.saved_tensors
         (grad,) = unit_last(grad)
+        grad = grad.transpose(1, 2)
         add = ctx.pending.value if ctx.pending is not None else None
-        dx, _ = rope(grad.transpose(1, 2), positions, turns, ctx.scale, seq_major=True, inverse=True, add=add)
+        whole = add is not None and add.shape == grad.shape
+        dx, _ = rope(grad, positions, turns, ctx.scale, seq_major=True, inverse=True, add=add if whole else None)
+        if add is not None and not whole:
+            dx[:, :, : add.shape[2]] += add
         return dx, None, None, None, None
 
 
+def _slots_gradient(window_part, prefix_part, shape: torch.Size, tail: int) -> torch.Tensor:
+    """The gradient of all key or value slots (`shape`) from flash-attention's part (slots [tail, Lk), or
+    None) and the global part's (slots [0, P), or None); a prefill has tail 0, a bounded cache's chunk not."""
+    if window_part is not None and tail == 0:
+        full = window_part
+    else:
+        full = prefix_part.new_zeros(shape) if window_part is None else window_part.new_zeros(shape)
+        if window_part is not None:
+            full[:, :, tail:] = window_part
+    if prefix_part is not None:
+        full[:, :, : prefix_part.shape[2]] += prefix_part
+    return full
+
+
 class _LambdaFlash(torch.autograd.Function):
-    """The window part and the merge, differentiable. The query's gradient from the global part goes to
-    `q_grad` (a `PendingGradient`), which the query's rotation adds to its own in the same pass."""
+    """The window part and the merge, differentiable. The global part's gradients of q and (in a prefill)
+    of the keys go to `q_grad` and `k_grad` (`PendingGradient`s), which their rotations add to their own
+    in the same pass; the values' are added to flash-attention's dv."""
 
     @staticmethod
-    def forward(ctx, q_rot, k_rot, v_tail, query, *args):
-        *g, query_positions, keys, spec, rotary, scaling, q_grad, window_attention = args
-        out, lse = window_attention.forward(q_rot, k_rot, v_tail, spec.window, scaling)
-        merges = g[0] is not None
+    def forward(ctx, q_rot, k_rot, query, key, value, *args):
+        query_positions, key_positions, key_valid, keys, spec, rotary, scaling, q_grad, k_grad, window = args
+        v_tail = value[:, :, keys.tail :].transpose(1, 2)  # flash-attention copies it only if it must
+        out, lse = window.forward(q_rot, k_rot, v_tail, spec.window, scaling)
+        far = keys.prefix > 0 and keys.last_query - spec.window >= keys.first_global
+        merges = far or sees_near(keys, spec)  # else the window part is everything every query sees
+        g = None
         if merges:
-            merge_forward(query, query_positions, out, lse, GlobalKeys(*g), keys, spec, rotary, scaling)
-        ctx.save_for_backward(q_rot, k_rot, v_tail, out, lse, *([query, *g, query_positions] if merges else []))
-        ctx.args = (keys, spec, rotary, scaling, q_grad, window_attention, merges)
+            g = global_keys(key, value, key_positions, key_valid, keys, spec, rotary)
+            merge_forward(query, query_positions, out, lse, g, keys, spec, rotary, scaling)
+        ctx.save_for_backward(q_rot, k_rot, v_tail, out, lse, query, key_positions, *(g or ()))
+        ctx.args = (keys, spec, rotary, scaling, q_grad, k_grad, window, merges)
+        ctx.slots_shape = value.shape
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        keys, spec, rotary, scaling, q_grad, window_attention, merges = ctx.args
-        q_rot, k_rot, v_tail, out, lse, *rest = ctx.saved_tensors
+        keys, spec, rotary, scaling, q_grad, k_grad, window, merges = ctx.args
+        q_rot, k_rot, v_tail, out, lse, query, key_positions, *g = ctx.saved_tensors
         (dout,) = unit_last(dout)
-        d_globals = [None] * 5
+        dq, dk, dv = window.backward(q_rot, k_rot, v_tail, out, dout, lse, spec.window, scaling)
+        dv, d_values, dkey = dv.transpose(1, 2), None, None
         if merges:
-            query, *g, query_positions = rest
-            q_grad.value, *d_globals[:3] = merge_backward(
-                query, query_positions, out, lse, dout, GlobalKeys(*g), keys, spec, rotary, scaling
+            g = GlobalKeys(*g)
+            q_grad.value, d_far, d_near, d_values = merge_backward(
+                query, keys.query_positions, out, lse, dout, g, keys, spec, rotary, scaling
             )
-        dq, dk, dv = window_attention.backward(q_rot, k_rot, v_tail, out, dout, lse, spec.window, scaling)
-        return dq, dk, dv, None, *d_globals, *[None] * 7
+            positions = key_positions[:, : keys.prefix]  # the global keys' rotations, transposed
+            d_prefix = rotary.rotate(d_far, -spec.far_key_position(positions)) + rotary.rotate(d_near, -positions)
+            d_prefix, d_values = d_prefix.to(dv.dtype), d_values.to(dv.dtype)
+            if keys.tail == 0:  # k's rotation writes every key's gradient: it adds the prefix's
+                k_grad.value = d_prefix
+            else:  # a bounded cache's chunk: the sink slots are not flash-attention's keys
+                dkey = _slots_gradient(None, d_prefix, ctx.slots_shape, 0)
+        dv = _slots_gradient(dv, d_values, ctx.slots_shape, keys.tail)
+        return dq, dk, None, dkey, dv, *[None] * 10
 
 
 def lambda_attention_flash(
@@ -581,13 +624,8 @@ def lambda_attention_flash(
     in stream order whose `layout` (`keys`) has no problem. No softcap, no dropout.
     """
     turns = frequency_turns(rotary.inv_freq, query.device)
-    query_positions, tail_positions = keys.query_positions, keys.tail_positions
-    q_grad = PendingGradient()
-    q_rot = _Rotate.apply(query, query_positions, turns, rotary.scale, q_grad)
-    k_rot = _Rotate.apply(key[:, :, keys.tail :], tail_positions, turns, rotary.scale, None)
-    v_tail = value[:, :, keys.tail :].transpose(1, 2)  # flash-attention copies it only if it must
-    far = keys.prefix > 0 and keys.last_query - spec.window >= keys.first_global
-    merges = far or sees_near(keys, spec)  # else the window part is everything every query sees
-    g = global_keys(key, value, key_positions, key_valid, keys, spec, rotary) if merges else [None] * 5
-    args = (query_positions, keys, spec, rotary, scaling, q_grad, window_attention)
-    return _LambdaFlash.apply(q_rot, k_rot, v_tail, query, *g, *args)
+    q_grad, k_grad = PendingGradient(), PendingGradient()
+    q_rot = _Rotate.apply(query, keys.query_positions, turns, rotary.scale, q_grad)
+    k_rot = _Rotate.apply(key[:, :, keys.tail :], keys.tail_positions, turns, rotary.scale, k_grad)
+    args = (keys.query_positions, key_positions, key_valid, keys, spec, rotary, scaling, q_grad, k_grad)
+    return _LambdaFlash.apply(q_rot, k_rot, query, key, value, *args, window_attention)

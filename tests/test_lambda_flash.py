@@ -180,9 +180,10 @@ def compile_variants(kernel: str) -> None:
     from lcpatch.kernels import lambda_flash
 
     fn = getattr(lambda_flash, kernel)
+    rows, warps = lambda_flash.MERGE_TILES["forward" if kernel == "_merge_fwd" else "backward"]
     pointers = fn.arg_names[: fn.arg_names.index("sq_b")]  # the tensors come first, then strides and sizes
     for low, capped, near in itertools.product((True, False), repeat=3):
-        flags = dict(HALF=64, BLOCK_M=32, CAPPED=capped, HAS_NEAR=near, P_PAD=16, LOW=low)
+        flags = dict(HALF=64, BLOCK_M=rows, CAPPED=capped, HAS_NEAR=near, P_PAD=16, LOW=low)
         flags["PRECISION"] = "tf32" if low else "ieee"
         half = "*bf16" if low else "*fp32"
         pointer = {"QPOS": "*i64", "GPOS": "*i32", "GNEAR": "*i32", "Q": half, "OUT": half, "DOUT": half, "DQ": half}
@@ -197,6 +198,6 @@ def compile_variants(kernel: str) -> None:
         constants = {(fn.arg_names.index(name),): value for name, value in flags.items()}
         source = ASTSource(fn, signature, constexprs=constants)
         try:
-            triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+            triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
         except Exception as exc:
             raise AssertionError(f"{kernel} with LOW={low}, CAPPED={capped}, HAS_NEAR={near}") from exc
