@@ -241,6 +241,18 @@ def _scores(x1, x2, k1, k2, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _score_grads(ds, k1, k2, x1, x2, dk1, dk2, cos, sin, PRECISION: tl.constexpr):
+    """The transpose of `_scores` for the score gradients ds (M, P_PAD): the query halves' gradients, rotated
+    back (the rotation's transpose), and the keys' running sums dk1/dk2 with this block's added."""
+    dx1 = tl.dot(ds, k1, input_precision=PRECISION)
+    dx2 = tl.dot(ds, k2, input_precision=PRECISION)
+    dk1 = tl.dot(tl.trans(ds), x1, dk1, input_precision=PRECISION)
+    dk2 = tl.dot(tl.trans(ds), x2, dk2, input_precision=PRECISION)
+    dx1, dx2 = rotate(dx1, dx2, cos, -sin)
+    return dx1, dx2, dk1, dk2
+
+
+@triton.jit
 def _global_part(
     Q, TURNS, GK, GKN, GV, GPOS, GNEAR, q_rows, ok, qpos, fpos, g_base, gp_off, P, window, q_scale,
     HALF: tl.constexpr, P_PAD: tl.constexpr, HAS_NEAR: tl.constexpr, LOW: tl.constexpr, PRECISION: tl.constexpr,
@@ -384,19 +396,11 @@ def _merge_bwd(
             dp = tl.dot(dout, tl.trans(v), input_precision=PRECISION) - delta[:, None]  # (M, P_PAD)
             p = tl.exp(s_far - lse[:, None])
             ds = (p * dp).to(v.dtype)
-            df1 = tl.dot(ds, kf1, input_precision=PRECISION)
-            df2 = tl.dot(ds, kf2, input_precision=PRECISION)
-            dgk1 = tl.dot(tl.trans(ds), f1, dgk1, input_precision=PRECISION)
-            dgk2 = tl.dot(tl.trans(ds), f2, dgk2, input_precision=PRECISION)
-            df1, df2 = rotate(df1, df2, f_cos, -f_sin)  # back through the rotation: its transpose
+            df1, df2, dgk1, dgk2 = _score_grads(ds, kf1, kf2, f1, f2, dgk1, dgk2, f_cos, f_sin, PRECISION)
             if HAS_NEAR:
                 p_near = tl.exp(s_near - lse[:, None])
                 ds = (p_near * dp).to(v.dtype)
-                dn1 = tl.dot(ds, kn1, input_precision=PRECISION)
-                dn2 = tl.dot(ds, kn2, input_precision=PRECISION)
-                dgn1 = tl.dot(tl.trans(ds), n1, dgn1, input_precision=PRECISION)
-                dgn2 = tl.dot(tl.trans(ds), n2, dgn2, input_precision=PRECISION)
-                dn1, dn2 = rotate(dn1, dn2, n_cos, -n_sin)
+                dn1, dn2, dgn1, dgn2 = _score_grads(ds, kn1, kn2, n1, n2, dgn1, dgn2, n_cos, n_sin, PRECISION)
                 df1 += dn1
                 df2 += dn2
                 p += p_near
