@@ -554,14 +554,12 @@ class _Rotate(torch.autograd.Function):
 
 
 def _slots_gradient(window_part, prefix_part, shape: torch.Size, tail: int) -> torch.Tensor:
-    """The gradient of all key or value slots (`shape`) from flash-attention's part (slots [tail, Lk), or
-    None) and the global part's (slots [0, P), or None); a prefill has tail 0, a bounded cache's chunk not."""
-    if window_part is not None and tail == 0:
-        full = window_part
-    else:
-        full = prefix_part.new_zeros(shape) if window_part is None else window_part.new_zeros(shape)
-        if window_part is not None:
-            full[:, :, tail:] = window_part
+    """The gradient of all key or value slots (`shape`) from flash-attention's part (slots [tail, Lk)) and the
+    global part's (slots [0, P), or None); a prefill has tail 0, a bounded cache's chunk not."""
+    full = window_part
+    if tail:
+        full = window_part.new_zeros(shape)
+        full[:, :, tail:] = window_part
     if prefix_part is not None:
         full[:, :, : prefix_part.shape[2]] += prefix_part
     return full
@@ -574,7 +572,7 @@ class _LambdaFlash(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q_rot, k_rot, query, key, value, *args):
-        query_positions, key_positions, key_valid, keys, spec, rotary, scaling, q_grad, k_grad, window = args
+        key_positions, key_valid, keys, spec, rotary, scaling, q_grad, k_grad, window = args
         v_tail = value[:, :, keys.tail :].transpose(1, 2)  # flash-attention copies it only if it must
         out, lse = window.forward(q_rot, k_rot, v_tail, spec.window, scaling)
         far = keys.prefix > 0 and keys.last_query - spec.window >= keys.first_global
@@ -582,7 +580,7 @@ class _LambdaFlash(torch.autograd.Function):
         g = None
         if merges:
             g = global_keys(key, value, key_positions, key_valid, keys, spec, rotary)
-            merge_forward(query, query_positions, out, lse, g, keys, spec, rotary, scaling)
+            merge_forward(query, keys.query_positions, out, lse, g, keys, spec, rotary, scaling)
         ctx.save_for_backward(q_rot, k_rot, v_tail, out, lse, query, key_positions, *(g or ()))
         ctx.args = (keys, spec, rotary, scaling, q_grad, k_grad, window, merges)
         ctx.slots_shape = value.shape
@@ -606,9 +604,10 @@ class _LambdaFlash(torch.autograd.Function):
             if keys.tail == 0:  # k's rotation writes every key's gradient: it adds the prefix's
                 k_grad.value = d_prefix
             else:  # a bounded cache's chunk: the sink slots are not flash-attention's keys
-                dkey = _slots_gradient(None, d_prefix, ctx.slots_shape, 0)
+                dkey = d_prefix.new_zeros(ctx.slots_shape)
+                dkey[:, :, : keys.prefix] = d_prefix
         dv = _slots_gradient(dv, d_values, ctx.slots_shape, keys.tail)
-        return dq, dk, None, dkey, dv, *[None] * 10
+        return dq, dk, None, dkey, dv, *[None] * 9
 
 
 def lambda_attention_flash(
@@ -631,5 +630,5 @@ def lambda_attention_flash(
     q_grad, k_grad = PendingGradient(), PendingGradient()
     q_rot = _Rotate.apply(query, keys.query_positions, turns, rotary.scale, q_grad)
     k_rot = _Rotate.apply(key[:, :, keys.tail :], keys.tail_positions, turns, rotary.scale, k_grad)
-    args = (keys.query_positions, key_positions, key_valid, keys, spec, rotary, scaling, q_grad, k_grad)
+    args = (key_positions, key_valid, keys, spec, rotary, scaling, q_grad, k_grad)
     return _LambdaFlash.apply(q_rot, k_rot, query, key, value, *args, window_attention)

@@ -186,7 +186,7 @@ def compile_variants(kernel: str) -> None:
         flags = dict(HALF=64, BLOCK_M=rows, CAPPED=capped, HAS_NEAR=near, P_PAD=16, LOW=low)
         flags["PRECISION"] = "tf32" if low else "ieee"
         half = "*bf16" if low else "*fp32"
-        pointer = {"QPOS": "*i64", "GPOS": "*i32", "GNEAR": "*i32", "Q": half, "OUT": half, "DOUT": half, "DQ": half}
+        pointer = {"QPOS": "*i32", "GPOS": "*i32", "GNEAR": "*i32", "Q": half, "OUT": half, "DOUT": half, "DQ": half}
         signature = {}
         for name in fn.arg_names:
             if name in flags:

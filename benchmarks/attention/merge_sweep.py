@@ -15,6 +15,7 @@ import json
 from functools import partial
 
 import torch
+from decode_sweep import error_ratio  # the sibling sweep's RMSE ratio (this folder is on sys.path)
 from triton.testing import do_bench
 
 from lcpatch.kernels import lambda_flash
@@ -40,11 +41,6 @@ def problem(n: int):
     lse = torch.randn(1, Q_HEADS, n, device="cuda", generator=gen) + 8.0
     dout = randn(1, n, Q_HEADS, DIM)
     return q, keys, g, out, lse, dout, spec, rotary
-
-
-def error_ratio(reference: torch.Tensor, other: torch.Tensor) -> float:
-    reference, other = reference.double(), other.double()
-    return ((reference - other).pow(2).mean().sqrt() / reference.pow(2).mean().sqrt()).item()
 
 
 def sweep(n: int) -> list[dict]:
