@@ -29,6 +29,24 @@ def test_top_level_kernels_folder_never_shadows_another_kernels_package():
     assert not (ROOT / "kernels" / "__init__.py").exists()
 
 
+def test_cpu_methods_run_without_triton():
+    # The README's main job installs ".[demo]", which has no triton (it is the kernels/flash extras'):
+    # applying and running a method on the CPU must not import it.
+    code = (
+        "import sys\n"
+        "sys.modules['triton'] = None  # as if not installed: importing it raises ImportError\n"
+        "import torch, lcpatch\n"
+        "from transformers import AutoModelForCausalLM, LlamaConfig\n"
+        "model = AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=16, intermediate_size=32,\n"
+        "    num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, vocab_size=32))\n"
+        "for method in ('lm-infinite', 'streaming-llm', 'infllm'):\n"
+        "    lcpatch.apply(model, method)\n"
+        "    model(torch.randint(0, 32, (1, 24)))\n"
+        "    lcpatch.remove(model)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT / "tests")
+
+
 # -- the import rules, read from the source (imports inside functions count too) ------------------------------
 PACKAGE = ROOT / "lcpatch"
 CORE = {"__init__", "api", "recipe", "runtime", "patching", "errors", "fields", "_compat", "serialization"}

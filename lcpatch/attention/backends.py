@@ -24,7 +24,6 @@ import torch
 
 from ..errors import BackendError
 from ..kernels.infllm_split import execution_block_attention_split
-from ..kernels.lambda_flash import lambda_attention_flash, layout
 from ..kernels.lambda_reference import lambda_attention_reference
 from ..kernels.lambda_split import lambda_attention_split
 from ..kernels.specs import LambdaSpec, Rotary
@@ -187,7 +186,8 @@ class FlashBackend:
         softcap=None, dropout=0.0, keys_in_stream_order=True,
     ) -> torch.Tensor:  # fmt: skip
         """The reference's `lambda_attention_reference`, on flash-attention where it takes the call."""
-        from ..kernels.dispatch import takes_decode
+        from ..kernels.dispatch import takes_decode  # here, as the Triton backend's: triton is an extra
+        from ..kernels.lambda_flash import lambda_attention_flash, layout
 
         args = (query, key, value, query_positions, key_positions, key_valid, spec, rotary, scaling)
         if takes_decode(query, key, value):  # a few rows over the cache: the split-KV decode kernel's work
