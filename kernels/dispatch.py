@@ -6,6 +6,7 @@ import torch
 
 from .lambda_decode import DECODE_MAX_ROWS, lambda_decode
 from .lambda_prefill import lambda_prefill
+from .lambda_reference import unrotated_keys
 from .specs import LambdaSpec, Rotary
 from .utils import unit_last
 
@@ -33,11 +34,14 @@ def lambda_attention(
     scaling: float,
     softcap: float | None = None,
     keys_in_stream_order: bool = True,
+    rotated_from: int | None = None,
 ) -> torch.Tensor:
     """Λ attention over un-rotated q/k with the Triton kernels; returns (B, Lq, Hq, D) in query's dtype.
 
     Only the decode kernel takes keys out of stream order (`keys_in_stream_order=False`, a ring
     buffer): it masks by positions alone, while the prefill kernel slices each query's window by slot.
+    Keys stored rotated from slot `rotated_from` on are read as they are by the decode kernel, rotated
+    back for the prefill kernel.
     """
     decode = takes_decode(query, key, value)
     if not (decode or keys_in_stream_order):
@@ -46,5 +50,8 @@ def lambda_attention(
             f"takes at most {DECODE_MAX_ROWS}, and the prefill kernel needs keys in stream order."
         )
     query, key, value = unit_last(query, key, value)
-    run = lambda_decode if decode else lambda_prefill
-    return run(query, key, value, query_positions, key_positions, key_valid, spec, rotary, scaling, softcap)
+    args = (query_positions, key_positions, key_valid, spec, rotary, scaling, softcap)
+    if decode:
+        return lambda_decode(query, key, value, *args, rotated_from=rotated_from)
+    key = unrotated_keys(key, key_positions, rotary, rotated_from)
+    return lambda_prefill(query, key, value, *args)

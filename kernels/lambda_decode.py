@@ -5,8 +5,13 @@ Spec: `lambda_reference.lambda_attention_reference` beside it.
 The cache holds at most n_global + window (+ the new tokens) slots, so every slot is a candidate
 and the mask follows positions and key_valid alone. All query heads of one KV head (and all new
 tokens) are the rows of one program, so each key is read from memory, and rotated, once; the key
-range is split across programs so that small batches still fill the GPU, then a second kernel
-merges the partial softmaxes. Keys are rotated in the kernel (un-rotated cache, no extra pass).
+range is split across programs so that small batches still fill the GPU, then the last of them (or a
+second kernel) merges the partial softmaxes.
+
+Un-rotated keys are rotated in the kernel, at their positions (near pairs) and at the far rule's.
+That is most of the work per key (angles, cos/sin, the rotation, a second pair of dot products: ~1,170
+instructions per 64-key tile and warp on sm_90, against ~480 without), so a cache that stores its
+window rotated (RingLambdaCache: `rotated_from`) gets those tiles read as plain flash-decoding tiles.
 """
 
 from __future__ import annotations
@@ -85,6 +90,7 @@ def _lambda_decode_split(
     split_len,
     n_global,
     window,
+    rotated_from,
     far_pos,
     rot_scale,
     scaling,
@@ -120,59 +126,86 @@ def _lambda_decode_split(
     V = V + b * sv_b + hk * sv_h
     KPOS = KPOS + b * skp_b
     KVALID = KVALID + b * skv_b
-    offs_n0 = tl.arange(0, BLOCK_N)
-    offs_h = tl.arange(0, HALF)
-    offs_d = tl.arange(0, 2 * HALF)
-    if FIXED_ANGLES:
-        turns_fixed = _fixed_point(TURNS, HALF)
     acc = tl.zeros((BLOCK_M, 2 * HALF), dtype=tl.float32)
     m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     lo = split * split_len
     hi = tl.minimum(lo + split_len, Lk)
-    for start in range(lo, hi, BLOCK_N):
-        offs_n = start + offs_n0
-        n_ok = offs_n < hi
-        kp = tl.load(KPOS + offs_n * skp_l, mask=n_ok, other=0).to(tl.int32)
-        valid = (tl.load(KVALID + offs_n * skv_l, mask=n_ok, other=0) != 0) & n_ok
-        k_rows = K + start * sk_l + offs_n0[:, None] * sk_l + offs_h[None, :]
-        x1 = tl.load(k_rows, mask=n_ok[:, None], other=0.0)
-        x2 = tl.load(k_rows + HALF, mask=n_ok[:, None], other=0.0)
-        if FIXED_ANGLES:
-            cos, sin = _cos_sin_fixed(kp, turns_fixed)
-        else:
-            cos, sin = cos_sin(kp, TURNS, HALF)
-        k1, k2 = rotate(x1.to(tl.float32), x2.to(tl.float32), cos, sin)
-        k1 = (k1 * rot_scale).to(x1.dtype)
-        k2 = (k2 * rot_scale).to(x1.dtype)
-        s = tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
-        s = tl.dot(q2, tl.trans(k2), s, input_precision=DOT_PREC)
-        # The far dot product is cheap next to reading the keys: no branch on "tile holds sinks".
-        if CAPPED:
-            sf = tl.dot(qf1, tl.trans(x1), input_precision=DOT_PREC)
-            sf = tl.dot(qf2, tl.trans(x2), sf, input_precision=DOT_PREC)
-        else:
-            sf = tl.dot(qf1, tl.trans(k1), input_precision=DOT_PREC)
-            sf = tl.dot(qf2, tl.trans(k2), sf, input_precision=DOT_PREC)
-        d = qp[:, None] - kp[None, :]
-        s = tl.where(d < window, s, sf)
-        if SOFTCAP:
-            s = tanh(s * (scaling / softcap)) * (softcap * LOG2E)
-        vis = valid[None, :] & (d >= 0) & ((d < window) | (kp[None, :] < n_global))
-        z = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(z, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(z - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v_rows = V + start * sv_l + offs_n0[:, None] * sv_l + offs_d[None, :]
-        v = tl.load(v_rows, mask=n_ok[:, None], other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
-        m_i = m_new
+    # The slots before rotated_from (the sinks of a ring cache) are rotated here, under the whole Λ rule;
+    # the rest arrive rotated and hold no global token: plain flash-decoding tiles, near pairs only.
+    split_at = tl.maximum(lo, tl.minimum(hi, rotated_from))
+    acc, m_i, l_i = _decode_tiles(
+        acc,
+        m_i,
+        l_i,
+        lo,
+        split_at,
+        K,
+        V,
+        KPOS,
+        KVALID,
+        sk_l,
+        sv_l,
+        skp_l,
+        skv_l,
+        TURNS,
+        qp,
+        q1,
+        q2,
+        qf1,
+        qf2,
+        n_global,
+        window,
+        rot_scale,
+        scaling,
+        softcap,
+        HALF,
+        BLOCK_N,
+        CAPPED,
+        SOFTCAP,
+        DOT_PREC,
+        FIXED_ANGLES,
+        False,
+    )
+    acc, m_i, l_i = _decode_tiles(
+        acc,
+        m_i,
+        l_i,
+        split_at,
+        hi,
+        K,
+        V,
+        KPOS,
+        KVALID,
+        sk_l,
+        sv_l,
+        skp_l,
+        skv_l,
+        TURNS,
+        qp,
+        q1,
+        q2,
+        qf1,
+        qf2,
+        n_global,
+        window,
+        rot_scale,
+        scaling,
+        softcap,
+        HALF,
+        BLOCK_N,
+        CAPPED,
+        SOFTCAP,
+        DOT_PREC,
+        FIXED_ANGLES,
+        True,
+    )
     if MODE == 1:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         _store_rows(OUT, out, b, hk, rows, so_b, so_l, so_h, Lq, group, 2 * HALF)
     else:
         splits = tl.num_programs(1)
+        offs_d = tl.arange(0, 2 * HALF)
         part = pid_bh.to(tl.int64) * splits + split
         tl.store(PART_O + (part * BLOCK_M + rows)[:, None] * (2 * HALF) + offs_d[None, :], acc)
         tl.store(PART_ML + part * 2 * BLOCK_M + rows, m_i)
@@ -185,6 +218,92 @@ def _lambda_decode_split(
                 out = _merge_splits(PART_O, PART_ML, pid_bh, splits, 2 * HALF, BLOCK_M)
                 _store_rows(OUT, out, b, hk, rows, so_b, so_l, so_h, Lq, group, 2 * HALF)
                 tl.store(ARRIVALS + pid_bh, 0)  # ready for the next call (and every CUDA graph replay)
+
+
+@triton.jit
+def _decode_tiles(
+    acc,
+    m_i,
+    l_i,
+    lo,
+    hi,
+    K,
+    V,
+    KPOS,
+    KVALID,
+    sk_l,
+    sv_l,
+    skp_l,
+    skv_l,
+    TURNS,
+    qp,
+    q1,
+    q2,
+    qf1,
+    qf2,
+    n_global,
+    window,
+    rot_scale,
+    scaling,
+    softcap,
+    HALF: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAPPED: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    FIXED_ANGLES: tl.constexpr,
+    ROTATED: tl.constexpr,
+):
+    """The online softmax (acc, m_i, l_i) carried over key slots [lo, hi)."""
+    if FIXED_ANGLES and not ROTATED:
+        turns_fixed = _fixed_point(TURNS, HALF)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_h = tl.arange(0, HALF)
+    offs_d = tl.arange(0, 2 * HALF)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + offs_n0
+        n_ok = offs_n < hi
+        kp = tl.load(KPOS + offs_n * skp_l, mask=n_ok, other=0).to(tl.int32)
+        valid = (tl.load(KVALID + offs_n * skv_l, mask=n_ok, other=0) != 0) & n_ok
+        k_rows = K + start * sk_l + offs_n0[:, None] * sk_l + offs_h[None, :]
+        x1 = tl.load(k_rows, mask=n_ok[:, None], other=0.0)
+        x2 = tl.load(k_rows + HALF, mask=n_ok[:, None], other=0.0)
+        d = qp[:, None] - kp[None, :]
+        if ROTATED:
+            s = tl.dot(q1, tl.trans(x1), input_precision=DOT_PREC)
+            s = tl.dot(q2, tl.trans(x2), s, input_precision=DOT_PREC)
+            vis = valid[None, :] & (d >= 0) & (d < window)
+        else:
+            if FIXED_ANGLES:
+                cos, sin = _cos_sin_fixed(kp, turns_fixed)
+            else:
+                cos, sin = cos_sin(kp, TURNS, HALF)
+            k1, k2 = rotate(x1.to(tl.float32), x2.to(tl.float32), cos, sin)
+            k1 = (k1 * rot_scale).to(x1.dtype)
+            k2 = (k2 * rot_scale).to(x1.dtype)
+            s = tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
+            s = tl.dot(q2, tl.trans(k2), s, input_precision=DOT_PREC)
+            # The far dot product is cheap next to reading the keys: no branch on "tile holds sinks".
+            if CAPPED:
+                sf = tl.dot(qf1, tl.trans(x1), input_precision=DOT_PREC)
+                sf = tl.dot(qf2, tl.trans(x2), sf, input_precision=DOT_PREC)
+            else:
+                sf = tl.dot(qf1, tl.trans(k1), input_precision=DOT_PREC)
+                sf = tl.dot(qf2, tl.trans(k2), sf, input_precision=DOT_PREC)
+            s = tl.where(d < window, s, sf)
+            vis = valid[None, :] & (d >= 0) & ((d < window) | (kp[None, :] < n_global))
+        if SOFTCAP:
+            s = tanh(s * (scaling / softcap)) * (softcap * LOG2E)
+        z = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(z, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(z - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v_rows = V + start * sv_l + offs_n0[:, None] * sv_l + offs_d[None, :]
+        v = tl.load(v_rows, mask=n_ok[:, None], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -307,11 +426,14 @@ def lambda_decode(
     rotary: Rotary,
     scaling: float,
     softcap: float | None = None,
+    rotated_from: int | None = None,
     config: DecodeConfig | None = None,
 ) -> torch.Tensor:
     """Λ attention of a few queries (heads per KV head x queries <= DECODE_MAX_ROWS), no autograd.
 
-    `config` overrides DECODE_CONFIG (the sweep and the tests run each candidate through it).
+    Key slots from `rotated_from` on hold keys already rotated at their positions, none of them a
+    global token (the reference's contract); `config` overrides DECODE_CONFIG (the sweep and the
+    tests run each candidate through it).
     """
     batch, q_heads, q_len, dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
@@ -367,6 +489,7 @@ def lambda_decode(
         split_len,
         spec.n_global,
         spec.window,
+        k_len if rotated_from is None else rotated_from,
         far_pos,
         rotary.scale,
         scaling,

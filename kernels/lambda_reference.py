@@ -13,6 +13,8 @@ Key slots are laid out in stream order after the prefix, so a query's window is 
 slice of slots (padding and evicted tokens only make slots invalid, never reorder them). A cache
 that stores keys in another order (RingLambdaCache's ring buffer, while decoding) passes
 `keys_in_stream_order=False`: then every slot is a candidate, under the full Λ rule on positions.
+Such a cache may also store its window's keys already rotated at their positions (`rotated_from`):
+a window key is only ever scored at its true distance, so the decode kernel then reads it as it is.
 """
 
 from __future__ import annotations
@@ -30,6 +32,14 @@ def masked_softmax(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
     return weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
 
 
+def unrotated_keys(key: torch.Tensor, key_positions: torch.Tensor, rotary: Rotary, rotated_from: int | None):
+    """`key` with its slots from `rotated_from` on (stored as `Rotary.rotate_stored` gives them) rotated back."""
+    if rotated_from is None or rotated_from >= key.shape[2]:
+        return key
+    back = rotary.rotate_stored(key[:, :, rotated_from:], key_positions[:, rotated_from:], inverse=True)
+    return torch.cat((key[:, :, :rotated_from], back.to(key.dtype)), dim=2)
+
+
 def lambda_attention_reference(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -44,11 +54,14 @@ def lambda_attention_reference(
     dropout: float = 0.0,
     chunk_size: int = 512,
     keys_in_stream_order: bool = True,
+    rotated_from: int | None = None,
 ) -> torch.Tensor:
     """Λ attention over un-rotated q/k.
 
     query (B, Hq, Lq, D), key/value (B, Hkv, Lk, D); the queries are the last Lq key slots.
     Positions are absolute token indices (B, Lq) / (B, Lk); key_valid (B, Lk) marks real keys.
+    Key slots from `rotated_from` on hold keys rotated at their positions (`Rotary.rotate_stored`),
+    and none of them is a valid global token (position < n_global).
     Returns (B, Lq, Hq, D) in the query's dtype, as transformers' attention functions do.
     """
     batch, q_heads, q_len, _ = query.shape
@@ -56,7 +69,7 @@ def lambda_attention_reference(
     group = q_heads // kv_heads
     q = query.reshape(batch, kv_heads, group * q_len, -1)  # heads of one group share their keys
     q_pos = query_positions.repeat(1, group)
-    k, v = key, value.to(torch.float32)
+    k, v = unrotated_keys(key, key_positions, rotary, rotated_from), value.to(torch.float32)
 
     if keys_in_stream_order:
         globals_ = (key_valid & (key_positions < spec.n_global)).any(dim=0)

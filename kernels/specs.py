@@ -6,6 +6,7 @@ layer's RoPE frequencies, `StepInfo` the positions of the tokens a forward pass 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -91,6 +92,21 @@ class Rotary:
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotate x (B, H, L, D) by RoPE at `positions` (B, L) (any integers, negative too); returns fp32."""
         cos, sin = self.cos_sin(positions)
+        return self._apply(x, cos, sin)
+
+    def rotate_stored(self, x: torch.Tensor, positions: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """`rotate` for keys a cache stores rotated: the angle reduced modulo a turn in float64 first, so that
+        a key at position 10^6 is rotated as precisely as one at 10 (fp32 angles are off by ~0.06 rad there).
+        `inverse` undoes it (the transpose, over `scale`). Returns fp32."""
+        turns = positions.to(torch.float64)[..., None] * (
+            self.inv_freq.to(positions.device, torch.float64) / (2 * math.pi)
+        )
+        angles = ((turns - turns.round()) * (2 * math.pi)).to(torch.float32)
+        emb = torch.cat((angles, angles), dim=-1)
+        scale = 1.0 / self.scale if inverse else self.scale
+        return self._apply(x, emb.cos() * scale, emb.sin() * (-scale if inverse else scale))
+
+    def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         cos, sin = cos[:, None], sin[:, None]
         x = x.to(torch.float32)
         rot, rest = x[..., : self.dim], x[..., self.dim :]

@@ -35,11 +35,11 @@ SEEN = [60, 700]
 SWEEP = Path(__file__).resolve().parents[1] / "benchmarks" / "attention" / "decode_sweep.py"
 
 
-def run(config, case: Case = CASE, seen: list[int] = SEEN) -> None:
+def run(config, case: Case = CASE, seen: list[int] = SEEN, engine=None) -> None:
     q_pos, k_pos, valid = cache_layout(case, seen, 1)
     case = Case(**{**case.__dict__, "q_len": 1, "k_len": k_pos.shape[1]})
     q, k, v = make_qkv(case)
-    engine = partial(decode.lambda_decode, config=config)
+    engine = engine or partial(decode.lambda_decode, config=config)
     with torch.no_grad():
         run_both(engine, case, q, k, v, q_pos, k_pos, valid, valid[:, -1:], backward=False)
 
@@ -64,6 +64,31 @@ def test_key_angles_at_far_positions(fixed_angles):
     """Both reductions of the key angles modulo a turn stay exact a billion positions in."""
     config = decode.DecodeConfig(32, 4, 1, 0, splits=2, fixed_angles=fixed_angles)
     run(config, Case(**{**CASE.__dict__, "dtype": torch.float32}), seen=[1_000_003, 1_234_567_890])
+
+
+def stored_rotated(config):
+    """The decode kernel over keys stored as RingLambdaCache stores them: the window's rotated at their positions."""
+
+    def engine(q, k, v, q_pos, k_pos, valid, spec, rope, scaling, softcap=None):
+        g = spec.n_global
+        stored = torch.cat((k[:, :, :g], rope.rotate_stored(k[:, :, g:], k_pos[:, g:]).to(k.dtype)), dim=2)
+        args = (q_pos, k_pos, valid, spec, rope, scaling, softcap)
+        return decode.lambda_decode(q, stored, v, *args, rotated_from=g, config=config)
+
+    return engine
+
+
+@pytest.mark.parametrize(
+    "config",
+    [decode.DecodeConfig(32, 4, 1, 0, splits=1), decode.DecodeConfig(16, 4, 1, 0, splits=3)],
+    ids=["one-split", "splits"],
+)
+def test_window_stored_rotated_matches_reference(config):
+    """Slots from `rotated_from` on are read as they are (near pairs, no global token there); the sinks
+    before them rotated in the kernel under the whole rule. The reference sees the un-rotated keys."""
+    run(config, engine=stored_rotated(config))
+    streaming = Case(**{**CASE.__dict__, "capped": False, "softcap": 2.0, "dtype": torch.float32})
+    run(config, streaming, seen=[1_000_003, 130], engine=stored_rotated(config))
 
 
 def test_fused_merge_leaves_counters_at_zero():

@@ -16,7 +16,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 import lcpatch
 from lcpatch.cache import LambdaCache, RingLambdaCache
 from lcpatch.kernels.lambda_reference import lambda_attention_reference
-from lcpatch.kernels.specs import LambdaSpec, Rotary
+from lcpatch.kernels.specs import LambdaSpec, Rotary, StepInfo
 
 from naive_lambda import naive_logits
 from tiny_models import CollectStreamer, random_ids, tiny_model
@@ -247,6 +247,54 @@ def test_reference_ignores_slot_order_given_positions(batch):
         keys_in_stream_order=False,
     )
     assert (ordered - shuffled).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("max_distance", [12, None], ids=["lm-infinite", "streaming-llm"])
+def test_reference_takes_the_window_stored_rotated(max_distance):
+    """RingLambdaCache stores its window rotated (`rotated_from`): the same output as the keys un-rotated,
+    a million positions in (where fp32 angles would be off by ~0.06 rad)."""
+    torch.manual_seed(0)
+    spec, rotary = LambdaSpec(G, W, max_distance), Rotary(1.0 / (10000 ** (torch.arange(0, 16, 2) / 16.0)), 1.2)
+    q_pos = 1_000_003
+    positions = torch.cat((torch.arange(G), torch.arange(q_pos - W + 1, q_pos + 1))).expand(2, -1)
+    valid = torch.ones(2, G + W, dtype=torch.bool)
+    q, k, v = torch.randn(2, 4, 1, 16), torch.randn(2, 2, G + W, 16), torch.randn(2, 2, G + W, 16)
+    stored = torch.cat((k[:, :, :G], rotary.rotate_stored(k[:, :, G:], positions[:, G:])), dim=2)
+    args = (positions[:, -1:], positions, valid, spec, rotary, 0.25)
+    plain = lambda_attention_reference(q, k, v, *args)
+    from_stored = lambda_attention_reference(q, stored, v, *args, keys_in_stream_order=False, rotated_from=G)
+    assert (plain - from_stored).abs().max() <= 1e-5
+
+
+def test_ring_stores_the_window_rotated_and_gives_chunks_it_back():
+    """Decode steps read the window as stored, rotated at each key's position; a prefill chunk gets the
+    keys un-rotated, as LambdaCache gives them."""
+    torch.manual_seed(0)
+    spec, rotary = LambdaSpec(G, W, 12), Rotary(1.0 / (10000 ** (torch.arange(0, 16, 2) / 16.0)), 1.2)
+    ring, eager = RingLambdaCache([spec], [rotary]), LambdaCache([spec])
+
+    def update(cache, start, length):
+        positions = torch.arange(start, start + length)[None]
+        cache.step = StepInfo(positions, torch.ones_like(positions, dtype=torch.bool))
+        gen = torch.Generator().manual_seed(start)
+        k, v = (torch.randn(1, 2, length, 16, generator=gen) for _ in range(2))
+        return cache.layers[0].update(k, v), cache.layers[0]
+
+    for cache in (ring, eager):
+        update(cache, 0, 11)
+    (ring_keys, _), layer = update(ring, 11, 5)
+    (eager_keys, _), _ = update(eager, 11, 5)
+    assert layer.rotated_from is None and torch.allclose(ring_keys, eager_keys, atol=1e-5)
+    assert torch.equal(layer.key_positions, eager.layers[0].key_positions)
+    (keys, _), layer = update(ring, 16, 1)
+    assert layer.rotated_from == G and keys is layer.key_buffer
+    window = torch.arange(G, G + W)
+    eager_window = eager.layers[0].keys[:, :, -W + 1 :]  # positions 9..15, and the new token at 16
+    held = {int(p): s for s, p in zip(window.tolist(), layer.slot_positions[0, G:].tolist(), strict=True)}
+    slots = torch.tensor([held[p] for p in range(9, 16)])
+    stored = rotary.rotate_stored(eager_window, torch.arange(9, 16)[None])
+    assert torch.allclose(keys[:, :, slots], stored, atol=1e-5)
+    assert torch.equal(keys[:, :, :G], eager.layers[0].sink_keys)
 
 
 @pytest.mark.gpu

@@ -3,7 +3,8 @@
     python benchmarks/attention/decode_sweep.py --out decode_sweep.json
 
 Llama-3-8B attention (32 query heads, 8 KV heads, D=128, bf16), one new token over the bounded cache
-of n_global=4 + window=4096 + 1 slots, after 32k tokens. Every candidate `DecodeConfig` (keys per tile,
+of n_global=4 + window=4096 + 1 slots, after 32k tokens, laid out as RingLambdaCache holds it for the
+fast decode path: the sinks un-rotated, the window stored rotated at its positions (`rotated_from`). Every candidate `DecodeConfig` (keys per tile,
 warps, stages, split count, one launch or split + combine) is checked against the PyTorch reference and
 timed with `triton.testing.do_bench_cudagraph`; TB/s = K and V bytes / graph time. Next to them: the
 device's copy bandwidth (a 1 GiB copy, bytes read + written / time), SDPA over the same cache (no Λ, no
@@ -52,7 +53,7 @@ def candidates(batch: int) -> list[DecodeConfig]:
 
 
 def bounded_cache(batch: int):
-    """LambdaCache's layout after SEEN tokens (sinks, the last WINDOW tokens, the new token) and random q/k/v."""
+    """The cache after SEEN tokens (sinks, the last WINDOW tokens, the new token) and random q/k/v; k un-rotated."""
     positions = torch.cat((torch.arange(N_GLOBAL), torch.arange(SEEN - WINDOW, SEEN), torch.tensor([SEEN])))
     k_pos = positions.cuda().expand(batch, -1)
     valid = torch.ones_like(k_pos, dtype=torch.bool)
@@ -103,10 +104,15 @@ def main() -> None:
     spec = LambdaSpec(N_GLOBAL, WINDOW, WINDOW)
     rotary = Rotary(1.0 / (500000.0 ** (torch.arange(0, DIM, 2, dtype=torch.float32) / DIM)).cuda(), 1.0)
     inputs = {batch: bounded_cache(batch) for batch in BATCHES}
+    stored_keys = {}
+    for batch, (_, k, _, _, k_pos, _) in inputs.items():
+        window = rotary.rotate_stored(k[:, :, N_GLOBAL:], k_pos[:, N_GLOBAL:]).to(k.dtype)
+        stored_keys[batch] = torch.cat((k[:, :, :N_GLOBAL], window), dim=2)
     rows, bounds = [], {}
 
     def time_config(batch: int, config: DecodeConfig, reference: torch.Tensor) -> dict:
         q, k, v, q_pos, k_pos, valid = inputs[batch]
+        stored = stored_keys[batch]
         kv_bytes = 2 * k.numel() * k.element_size()
         _, splits = decode_plan(batch, KV_HEADS, k.shape[2], q.device, config)
         row = {"batch": batch, "config": config._asdict(), "splits_run": splits, "programs": batch * KV_HEADS * splits}
@@ -114,7 +120,8 @@ def main() -> None:
             with torch.no_grad():
 
                 def fn():
-                    return lambda_decode(q, k, v, q_pos, k_pos, valid, spec, rotary, DIM**-0.5, config=config)
+                    args = (q_pos, k_pos, valid, spec, rotary, DIM**-0.5)
+                    return lambda_decode(q, stored, v, *args, rotated_from=N_GLOBAL, config=config)
 
                 row["error_ratio"] = error_ratio(reference, fn())
                 if not row["error_ratio"] <= TOLERANCE:

@@ -24,7 +24,7 @@ import torch
 
 from ..errors import BackendError
 from ..kernels.infllm_split import execution_block_attention_split
-from ..kernels.lambda_reference import lambda_attention_reference
+from ..kernels.lambda_reference import lambda_attention_reference, unrotated_keys
 from ..kernels.lambda_split import lambda_attention_split
 from ..kernels.specs import LambdaSpec, Rotary
 from .infllm_reference import execution_block_attention
@@ -54,11 +54,20 @@ class TorchBackend:
     (`kernels/lambda_split.py`, `kernels/infllm_split.py`), or the references for what SDPA cannot
     express (logit softcap, attention dropout)."""
 
-    def lambda_attention(self, *args, softcap=None, dropout=0.0, keys_in_stream_order=True) -> torch.Tensor:
+    def lambda_attention(
+        self, *args, softcap=None, dropout=0.0, keys_in_stream_order=True, rotated_from=None
+    ) -> torch.Tensor:
         if sdpa_takes(softcap, dropout, "Λ attention runs the (slow) per-pair reference"):
+            query, key, value, query_positions, key_positions, key_valid, spec, rotary, scaling = args
+            key = unrotated_keys(key, key_positions, rotary, rotated_from)
+            args = (query, key, value, query_positions, key_positions, key_valid, spec, rotary, scaling)
             return lambda_attention_split(*args, keys_in_stream_order=keys_in_stream_order)
         return lambda_attention_reference(
-            *args, softcap=softcap, dropout=dropout, keys_in_stream_order=keys_in_stream_order
+            *args,
+            softcap=softcap,
+            dropout=dropout,
+            keys_in_stream_order=keys_in_stream_order,
+            rotated_from=rotated_from,
         )
 
     def block_attention(self, query, key, value, rotary: Rotary, dropout: float) -> Callable:
@@ -117,18 +126,18 @@ class TritonBackend:
         softcap: float | None = None,
         dropout: float = 0.0,
         keys_in_stream_order: bool = True,
+        rotated_from: int | None = None,
     ) -> torch.Tensor:
         """The reference's `lambda_attention_reference`, on the kernels where they take the tensors."""
         args = (query, key, value, query_positions, key_positions, key_valid, spec, rotary, scaling)
+        order = dict(keys_in_stream_order=keys_in_stream_order, rotated_from=rotated_from)
         ok, reason = self.verify("lambda_attention", query, key, value, rotary, dropout, keys_in_stream_order)
         if not ok:
             warn_once(f"lcpatch.kernels: {reason} is not supported by the Triton kernels; using PyTorch.")
-            return TORCH.lambda_attention(
-                *args, softcap=softcap, dropout=dropout, keys_in_stream_order=keys_in_stream_order
-            )
+            return TORCH.lambda_attention(*args, softcap=softcap, dropout=dropout, **order)
         from ..kernels.dispatch import lambda_attention
 
-        return lambda_attention(*args, softcap=softcap, keys_in_stream_order=keys_in_stream_order)
+        return lambda_attention(*args, softcap=softcap, **order)
 
     def block_attention(self, query, key, value, rotary: Rotary, dropout: float) -> Callable:
         ok, reason = self.verify("block_attention", query, key, value, rotary, dropout)
@@ -183,17 +192,18 @@ class FlashBackend:
 
     def lambda_attention(
         self, query, key, value, query_positions, key_positions, key_valid, spec, rotary, scaling,
-        softcap=None, dropout=0.0, keys_in_stream_order=True,
+        softcap=None, dropout=0.0, keys_in_stream_order=True, rotated_from=None,
     ) -> torch.Tensor:  # fmt: skip
         """The reference's `lambda_attention_reference`, on flash-attention where it takes the call."""
         from ..kernels.dispatch import takes_decode  # here, as the Triton backend's: triton is an extra
         from ..kernels.lambda_flash import lambda_attention_flash, layout
 
         args = (query, key, value, query_positions, key_positions, key_valid, spec, rotary, scaling)
+        order = dict(keys_in_stream_order=keys_in_stream_order, rotated_from=rotated_from)
         if takes_decode(query, key, value):  # a few rows over the cache: the split-KV decode kernel's work
-            return TRITON.lambda_attention(
-                *args, softcap=softcap, dropout=dropout, keys_in_stream_order=keys_in_stream_order
-            )
+            return TRITON.lambda_attention(*args, softcap=softcap, dropout=dropout, **order)
+        key = unrotated_keys(key, key_positions, rotary, rotated_from)
+        args = (query, key, value, query_positions, key_positions, key_valid, spec, rotary, scaling)
         ok, reason = self.verify(query, key, value, rotary, softcap, dropout, keys_in_stream_order)
         keys = layout(query_positions, key_positions, key_valid, spec) if ok else None
         if keys is not None and keys.problem is not None:

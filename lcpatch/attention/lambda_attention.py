@@ -42,7 +42,7 @@ class LambdaAttention:
 
     def make_ring_cache(self) -> RingLambdaCache:
         """The same bounded cache with static shapes, for the fast decode path (`lcpatch.generation.fast_decode`)."""
-        return RingLambdaCache(self.specs)
+        return RingLambdaCache(self.specs, self.structure.rotaries)
 
     def cache_sizes(self) -> list[int]:
         return [spec.cache_size for spec in self.specs]
@@ -67,12 +67,13 @@ class LambdaAttention:
 
 
 def key_metadata(layer: int, key: torch.Tensor, step: StepInfo, cache_layer: LambdaCacheLayer | None):
-    """Positions, validity and whether slots are in stream order, for the keys a layer received: from
-    its LambdaCacheLayer, or this pass's own."""
+    """Positions, validity, whether slots are in stream order and where stored-rotated keys begin, for the
+    keys a layer received: from its LambdaCacheLayer, or this pass's own."""
     if cache_layer is not None and cache_layer.key_step is step and cache_layer.key_positions.shape[1] == key.shape[2]:
-        return cache_layer.key_positions, cache_layer.key_valid, cache_layer.keys_in_stream_order
+        c = cache_layer
+        return c.key_positions, c.key_valid, c.keys_in_stream_order, c.rotated_from
     if key.shape[2] == step.positions.shape[1]:
-        return step.positions, step.valid, True
+        return step.positions, step.valid, True, None
     raise CacheError(
         f"layer {layer} received {key.shape[2]} keys for {step.positions.shape[1]} queries from a cache lcpatch "
         "does not manage; Λ attention needs the positions of every cached key. Let the patched model create its cache."
@@ -94,7 +95,7 @@ def lambda_layer_attention(
     dropout: float,
 ) -> torch.Tensor:
     """One layer's Λ attention on the chosen backend (Triton kernels or the PyTorch reference)."""
-    key_positions, key_valid, ordered = key_metadata(layer, key, step, cache_layer)
+    key_positions, key_valid, ordered, rotated_from = key_metadata(layer, key, step, cache_layer)
     args = (query, key, value, step.positions, key_positions, key_valid, spec, rotary, scaling)
     run = select_backend(backend, query.device).lambda_attention
-    return run(*args, softcap=softcap, dropout=dropout, keys_in_stream_order=ordered)
+    return run(*args, softcap=softcap, dropout=dropout, keys_in_stream_order=ordered, rotated_from=rotated_from)

@@ -21,6 +21,8 @@ class LambdaCacheLayer(CacheLayerMixin):
     is_sliding = False
     # Keys come back sinks, window, new tokens: slot order is stream order (Λ attention may slice by slot).
     keys_in_stream_order = True
+    # The slot from which the keys returned come rotated at their positions (None: all un-rotated).
+    rotated_from: int | None = None
 
     def __init__(self, spec: LambdaSpec, owner: LambdaCache):
         super().__init__()
@@ -144,7 +146,10 @@ class LambdaCache(StepAwareCache):
 
     def __init__(self, specs: list[LambdaSpec]):
         self.step = None
-        super().__init__(layers=[self.layer_class(spec, self) for spec in specs])
+        super().__init__(layers=self.make_layers(specs))
+
+    def make_layers(self, specs: list[LambdaSpec]) -> list[LambdaCacheLayer]:
+        return [self.layer_class(spec, self) for spec in specs]
 
     def stored_lengths(self) -> list[int]:
         """Key/value positions held per layer now."""

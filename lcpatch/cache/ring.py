@@ -1,22 +1,32 @@
 """Λ cache with static shapes, for decoding in a CUDA graph: fixed sink slots + a ring buffer for the window.
 
-It holds what LambdaCache holds (n_global sink slots, the last `window` tokens, un-rotated keys with
-their positions and validity), but every tensor is allocated once and written in place: token number
-t of the stream goes to window slot t % window. A decode step (one new token per row) then has the
-same shapes and addresses at every step, which a captured CUDA graph needs. Slot order is no longer
-stream order, so attention must go by positions and validity alone (`keys_in_stream_order`).
+It holds what LambdaCache holds (n_global sink slots, the last `window` tokens, with their positions
+and validity), but every tensor is allocated once and written in place: token number t of the stream
+goes to window slot t % window. A decode step (one new token per row) then has the same shapes and
+addresses at every step, which a captured CUDA graph needs. Slot order is no longer stream order, so
+attention must go by positions and validity alone (`keys_in_stream_order`).
+
+The window's keys are stored rotated at their positions (`Rotary.rotate_stored`, once per token as
+it is written): Λ only ever scores them at their true distance, so the decode kernel reads them as
+flash-decoding does, without rotating ~4k keys per head, layer and step; the sinks, which Λ also
+scores at a capped distance, stay un-rotated. A prefill chunk gets the window rotated back.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..kernels.specs import StepInfo
+from ..kernels.lambda_reference import unrotated_keys
+from ..kernels.specs import LambdaSpec, Rotary, StepInfo
 from .lambda_cache import LambdaCache, LambdaCacheLayer
 
 
 class RingLambdaCacheLayer(LambdaCacheLayer):
     """One layer: slots [0, n_global) hold the sinks (slot = position), [n_global, n_global + window) the ring."""
+
+    def __init__(self, spec: LambdaSpec, owner: RingLambdaCache, rotary: Rotary):
+        super().__init__(spec, owner)
+        self.rotary = rotary
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, _, dim = key_states.shape
@@ -44,17 +54,23 @@ class RingLambdaCacheLayer(LambdaCacheLayer):
             keys, values = self.key_buffer, self.value_buffer
             self.key_positions, self.key_valid = self.slot_positions, self.slot_valid
             self.keys_in_stream_order = False
+            self.rotated_from = self.spec.n_global
         else:
             # A prefill chunk's first queries see tokens that its later tokens evict: attend over the
             # window unrolled into stream order plus the chunk (LambdaCache's layout), then store.
             order = torch.cat(
                 (self.sink_slots, self.spec.n_global + (self.written + self.ring_offsets) % self.spec.window)
             )
-            keys = torch.cat((self.key_buffer.index_select(2, order), key_states), dim=-2)
+            cached_positions = self.slot_positions.index_select(1, order)
+            cached_keys = unrotated_keys(
+                self.key_buffer.index_select(2, order), cached_positions, self.rotary, self.spec.n_global
+            )
+            keys = torch.cat((cached_keys, key_states), dim=-2)
             values = torch.cat((self.value_buffer.index_select(2, order), value_states), dim=-2)
-            self.key_positions = torch.cat((self.slot_positions.index_select(1, order), step.positions), dim=1)
+            self.key_positions = torch.cat((cached_positions, step.positions), dim=1)
             self.key_valid = torch.cat((self.slot_valid.index_select(1, order), step.valid), dim=1)
             self.keys_in_stream_order = True
+            self.rotated_from = None
             self._write(key_states, value_states, step)
         self.key_step = step
         self.cumulative_length += key_states.shape[-2]
@@ -69,7 +85,8 @@ class RingLambdaCacheLayer(LambdaCacheLayer):
             self._write_sinks(key_states, value_states, step)
         kept = min(length, w)  # of a chunk longer than the window only its last `window` tokens stay
         slots = g + (self.written + (length - kept) + self.ring_offsets[:kept]) % w
-        self.key_buffer.index_copy_(2, slots, key_states[:, :, -kept:])
+        rotated = self.rotary.rotate_stored(key_states[:, :, -kept:], step.positions[:, -kept:])
+        self.key_buffer.index_copy_(2, slots, rotated.to(self.key_buffer.dtype))
         self.value_buffer.index_copy_(2, slots, value_states[:, :, -kept:])
         self.slot_positions.index_copy_(1, slots, step.positions[:, -kept:])
         # A sink lives in its own slot; valid in the ring too, it would be counted twice.
@@ -113,8 +130,12 @@ class RingLambdaCache(LambdaCache):
 
     layer_class = RingLambdaCacheLayer
 
-    def __init__(self, specs):
+    def __init__(self, specs: list[LambdaSpec], rotaries: list[Rotary]):
         self.layout_version = 0  # bumped whenever a layer (re)allocates its tensors
         # Set by lcpatch.generation.fast_decode: the runner of this cache's decode steps (captured as a CUDA graph).
         self.decode_step = None
+        self.rotaries = rotaries  # each layer stores its window's keys rotated by its own
         super().__init__(specs)
+
+    def make_layers(self, specs: list[LambdaSpec]) -> list[RingLambdaCacheLayer]:
+        return [self.layer_class(spec, self, rotary) for spec, rotary in zip(specs, self.rotaries, strict=True)]
