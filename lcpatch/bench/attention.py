@@ -242,13 +242,18 @@ def _decode_context(ctx, q, kv, spec, rotary, lambda_attention, methods) -> list
     bounded = k_pos.shape[1]
     k, v = kv(ctx + 1)
     kb, vb = kv(bounded)
+    # RingLambdaCache, as generate's fast path holds it: the window's keys stored rotated at their positions.
+    window = rotary.rotate_stored(kb[:, :, N_GLOBAL:], k_pos[:, N_GLOBAL:]).to(kb.dtype)
+    ring = torch.cat((kb[:, :, :N_GLOBAL], window), dim=2)
+    args = (q_pos, k_pos, valid, spec, rotary, DIM**-0.5)
     cases = {
         "SDPA, full cache": (lambda: sdpa(q, k, v), ctx + 1),
         "SDPA, bounded cache (no Λ, no RoPE)": (lambda: sdpa(q, kb, vb), bounded),
         "lcpatch Λ decode (Triton)": (
-            lambda: lambda_attention(q, kb, vb, q_pos, k_pos, valid, spec, rotary, DIM**-0.5),
+            lambda: lambda_attention(q, ring, vb, *args, keys_in_stream_order=False, rotated_from=N_GLOBAL),
             bounded,
         ),
+        "lcpatch Λ decode (Triton, un-rotated cache)": (lambda: lambda_attention(q, kb, vb, *args), bounded),
     }
     rows = []
     for method, (fn, keys) in cases.items():
@@ -360,9 +365,15 @@ def markdown(result: dict) -> str:
         lines.append("")
     decode = result["decode"]
     if decode:
-        names = ["SDPA, full cache", "SDPA, bounded cache (no Λ, no RoPE)", "lcpatch Λ decode (Triton)"]
+        names = [
+            "SDPA, full cache",
+            "SDPA, bounded cache (no Λ, no RoPE)",
+            "lcpatch Λ decode (Triton)",
+            "lcpatch Λ decode (Triton, un-rotated cache)",
+        ]
         lines += [
-            f"Decode (batch {DECODE_BATCH}, 1 new token; bounded cache = {N_GLOBAL} + {WINDOW} + 1 slots): "
+            f"Decode (batch {DECODE_BATCH}, 1 new token; bounded cache = {N_GLOBAL} + {WINDOW} + 1 slots, its window "
+            "stored rotated as generate's fast path holds it, or un-rotated as LambdaCache does): "
             "eager / CUDA-graph ms; TB/s = K and V bytes read / graph time",
             "",
             "| context | " + " | ".join(names) + " |",
