@@ -38,16 +38,18 @@ class DecodeConfig(NamedTuple):
     block_n: int  # keys per tile
     warps: int
     stages: int
-    per_sm: int  # split programs the heuristic aims for per SM
+    per_sm: int  # programs resident per SM: the heuristic launches at most this many per SM (one wave)
     min_tiles: int = 4  # no split shorter than this many key tiles
     splits: int = 0  # > 0: exactly this many splits (capped by the key tiles), overriding the heuristic
     fused: bool = True  # the last split program merges the splits (one launch), else a second kernel
     fixed_angles: bool = True  # key angles reduced in 64-bit fixed point (integer ops), else in float64
 
 
-# Measured on an H100 (the attention benchmark's --sweep); benchmarks/attention/decode_sweep.py times the
-# candidates on one GPU. A plain 4-tuple (BLOCK_N, warps, stages, programs per SM) is taken too.
-DECODE_CONFIG = DecodeConfig(64, 4, 3, 4)
+# benchmarks/attention/decode_sweep.py on an H100, 2026-12-06 (ring layout): 64 x 4 warps x 3 stages holds
+# two programs per SM (227 registers), so 2 per SM fill the GPU once; at batch 8 that is 4 splits (2.34 TB/s,
+# against 1.98 for the 9 splits of a second partial wave), at batch 1 min_tiles keeps 13 (merging more
+# partials costs more than it spreads). A plain 4-tuple (BLOCK_N, warps, stages, programs per SM) is taken too.
+DECODE_CONFIG = DecodeConfig(64, 4, 3, 2, min_tiles=5)
 # Each (batch, KV head)'s count of finished split programs, per (device, stream); back at 0 after every call.
 _ARRIVALS: dict[tuple[str, int], list[torch.Tensor]] = {}
 
@@ -392,9 +394,10 @@ def decode_plan(batch: int, kv_heads: int, k_len: int, device: torch.device, con
     if config.splits > 0:
         splits = min(config.splits, tiles)
     else:
-        # Enough programs to fill every SM per_sm times over, but no split shorter than min_tiles tiles.
+        # As many programs as run at once (per_sm on every SM): a second, partial wave would take as long as
+        # the first. No split shorter than min_tiles tiles.
         sms = 4 if interpreting() else sm_count(device.index or 0)
-        wanted = triton.cdiv(config.per_sm * sms, batch * kv_heads)
+        wanted = max(1, config.per_sm * sms // (batch * kv_heads))
         splits = max(1, min(wanted, triton.cdiv(tiles, config.min_tiles)))
     # Whole tiles per split; rounding up may leave fewer splits than asked for.
     return config, triton.cdiv(tiles, triton.cdiv(tiles, splits))

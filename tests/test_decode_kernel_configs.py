@@ -99,7 +99,8 @@ def test_fused_merge_leaves_counters_at_zero():
     run(decode.DecodeConfig(16, 4, 1, 0, splits=5))
 
 
-def test_split_plan():
+def test_split_plan(monkeypatch):
+    monkeypatch.setattr(decode, "sm_count", lambda index: 4)  # the interpreter's "SMs", on a GPU too
     device = torch.device("cpu")
     # 320 keys are 10 tiles of 32. Fixed splits are capped by the tiles; whole tiles per split.
     assert decode.decode_plan(1, 8, 320, device, decode.DecodeConfig(32, 4, 1, 0, splits=64))[1] == 10
@@ -110,6 +111,8 @@ def test_split_plan():
     assert decode.decode_plan(1, 8, 320, device, (32, 4, 1, 16))[1] == 3
     config, splits = decode.decode_plan(1, 8, 320, device, decode.DecodeConfig(32, 4, 1, 16, min_tiles=1))
     assert (splits, config.fused) == (5, True)
+    # Never a second, partial wave: 64 programs fit, 3 x 8 (batch x KV heads) pairs get 2 splits, not 3.
+    assert decode.decode_plan(3, 8, 320, device, decode.DecodeConfig(32, 4, 1, 16, min_tiles=1))[1] == 2
 
 
 def _sweep_configs() -> list:
