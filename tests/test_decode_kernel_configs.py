@@ -127,3 +127,18 @@ def _sweep_configs() -> list:
 @pytest.mark.parametrize("config", _sweep_configs(), ids=str)
 def test_every_swept_config_matches_reference(config):
     run(config)
+
+
+def test_stored_keys_rotated_in_one_kernel_launch():
+    """What RingLambdaCache stores on a GPU (the Triton backend's `rotate_stored`, one rope launch per layer
+    and step) is `Rotary.rotate_stored`, and its inverse gives the keys back, a million positions in."""
+    from lcpatch.attention.backends import TRITON
+    from lcpatch.kernels.specs import Rotary
+
+    rope = Rotary(1.0 / (10000 ** (torch.arange(0, 64, 2) / 64.0)), 1.3)
+    keys = torch.randn(2, 3, 12, 64)[:, :, 2:]  # a slice, as the ring stores a chunk's last tokens
+    positions = torch.randint(0, 2_000_000, (2, 10))
+    assert TRITON.verify("rotate_stored", keys, keys, keys, rope, 0.0)[0]  # the kernel runs, not the fallback
+    stored = TRITON.rotate_stored(keys, positions, rope, False)
+    assert torch.allclose(stored, rope.rotate_stored(keys, positions), atol=2e-5)
+    assert torch.allclose(TRITON.rotate_stored(stored, positions, rope, True), keys, atol=2e-5)

@@ -11,6 +11,7 @@ warning that says why. Decode steps under 'flash' run the Triton decode kernel, 
 
 The ops (each backend has them under these names, with the reference's arguments):
 - `lambda_attention`: Λ attention, see `kernels/lambda_reference.py`;
+- `rotate_stored`: keys rotated for a cache that stores them so (or back), see `Rotary.rotate_stored`;
 - `block_attention`: the function InfLLM computes each execution block with, see
   `infllm_reference.execution_block_attention`.
 """
@@ -72,6 +73,9 @@ class TorchBackend:
 
     def block_attention(self, query, key, value, rotary: Rotary, dropout: float) -> Callable:
         return torch_block_attention
+
+    def rotate_stored(self, keys, positions, rotary: Rotary, inverse: bool) -> torch.Tensor:
+        return rotary.rotate_stored(keys, positions, inverse).to(keys.dtype)
 
 
 class TritonBackend:
@@ -148,6 +152,17 @@ class TritonBackend:
 
         return execution_block_attention_triton
 
+    def rotate_stored(self, keys, positions, rotary: Rotary, inverse: bool) -> torch.Tensor:
+        """`Rotary.rotate_stored` in one launch (kernels/rope.py), where the kernels take the keys."""
+        ok, _ = self.verify("rotate_stored", keys, keys, keys, rotary, 0.0)
+        if not ok:
+            return TORCH.rotate_stored(keys, positions, rotary, inverse)
+        from ..kernels.rope import frequency_turns, rope
+
+        turns = frequency_turns(rotary.inv_freq, keys.device)
+        scale = 1.0 / rotary.scale if inverse else rotary.scale
+        return rope(keys, positions, turns, scale, inverse=inverse)[0]
+
 
 class FlashBackend:
     """flash-attn-4 for Λ prefill and training (`kernels/lambda_flash.py`): the window part in one
@@ -217,6 +232,9 @@ class FlashBackend:
 
     def block_attention(self, query, key, value, rotary: Rotary, dropout: float) -> Callable:
         return TRITON.block_attention(query, key, value, rotary, dropout)
+
+    def rotate_stored(self, keys, positions, rotary: Rotary, inverse: bool) -> torch.Tensor:
+        return TRITON.rotate_stored(keys, positions, rotary, inverse)
 
 
 def torch_block_attention(query, query_positions, query_valid, near, memory, spec, rotary, scaling, softcap, dropout):

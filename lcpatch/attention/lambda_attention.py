@@ -42,7 +42,8 @@ class LambdaAttention:
 
     def make_ring_cache(self) -> RingLambdaCache:
         """The same bounded cache with static shapes, for the fast decode path (`lcpatch.generation.fast_decode`)."""
-        return RingLambdaCache(self.specs, self.structure.rotaries)
+        backend = select_backend(self.backend, next(self.structure.model.parameters()).device)
+        return RingLambdaCache(self.specs, self.structure.rotaries, backend.rotate_stored)
 
     def cache_sizes(self) -> list[int]:
         return [spec.cache_size for spec in self.specs]

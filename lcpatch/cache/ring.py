@@ -14,11 +14,16 @@ scores at a capped distance, stay un-rotated. A prefill chunk gets the window ro
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from ..kernels.lambda_reference import unrotated_keys
 from ..kernels.specs import LambdaSpec, Rotary, StepInfo
 from .lambda_cache import LambdaCache, LambdaCacheLayer
+
+# (keys, positions, rotary, inverse) -> the keys rotated as `Rotary.rotate_stored` does, in their dtype:
+# an attention backend's `rotate_stored`.
+KeyRotation = Callable[[torch.Tensor, torch.Tensor, Rotary, bool], torch.Tensor]
 
 
 class RingLambdaCacheLayer(LambdaCacheLayer):
@@ -61,11 +66,11 @@ class RingLambdaCacheLayer(LambdaCacheLayer):
             order = torch.cat(
                 (self.sink_slots, self.spec.n_global + (self.written + self.ring_offsets) % self.spec.window)
             )
+            g = self.spec.n_global
             cached_positions = self.slot_positions.index_select(1, order)
-            cached_keys = unrotated_keys(
-                self.key_buffer.index_select(2, order), cached_positions, self.rotary, self.spec.n_global
-            )
-            keys = torch.cat((cached_keys, key_states), dim=-2)
+            cached = self.key_buffer.index_select(2, order)
+            window = self.owner.rotate_keys(cached[:, :, g:], cached_positions[:, g:], self.rotary, True)
+            keys = torch.cat((cached[:, :, :g], window, key_states), dim=-2)
             values = torch.cat((self.value_buffer.index_select(2, order), value_states), dim=-2)
             self.key_positions = torch.cat((cached_positions, step.positions), dim=1)
             self.key_valid = torch.cat((self.slot_valid.index_select(1, order), step.valid), dim=1)
@@ -85,7 +90,7 @@ class RingLambdaCacheLayer(LambdaCacheLayer):
             self._write_sinks(key_states, value_states, step)
         kept = min(length, w)  # of a chunk longer than the window only its last `window` tokens stay
         slots = g + (self.written + (length - kept) + self.ring_offsets[:kept]) % w
-        rotated = self.rotary.rotate_stored(key_states[:, :, -kept:], step.positions[:, -kept:])
+        rotated = self.owner.rotate_keys(key_states[:, :, -kept:], step.positions[:, -kept:], self.rotary, False)
         self.key_buffer.index_copy_(2, slots, rotated.to(self.key_buffer.dtype))
         self.value_buffer.index_copy_(2, slots, value_states[:, :, -kept:])
         self.slot_positions.index_copy_(1, slots, step.positions[:, -kept:])
@@ -130,11 +135,13 @@ class RingLambdaCache(LambdaCache):
 
     layer_class = RingLambdaCacheLayer
 
-    def __init__(self, specs: list[LambdaSpec], rotaries: list[Rotary]):
+    def __init__(self, specs: list[LambdaSpec], rotaries: list[Rotary], rotate_keys: KeyRotation):
         self.layout_version = 0  # bumped whenever a layer (re)allocates its tensors
         # Set by lcpatch.generation.fast_decode: the runner of this cache's decode steps (captured as a CUDA graph).
         self.decode_step = None
         self.rotaries = rotaries  # each layer stores its window's keys rotated by its own
+        # The attention backend's: one Triton launch per layer and step on a GPU, not ~15 small PyTorch ops.
+        self.rotate_keys = rotate_keys
         super().__init__(specs)
 
     def make_layers(self, specs: list[LambdaSpec]) -> list[RingLambdaCacheLayer]:
