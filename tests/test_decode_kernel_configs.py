@@ -21,6 +21,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from lambda_cases import Case, cache_layout, make_qkv, run_both  # noqa: E402
+from sm90_compile import compile_in_subprocess  # noqa: E402
 
 from lcpatch.kernels import lambda_decode as decode  # noqa: E402
 
@@ -142,3 +143,9 @@ def test_stored_keys_rotated_in_one_kernel_launch():
     stored = TRITON.rotate_stored(keys, positions, rope, False)
     assert torch.allclose(stored, rope.rotate_stored(keys, positions), atol=2e-5)
     assert torch.allclose(TRITON.rotate_stored(stored, positions, rope, True), keys, atol=2e-5)
+
+
+def test_decode_kernel_compiles_for_hopper():
+    """Every launch mode, dtype and rule of the default config compiles for sm_90 (the interpreter does not check
+    Triton's typing: a tuple holding the string constexpr DOT_PREC ran here and failed to compile)."""
+    compile_in_subprocess("decode_variants()")

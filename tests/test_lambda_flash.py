@@ -7,16 +7,12 @@ flash-attn-4 imports, half precision runs the real flash-attention at real sizes
 
 from __future__ import annotations
 
-import itertools
-import os
-import subprocess
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 from lambda_cases import CASES, DEVICE, FULL, Case, cache_layout, make_qkv, run_both, run_prefill, stream_positions
+from sm90_compile import compile_in_subprocess
 
 from lcpatch.kernels.lambda_flash import (
     FLASH_WINDOW,
@@ -157,47 +153,5 @@ def test_recipe_takes_backend_flash():
 
 @pytest.mark.parametrize("kernel", ["_merge_fwd", "_merge_bwd"])
 def test_merge_kernels_compile_for_hopper(kernel: str):
-    """The interpreter runs Python, not Triton's typing: a kernel it runs may still not compile (a return
-    of another dtype under a constexpr branch did not). Every variant the GPU takes is compiled for sm_90,
-    in a process without TRITON_INTERPRET (under it, `triton.jit` gives functions the compiler cannot take)."""
-    from triton.backends import backends
-
-    if "nvidia" not in backends:
-        pytest.skip("this Triton has no NVIDIA backend")
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    code = f"from test_lambda_flash import compile_variants; compile_variants({kernel!r})"
-    run = subprocess.run(
-        [sys.executable, "-c", code], cwd=Path(__file__).parent, env=env, capture_output=True, text=True
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-
-
-def compile_variants(kernel: str) -> None:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from lcpatch.kernels import lambda_flash
-
-    fn = getattr(lambda_flash, kernel)
-    rows, warps = lambda_flash.MERGE_TILES["forward" if kernel == "_merge_fwd" else "backward"]
-    pointers = fn.arg_names[: fn.arg_names.index("sq_b")]  # the tensors come first, then strides and sizes
-    for low, capped, near in itertools.product((True, False), repeat=3):
-        flags = dict(HALF=64, BLOCK_M=rows, CAPPED=capped, HAS_NEAR=near, P_PAD=16, LOW=low)
-        flags["PRECISION"] = "tf32" if low else "ieee"
-        half = "*bf16" if low else "*fp32"
-        pointer = {"QPOS": "*i32", "GPOS": "*i32", "GNEAR": "*i32", "Q": half, "OUT": half, "DOUT": half, "DQ": half}
-        signature = {}
-        for name in fn.arg_names:
-            if name in flags:
-                signature[name] = "constexpr"
-            elif name in pointers:
-                signature[name] = pointer.get(name, "*fp32")
-            else:
-                signature[name] = "fp32" if name == "q_scale" else "i32"
-        constants = {(fn.arg_names.index(name),): value for name, value in flags.items()}
-        source = ASTSource(fn, signature, constexprs=constants)
-        try:
-            triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-        except Exception as exc:
-            raise AssertionError(f"{kernel} with LOW={low}, CAPPED={capped}, HAS_NEAR={near}") from exc
+    """Every variant the GPU takes compiles for sm_90 (the interpreter does not check Triton's typing)."""
+    compile_in_subprocess(f"merge_variants({kernel!r})")

@@ -1,0 +1,87 @@
+"""Kernels compiled for sm_90 on any machine: the interpreter runs Python, not Triton's typing, so a kernel
+it runs may still not compile (a return of another dtype under a constexpr branch did not; a tuple holding
+a string constexpr does not). Each test runs `compile_in_subprocess`, which imports this module without
+TRITON_INTERPRET (under it, `triton.jit` gives functions the compiler cannot take)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def compile_in_subprocess(call: str) -> None:
+    """Run `sm90_compile.<call>` in a fresh process without TRITON_INTERPRET; fail with its stderr."""
+    from triton.backends import backends
+
+    if "nvidia" not in backends:
+        pytest.skip("this Triton has no NVIDIA backend")
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    code = f"import sm90_compile; sm90_compile.{call}"
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=Path(__file__).parent, env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+def compile_for_sm90(fn, flags: dict, pointers: dict[str, str], floats: tuple[str, ...], **options) -> None:
+    """triton.compile `fn` for sm_90: `flags` as constexprs, the arguments before `sq_b` as pointers
+    (`pointers` names their types, else *fp32), `floats` as fp32 and every other argument as i32."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    tensors = fn.arg_names[: fn.arg_names.index("sq_b")]  # the kernels take tensors first, then strides and sizes
+    signature = {}
+    for name in fn.arg_names:
+        if name in flags:
+            signature[name] = "constexpr"
+        elif name in tensors:
+            signature[name] = pointers.get(name, "*fp32")
+        else:
+            signature[name] = "fp32" if name in floats else "i32"
+    constants = {(fn.arg_names.index(name),): value for name, value in flags.items()}
+    triton.compile(ASTSource(fn, signature, constexprs=constants), target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def merge_variants(kernel: str) -> None:
+    from lcpatch.kernels import lambda_flash
+
+    fn = getattr(lambda_flash, kernel)
+    rows, warps = lambda_flash.MERGE_TILES["forward" if kernel == "_merge_fwd" else "backward"]
+    for low, capped, near in itertools.product((True, False), repeat=3):
+        flags = dict(HALF=64, BLOCK_M=rows, CAPPED=capped, HAS_NEAR=near, P_PAD=16, LOW=low)
+        flags["PRECISION"] = "tf32" if low else "ieee"
+        half = "*bf16" if low else "*fp32"
+        pointers = {"QPOS": "*i32", "GPOS": "*i32", "GNEAR": "*i32", "Q": half, "OUT": half, "DOUT": half, "DQ": half}
+        try:
+            compile_for_sm90(fn, flags, pointers, ("q_scale",), num_warps=warps)
+        except Exception as exc:
+            raise AssertionError(f"{kernel} with LOW={low}, CAPPED={capped}, HAS_NEAR={near}") from exc
+
+
+def decode_variants() -> None:
+    from lcpatch.kernels import lambda_decode
+
+    config = lambda_decode.DECODE_CONFIG
+    pointers = {"QPOS": "*i64", "KPOS": "*i64", "KVALID": "*u8", "TURNS": "*fp64", "ARRIVALS": "*i32"}
+    # Each constexpr branch both ways (a full product is 48 compilations, minutes on two cores); the first is
+    # what a bf16 decode step over the ring cache runs.
+    variants = [(True, True, False, 2, True), (True, False, True, 0, False), (False, True, True, 1, True)]
+    variants.append((False, False, False, 2, False))
+    for low, capped, softcap, mode, fixed in variants:
+        flags = dict(HALF=64, BLOCK_M=16, BLOCK_N=config.block_n, CAPPED=capped, SOFTCAP=softcap, MODE=mode)
+        flags.update(DOT_PREC="tf32" if low else "ieee", FIXED_ANGLES=fixed)
+        half = "*bf16" if low else "*fp32"
+        types = {**pointers, "Q": half, "K": half, "V": half, "OUT": half}
+        try:
+            compile_for_sm90(
+                lambda_decode._lambda_decode_split, flags, types, ("rot_scale", "scaling", "softcap"),
+                num_warps=config.warps, num_stages=config.stages,
+            )  # fmt: skip
+        except Exception as exc:
+            raise AssertionError(f"decode with {flags}") from exc
