@@ -6,7 +6,7 @@ import torch
 
 from .lambda_decode import DECODE_MAX_ROWS, lambda_decode
 from .lambda_prefill import lambda_prefill
-from .lambda_reference import unrotated_keys
+from .lambda_reference import rotate_slots
 from .specs import LambdaSpec, Rotary
 from .utils import unit_last
 
@@ -53,5 +53,5 @@ def lambda_attention(
     args = (query_positions, key_positions, key_valid, spec, rotary, scaling, softcap)
     if decode:
         return lambda_decode(query, key, value, *args, rotated_from=rotated_from)
-    key = unrotated_keys(key, key_positions, rotary, rotated_from)
+    key = rotate_slots(key, key_positions, rotary, rotated_from, inverse=True)
     return lambda_prefill(query, key, value, *args)

@@ -32,12 +32,15 @@ def masked_softmax(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
     return weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
 
 
-def unrotated_keys(key: torch.Tensor, key_positions: torch.Tensor, rotary: Rotary, rotated_from: int | None):
-    """`key` with its slots from `rotated_from` on (stored as `Rotary.rotate_stored` gives them) rotated back."""
+def rotate_slots(
+    key: torch.Tensor, key_positions: torch.Tensor, rotary: Rotary, rotated_from: int | None, inverse: bool = False
+) -> torch.Tensor:
+    """`key` with its slots from `rotated_from` on rotated as a cache stores them (`Rotary.rotate_stored`), or
+    with `inverse` rotated back; in key's dtype."""
     if rotated_from is None or rotated_from >= key.shape[2]:
         return key
-    back = rotary.rotate_stored(key[:, :, rotated_from:], key_positions[:, rotated_from:], inverse=True)
-    return torch.cat((key[:, :, :rotated_from], back.to(key.dtype)), dim=2)
+    moved = rotary.rotate_stored(key[:, :, rotated_from:], key_positions[:, rotated_from:], inverse)
+    return torch.cat((key[:, :, :rotated_from], moved.to(key.dtype)), dim=2)
 
 
 def lambda_attention_reference(
@@ -69,7 +72,7 @@ def lambda_attention_reference(
     group = q_heads // kv_heads
     q = query.reshape(batch, kv_heads, group * q_len, -1)  # heads of one group share their keys
     q_pos = query_positions.repeat(1, group)
-    k, v = unrotated_keys(key, key_positions, rotary, rotated_from), value.to(torch.float32)
+    k, v = rotate_slots(key, key_positions, rotary, rotated_from, inverse=True), value.to(torch.float32)
 
     if keys_in_stream_order:
         globals_ = (key_valid & (key_positions < spec.n_global)).any(dim=0)

@@ -24,6 +24,7 @@ from lambda_cases import Case, cache_layout, make_qkv, run_both  # noqa: E402
 from sm90_compile import compile_in_subprocess  # noqa: E402
 
 from lcpatch.kernels import lambda_decode as decode  # noqa: E402
+from lcpatch.kernels.lambda_reference import rotate_slots  # noqa: E402
 
 if FULL and not torch.cuda.is_available():
     pytest.skip("LCPATCH_TEST_FULL=1 needs a CUDA device", allow_module_level=True)
@@ -71,10 +72,9 @@ def stored_rotated(config):
     """The decode kernel over keys stored as RingLambdaCache stores them: the window's rotated at their positions."""
 
     def engine(q, k, v, q_pos, k_pos, valid, spec, rope, scaling, softcap=None):
-        g = spec.n_global
-        stored = torch.cat((k[:, :, :g], rope.rotate_stored(k[:, :, g:], k_pos[:, g:]).to(k.dtype)), dim=2)
+        stored = rotate_slots(k, k_pos, rope, spec.n_global)
         args = (q_pos, k_pos, valid, spec, rope, scaling, softcap)
-        return decode.lambda_decode(q, stored, v, *args, rotated_from=g, config=config)
+        return decode.lambda_decode(q, stored, v, *args, rotated_from=spec.n_global, config=config)
 
     return engine
 

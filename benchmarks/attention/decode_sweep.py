@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench, do_bench_cudagraph
 
 from lcpatch.kernels.lambda_decode import DECODE_CONFIG, DecodeConfig, decode_plan, lambda_decode
-from lcpatch.kernels.lambda_reference import lambda_attention_reference
+from lcpatch.kernels.lambda_reference import lambda_attention_reference, rotate_slots
 from lcpatch.kernels.specs import LambdaSpec, Rotary
 
 Q_HEADS, KV_HEADS, DIM, DTYPE = 32, 8, 128, torch.bfloat16
@@ -103,10 +103,7 @@ def main() -> None:
     spec = LambdaSpec(N_GLOBAL, WINDOW, WINDOW)
     rotary = Rotary(1.0 / (500000.0 ** (torch.arange(0, DIM, 2, dtype=torch.float32) / DIM)).cuda(), 1.0)
     inputs = {batch: bounded_cache(batch) for batch in BATCHES}
-    stored_keys = {}
-    for batch, (_, k, _, _, k_pos, _) in inputs.items():
-        window = rotary.rotate_stored(k[:, :, N_GLOBAL:], k_pos[:, N_GLOBAL:]).to(k.dtype)
-        stored_keys[batch] = torch.cat((k[:, :, :N_GLOBAL], window), dim=2)
+    stored_keys = {batch: rotate_slots(k, k_pos, rotary, N_GLOBAL) for batch, (_, k, _, _, k_pos, _) in inputs.items()}
     rows, bounds = [], {}
 
     def time_config(batch: int, config: DecodeConfig, reference: torch.Tensor) -> dict:

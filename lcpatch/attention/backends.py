@@ -25,7 +25,7 @@ import torch
 
 from ..errors import BackendError
 from ..kernels.infllm_split import execution_block_attention_split
-from ..kernels.lambda_reference import lambda_attention_reference, unrotated_keys
+from ..kernels.lambda_reference import lambda_attention_reference, rotate_slots
 from ..kernels.lambda_split import lambda_attention_split
 from ..kernels.specs import LambdaSpec, Rotary
 from .infllm_reference import execution_block_attention
@@ -60,7 +60,7 @@ class TorchBackend:
     ) -> torch.Tensor:
         if sdpa_takes(softcap, dropout, "Λ attention runs the (slow) per-pair reference"):
             query, key, value, query_positions, key_positions, key_valid, spec, rotary, scaling = args
-            key = unrotated_keys(key, key_positions, rotary, rotated_from)
+            key = rotate_slots(key, key_positions, rotary, rotated_from, inverse=True)
             args = (query, key, value, query_positions, key_positions, key_valid, spec, rotary, scaling)
             return lambda_attention_split(*args, keys_in_stream_order=keys_in_stream_order)
         return lambda_attention_reference(
@@ -217,7 +217,7 @@ class FlashBackend:
         order = dict(keys_in_stream_order=keys_in_stream_order, rotated_from=rotated_from)
         if takes_decode(query, key, value):  # a few rows over the cache: the split-KV decode kernel's work
             return TRITON.lambda_attention(*args, softcap=softcap, dropout=dropout, **order)
-        key = unrotated_keys(key, key_positions, rotary, rotated_from)
+        key = rotate_slots(key, key_positions, rotary, rotated_from, inverse=True)
         args = (query, key, value, query_positions, key_positions, key_valid, spec, rotary, scaling)
         ok, reason = self.verify(query, key, value, rotary, softcap, dropout, keys_in_stream_order)
         keys = layout(query_positions, key_positions, key_valid, spec) if ok else None

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from ..attention.backends import FLASH
 from ..cli.bench import benchmark_parser
 from ..cli.common import MISSING, environment, pyplot
+from ..kernels.lambda_reference import rotate_slots
 from ..kernels.lambda_split import lambda_attention_split
 from ..kernels.specs import LambdaSpec, Rotary
 
@@ -251,8 +252,7 @@ def _decode_context(ctx, q, kv, spec, rotary, lambda_attention, methods) -> list
     k, v = kv(ctx + 1)
     kb, vb = kv(bounded)
     # RingLambdaCache, as generate's fast path holds it: the window's keys stored rotated at their positions.
-    window = rotary.rotate_stored(kb[:, :, N_GLOBAL:], k_pos[:, N_GLOBAL:]).to(kb.dtype)
-    ring = torch.cat((kb[:, :, :N_GLOBAL], window), dim=2)
+    ring = rotate_slots(kb, k_pos, rotary, N_GLOBAL)
     args = (q_pos, k_pos, valid, spec, rotary, DIM**-0.5)
     cases = {
         "SDPA, full cache": (lambda: sdpa(q, k, v), ctx + 1),

@@ -91,7 +91,7 @@ class RingLambdaCacheLayer(LambdaCacheLayer):
         kept = min(length, w)  # of a chunk longer than the window only its last `window` tokens stay
         slots = g + (self.written + (length - kept) + self.ring_offsets[:kept]) % w
         rotated = self.owner.rotate_keys(key_states[:, :, -kept:], step.positions[:, -kept:], self.rotary, False)
-        self.key_buffer.index_copy_(2, slots, rotated.to(self.key_buffer.dtype))
+        self.key_buffer.index_copy_(2, slots, rotated)
         self.value_buffer.index_copy_(2, slots, value_states[:, :, -kept:])
         self.slot_positions.index_copy_(1, slots, step.positions[:, -kept:])
         # A sink lives in its own slot; valid in the ring too, it would be counted twice.
