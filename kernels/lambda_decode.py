@@ -10,7 +10,7 @@ second kernel) merges the partial softmaxes.
 
 Un-rotated keys are rotated in the kernel, at their positions (near pairs) and at the far rule's.
 That is most of the work per key (angles, cos/sin, the rotation, a second pair of dot products: ~1,170
-instructions per 64-key tile and warp on sm_90, against ~480 without), so a cache that stores its
+instructions per 64-key tile and warp in sm_90 SASS from Triton 3.9, against ~480 without), so a cache that stores its
 window rotated (RingLambdaCache: `rotated_from`) gets those tiles read as plain flash-decoding tiles.
 """
 
