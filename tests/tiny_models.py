@@ -17,16 +17,18 @@ def random_ids(length: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, VOCAB, (batch, length), generator=generator)
 
 
-def tiny_tokenizer():
-    """A word-level tokenizer over the tiny vocabulary ("w3" ... "w95"), built offline."""
+def tiny_tokenizer(pad: bool = True):
+    """A word-level tokenizer over the tiny vocabulary ("w3" ... "w95"), built offline. With `pad=False` it has
+    no pad token (id 0 stays "<pad>", its unknown token), as tokenizers converted from GGUF files often do."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    special = {"pad_token": "<pad>"} if pad else {}
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", padding_side="left"
+        tokenizer_object=backend, **special, bos_token="<s>", eos_token="</s>", padding_side="left"
     )
 
 

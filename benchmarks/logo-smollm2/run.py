@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 import lcpatch
 from lcpatch.cli.common import environment
 from lcpatch.data.logo import build_logo_rows, write_rows
+from lcpatch.data.tokens import padding_id
 from lcpatch.eval.perplexity import perplexity_by_position
 from lcpatch.training import LOGOTraining
 from lcpatch.training.logo import LOGOCollator, answer_log_probs, tokenize_logo_row
@@ -90,7 +91,7 @@ def preference_accuracy(model, tokenizer, rows: list[dict], args) -> dict:
     """Share of rows whose chosen answer out-scores each rejected one, at synthesised and at plain positions."""
     num_rejected = len(rows[0]["rejected"])
     tokenised = [tokenize_logo_row(tokenizer, row, num_rejected, args.chunk_size, args.real_length) for row in rows]
-    collator = LOGOCollator(tokenizer.pad_token_id, args.virtual_length, seed=args.seed)
+    collator = LOGOCollator(padding_id(tokenizer), args.virtual_length, seed=args.seed)
     wins = {"virtual": 0, "plain": 0}
     model.eval()
     for row in tokenised:

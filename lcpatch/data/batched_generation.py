@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from tqdm.auto import tqdm
 
 from ..errors import LcpatchError
+from .tokens import padding_id
 
 if TYPE_CHECKING:
     import torch
@@ -94,7 +95,7 @@ def generate_batched(
         raise LcpatchError(f"generate_batched needs one distinct key per prompt; got {len(keys)} for {len(prompts)}.")
     if not all(prompts):
         raise LcpatchError("generate_batched got an empty prompt; every prompt needs at least one token.")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = padding_id(tokenizer)
     answers = {key: row["text"] for key, row in (shards.done() if shards else {}).items() if key in set(keys)}
     todo = sorted((i for i, key in enumerate(keys) if key not in answers), key=lambda i: len(prompts[i]))
     was_training = model.training

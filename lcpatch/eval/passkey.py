@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..data.tokens import encode
+from ..data.tokens import encode, padding_id
 from ..errors import LcpatchError
 
 INSTRUCTION = (
@@ -107,7 +107,7 @@ def score_passkey(generated: str, key: str) -> bool:
 def greedy_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
     """The greedy continuations (decoded, special tokens dropped) of prompts of one length, as one batch."""
     ids = torch.tensor(prompts, device=next(model.parameters()).device)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = padding_id(tokenizer)
     out = model.generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad
     )

@@ -25,6 +25,7 @@ from trl.experimental.cpo import CPOConfig, CPOTrainer
 
 from ..api import patched_recipe
 from ..data.logo import encode_prompt, read_rows, split_chunks
+from ..data.tokens import padding_id
 from ..errors import LcpatchError
 from ..fields import AUTO
 from . import sequence_parallel
@@ -58,6 +59,11 @@ class LOGOCollator:
     `position_ids` from one covering layout per row, drawn from `seed`."""
 
     def __init__(self, pad_token_id: int, virtual_length: int, offsets_per_example: int | None = None, seed: int = 0):
+        if not isinstance(pad_token_id, int):
+            raise LcpatchError(
+                f"LOGOCollator's pad_token_id must be a token id, not {pad_token_id!r}: pass "
+                "lcpatch.data.tokens.padding_id(tokenizer) (the pad token, else EOS) for tokenizers without a pad token."
+            )
         self.pad_token_id = pad_token_id
         self.virtual_length = virtual_length
         self.offsets_per_example = offsets_per_example
@@ -177,12 +183,11 @@ class LOGOTrainer(CPOTrainer):
             )
         # Read by tokenize_row, which CPOTrainer.__init__ maps over the datasets.
         self.num_rejected, self.chunk_size = args.num_rejected, args.chunk_size
-        pad = processing_class.pad_token_id
         super().__init__(
             model=model,
             args=args,
             data_collator=LOGOCollator(
-                processing_class.eos_token_id if pad is None else pad,
+                padding_id(processing_class),
                 args.virtual_length,
                 args.offsets_per_example,
                 seed=args.seed + args.process_index,
