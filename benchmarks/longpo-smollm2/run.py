@@ -9,7 +9,11 @@ Gutenberg books, a LoRA trained on them with `lcpatch.training.runner.run`, and,
   short-context answer (the chosen one), on the held-out questions; "before" is the pairs' rejected answer.
 
 Everything runs under the built-in `longpo` recipe (dense attention, YaRN x4): the rejected answers, the
-training and the "after" model.
+training and the "after" model, with two changes from the recipe's (the paper's) loss weights: beta = 0.1 and
+dpo_weight (lambda) = 1 (--beta, --dpo-weight). At the paper's 0.01 and 0.01 the DPO term's gradient is about 1/400
+of the NLL term's (lambda * beta * sigma / 2 per answer token against 1 / |answer|), so only the NLL on the chosen
+answers trains and the held-out preference accuracy stays where it starts (0.000 on the H200, 2026-12-03: a
+policy equal to the reference prefers its own long-context answers).
 
 On the GPU machine (the README's LongPO section has the device commands):
     python3 benchmarks/longpo-smollm2/run.py --gguf /tmp/lcm/model.gguf --data /tmp/gutenberg --out $OUT/longpo \\
@@ -50,6 +54,9 @@ SIZES = {
     ),
     "tiny": dict(chunk_length=64, long_length=1024, train_contexts=6, heldout_contexts=2, eval_length=2048, bucket=512),
 }
+
+
+SHORT = 8192  # the model's training length: the goal keeps perplexity up to it within 5% of the start
 
 
 def model_folder(args) -> Path:
@@ -124,6 +131,12 @@ def preference_accuracy(model, tokenizer, pairs, recipe, work: Path) -> tuple[fl
     return metrics["eval_rewards/accuracies"], trainer.train_dataset
 
 
+def head_perplexity(result: dict, end: int) -> float:
+    """Perplexity of the buckets that end at or before `end` tokens."""
+    buckets = [b for b in result["buckets"] if b["end"] <= end]
+    return math.exp(sum(b["nll"] * b["tokens"] for b in buckets) / sum(b["tokens"] for b in buckets))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
@@ -142,6 +155,8 @@ def main() -> None:
     parser.add_argument("--generation-batch", type=int, default=16)
     parser.add_argument("--gradient-accumulation", type=int, default=4)
     parser.add_argument("--learning-rate", type=float, default=2.0e-4)
+    parser.add_argument("--beta", type=float, default=0.1, help="DPO beta (the recipe's, the paper's: 0.01)")
+    parser.add_argument("--dpo-weight", type=float, default=1.0, help="lambda on the DPO term (the paper's: 0.01)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     sizes = SIZES["tiny" if args.tiny else "gpu"]
@@ -156,6 +171,9 @@ def main() -> None:
     base = model_folder(args)
     tokenizer = AutoTokenizer.from_pretrained(base, padding_side="left")
     recipe = lcpatch.load_recipe("longpo")
+    recipe = dataclasses.replace(
+        recipe, training=dataclasses.replace(recipe.training, beta=args.beta, dpo_weight=args.dpo_weight)
+    )
     books = sorted(args.data.glob("*.txt"))
     heldout = args.data / args.heldout
     if heldout not in books:
@@ -237,11 +255,31 @@ def main() -> None:
             mean([a == 1.0 for a in agreement_before]),
             mean([a == 1.0 for a in agreement_after]),
         ),
+        f"perplexity, 0-{SHORT // 1024}k tokens": (
+            head_perplexity(perplexity["start (recipe)"], SHORT),
+            head_perplexity(perplexity["LongPO LoRA (recipe)"], SHORT),
+        ),
+        f"perplexity, 0-{SHORT // 1024}k tokens, against vanilla": (
+            head_perplexity(perplexity["vanilla"], SHORT),
+            head_perplexity(perplexity["LongPO LoRA (recipe)"], SHORT),
+        ),
         f"perplexity, all {eval_ids.numel()} tokens": (
             perplexity["start (recipe)"]["overall"]["ppl"],
             perplexity["LongPO LoRA (recipe)"]["overall"]["ppl"],
         ),
     }
+    short_before, short_after = summary[f"perplexity, 0-{SHORT // 1024}k tokens"]
+    vanilla_short = summary[f"perplexity, 0-{SHORT // 1024}k tokens, against vanilla"][0]
+    at_least = [
+        ("held-out preference accuracy", accuracy_after, 0.6),
+        ("answer agreement F1", summary["answer agreement with the short-context answer (F1)"][1], 0.6),
+    ]
+    at_most = [
+        (f"0-{SHORT // 1024}k perplexity / the start's (recipe)", short_after / short_before, 1.05),
+        (f"0-{SHORT // 1024}k perplexity / vanilla's", short_after / vanilla_short, 1.05),
+    ]
+    goals = [f"{n}: {v:.3f} (goal >= {g}): {'met' if v >= g else 'missed'}" for n, v, g in at_least]
+    goals += [f"{n}: {v:.3f} (goal <= {g}): {'met' if v <= g else 'missed'}" for n, v, g in at_most]
     names = list(perplexity)
     lines = ["| measure (held out: Moby Dick) | before (start, recipe) | after (LongPO LoRA) |", "|---|---:|---:|"]
     lines += [f"| {name} | {before:.3f} | {after:.3f} |" for name, (before, after) in summary.items()]
@@ -249,7 +287,7 @@ def main() -> None:
     for i, bucket in enumerate(perplexity[names[0]]["buckets"]):
         cells = " | ".join(f"{perplexity[n]['buckets'][i]['ppl']:.2f}" for n in names)
         lines.append(f"| {bucket['start'] / 1024:g}k-{bucket['end'] / 1024:g}k | {cells} |")
-    table = "\n".join(lines)
+    table = "\n".join(lines) + "\n\n" + "\n".join(f"- {goal}" for goal in goals)
     run_facts = {
         **environment(device),
         "trl": trl.__version__,
@@ -263,6 +301,8 @@ def main() -> None:
         "steps": steps,
         "gradient_accumulation": args.gradient_accumulation,
         "learning_rate": args.learning_rate,
+        "beta": args.beta,
+        "dpo_weight": args.dpo_weight,
         "seconds": {
             "build_pairs": round(pairs_seconds),
             "train": round(train_seconds),
@@ -271,6 +311,7 @@ def main() -> None:
     }
     results = {
         "summary": {k: {"before": b, "after": a} for k, (b, a) in summary.items()},
+        "goals": goals,
         "perplexity": perplexity,
         "heldout_answers": [
             {"question": text_of(p).rsplit("\n", 1)[-1], "short": c, "long_before": text_of(r), "long_after": a}
