@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -114,6 +115,29 @@ def measure(model, tokenizer, heldout_rows, ids, args, name: str) -> dict:
     return {"accuracy": accuracy, "perplexity": ppl}
 
 
+def head_perplexity(result: dict, end: int) -> float:
+    """Perplexity of the buckets that end at or before `end` tokens."""
+    buckets = [b for b in result["perplexity"]["buckets"] if b["end"] <= end]
+    return math.exp(sum(b["nll"] * b["tokens"] for b in buckets) / sum(b["tokens"] for b in buckets))
+
+
+def goals(results: dict, trained_length: int) -> list[str]:
+    """The issue's goal: held-out accuracy up by >= 0.2 with the perplexity up to the training length within 5%."""
+    before, after = results["before"], results["after"]
+    lines = []
+    for layout in ("virtual", "plain"):
+        gain = after["accuracy"][layout] - before["accuracy"][layout]
+        lines.append(
+            f"accuracy gain at {layout} positions: {gain:+.3f} (goal >= +0.2): {'met' if gain >= 0.2 else 'missed'}"
+        )
+    ratio = head_perplexity(after, trained_length) / head_perplexity(before, trained_length)
+    label = f"0-{trained_length // 1024}k" if trained_length % 1024 == 0 else f"0-{trained_length}"
+    lines.append(
+        f"{label} perplexity after / before: {ratio:.3f} (goal <= 1.05): {'met' if ratio <= 1.05 else 'missed'}"
+    )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
@@ -156,6 +180,7 @@ def main() -> None:
     device, dtype = device_and_dtype()
     tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+    trained_length = model.config.max_position_embeddings
 
     books = sorted(args.data.glob("*.txt"))
     heldout = args.data / args.heldout
@@ -220,7 +245,7 @@ def main() -> None:
         cells = [f"{result['accuracy']['virtual']:.3f}", f"{result['accuracy']['plain']:.3f}"]
         cells += [f"{b['ppl']:.2f}" for b in result["perplexity"]["buckets"]]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
+    table = "\n".join(lines) + "\n\n" + "\n".join(f"- {goal}" for goal in goals(results, trained_length))
     meta = {
         **environment(device),
         "dtype": str(dtype),
@@ -234,7 +259,9 @@ def main() -> None:
         "seconds_total": round(time.time() - started),
         "train_log": log,
     }
-    (args.out / "results.json").write_text(json.dumps({"results": results, "run": meta}, indent=2))
+    (args.out / "results.json").write_text(
+        json.dumps({"results": results, "goals": goals(results, trained_length), "run": meta}, indent=2)
+    )
     (args.out / "results.md").write_text(table + "\n")
     print(table, {k: v for k, v in meta.items() if k not in ("train_log", "arguments")}, sep="\n")
 
