@@ -1,0 +1,12 @@
+#!/bin/bash
+# Waits up to $1 seconds for run_all.sh's six jobs, shows where each stands and copies /tmp/out to $OUT.
+end=$((SECONDS + $1))
+while [ $SECONDS -lt $end ] && [ "$(ls /tmp/out/done.* 2>/dev/null | wc -l)" -lt 6 ]; do sleep 5; done
+cd /tmp/out || exit 1
+for f in done.*; do echo "$f: $(cat "$f")"; done
+for f in *.log; do
+  echo "== $f"
+  tail -c 600 "$f" | tr '\r' '\n' | tail -n 4
+done
+nvidia-smi --query-gpu=name,memory.used,utilization.gpu --format=csv
+cp -r /tmp/out/. "$OUT"/
