@@ -19,6 +19,10 @@ On the GPU machine (the README's "E2-LLM on SmolLM2" section gives the device co
         --work /tmp/work
 Anywhere, with a converted model folder: --model FOLDER instead of --gguf. Writes results.json, results.md and
 perplexity.png to --out; the converted model and the adapters go to --work.
+
+Time: training both LoRAs with the defaults, 132 s (E2-LLM) + 106 s (plain) on an H100 shared with five other runs
+(2026-12-07); that run's evaluation (then 131,072 tokens, the attention methods before the trained rows) was cut
+at 10 minutes by the session's device time, so the whole run is not timed yet.
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ CPU smoke run of the whole pipeline (a tiny random Llama with SmolLM2's tokenize
     python benchmarks/logo-smollm2/run.py --tiny --model ~/.cache/lcpatch/smollm2-135m-instruct \\
         --data ../shared/data/gutenberg --out /tmp/logo-tiny
 Writes results.json and results.md to --out; the rows, shards and adapter go to --work.
+
+Time with the defaults: 530 s (rows 112 s, training 390 s) on an H100 shared with five other runs (2026-12-07,
+results-h100-2026-12-07/); alone it is faster.
 """
 
 from __future__ import annotations
