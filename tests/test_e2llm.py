@@ -25,7 +25,7 @@ from lcpatch.training.e2llm import (
     stop_augmentation,
 )
 
-from tiny_models import random_ids, tiny_model
+from tiny_models import cpu_trainer_settings, random_ids, tiny_model
 
 L = 32
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny-e2llm"
@@ -202,22 +202,6 @@ def test_augmented_training_keeps_integer_positions_for_the_mask():
     torch.testing.assert_close(rope[12:16], torch.arange(4) * rope[13])  # its sinks keep t = 0
 
 
-def _trainer_args(tmp_path, **extra):
-
-    return dict(
-        output_dir=str(tmp_path),
-        max_steps=2,
-        per_device_train_batch_size=2,
-        learning_rate=1e-3,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-        **extra,
-    )
-
-
 def test_hf_trainer_with_peft_lora_and_callback(tmp_path):
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
@@ -230,7 +214,7 @@ def test_hf_trainer_with_peft_lora_and_callback(tmp_path):
     ids = random_ids(L, batch=8).tolist()
     trainer = Trainer(
         model=peft_model,
-        args=TrainingArguments(**_trainer_args(tmp_path), remove_unused_columns=False),
+        args=TrainingArguments(**cpu_trainer_settings(tmp_path), remove_unused_columns=False),
         train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids}),
         callbacks=[E2LLMCallback(g_max=4)],
     )
@@ -251,7 +235,7 @@ def test_trl_sft_trainer_packed_with_callback(tmp_path):
     model = lcpatch.from_pretrained(FIXTURE)
     seen = record_rope_positions(model)
     texts = ["Call me Ishmael. Some years ago.", "It was the best of times.", "Happy families are all alike."] * 4
-    config = SFTConfig(**_trainer_args(tmp_path), max_length=64, packing=True)  # bfd: padding-free rows
+    config = SFTConfig(**cpu_trainer_settings(tmp_path), max_length=64, packing=True)  # bfd: padding-free rows
     trainer = SFTTrainer(
         model=model,
         args=config,

@@ -15,13 +15,12 @@ from peft import LoraConfig, get_peft_model
 
 import lcpatch
 from lcpatch import Recipe, RecipeError
-from lcpatch._compat import CHECKPOINTING_ARG
 from lcpatch.data.batched_generation import JsonlShards, generate_batched
 from lcpatch.data.longpo import PairOptions
 from lcpatch.training import LongPOTraining
 from lcpatch.training.longpo import build_trainer
 
-from tiny_models import tiny_model, tiny_tokenizer
+from tiny_models import cpu_trainer_settings, tiny_model, tiny_tokenizer
 
 L = 64  # the tiny models' training length
 LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
@@ -48,22 +47,16 @@ def pair_rows(count: int = 8, seed: int = 0) -> list[dict]:
     return rows
 
 
-def settings(tmp_path, **extra) -> dict:
+def settings(tmp_path) -> dict:
     """What `lcpatch train` passes to the builder, sized for a CPU test."""
-    return dict(
-        output_dir=str(tmp_path / "out"),
+    return cpu_trainer_settings(
+        tmp_path / "out",
         max_steps=20,
         per_device_train_batch_size=4,
         learning_rate=5e-3,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
         logging_steps=5,
-        disable_tqdm=True,
         remove_unused_columns=False,
         seed=0,
-        **{CHECKPOINTING_ARG: False},
-        **extra,
     )
 
 

@@ -15,7 +15,6 @@ from datasets import Dataset
 from trl import DPOConfig
 
 from lcpatch import Recipe
-from lcpatch._compat import CHECKPOINTING_ARG
 from lcpatch.data import generate_batched, tokens
 from lcpatch.data.logo import build_logo_rows, write_rows
 from lcpatch.data.longpo import PairOptions, build_pairs
@@ -27,7 +26,7 @@ from lcpatch.training.longpo import LongPOTrainer
 from lcpatch.training.longpo import build_trainer as longpo_trainer
 from lcpatch.training.runner import run, with_overrides
 
-from tiny_models import VOCAB, tiny_model, tiny_tokenizer
+from tiny_models import VOCAB, cpu_trainer_settings, tiny_model, tiny_tokenizer
 
 EOS = 2
 LONG_RECIPE = {"attention": {"method": "lm-infinite", "n_global": 2, "window": 16}}  # the rejected answers
@@ -120,24 +119,11 @@ def test_logo_collator_pads_with_eos_and_scores_answers_as_with_a_pad_token(tok,
 # -- trainers -----------------------------------------------------------------------------------
 
 
-def train_settings(tmp_path) -> dict:
-    return dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=2,
-        per_device_train_batch_size=2,
-        learning_rate=1e-3,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-        **{CHECKPOINTING_ARG: False},  # TRL's configs default checkpointing to on
-    )
-
-
 def test_logo_trainer_trains(tmp_path, tok, logo_rows):
     model = tiny_model().train()
-    args = LOGOConfig(**train_settings(tmp_path), bf16=False, chunk_size=8, virtual_length=256, max_length=64)
+    args = LOGOConfig(
+        **cpu_trainer_settings(tmp_path / "out"), bf16=False, chunk_size=8, virtual_length=256, max_length=64
+    )
     trainer = LOGOTrainer(model, args, Dataset.from_list(logo_rows), tok)
     assert trainer.data_collator.pad_token_id == EOS
     trainer.train()
@@ -147,7 +133,9 @@ def test_logo_trainer_trains(tmp_path, tok, logo_rows):
 def test_longpo_trainer_trains_and_pads_with_eos(tmp_path, tok, pairs):
     pairs.save_to_disk(str(tmp_path / "pairs"))
     training = LongPOTraining(data=(str(tmp_path / "pairs"),), lora=None)
-    trainer = longpo_trainer(training, tiny_model(), tok, {**train_settings(tmp_path), "remove_unused_columns": False})
+    trainer = longpo_trainer(
+        training, tiny_model(), tok, {**cpu_trainer_settings(tmp_path / "out"), "remove_unused_columns": False}
+    )
     assert isinstance(trainer, LongPOTrainer) and tok.pad_token_id == EOS  # TRL pads with the tokenizer's pad token
     trainer.train()
     assert trainer.state.global_step == 2
@@ -192,9 +180,9 @@ def test_a_tokenizer_with_neither_pad_nor_eos_gets_the_fix(tmp_path, tok):
     with pytest.raises(LcpatchError, match=fix):
         greedy_answers(model, tok, [[5, 6]], 2)
     with pytest.raises(LcpatchError, match=fix):
-        LOGOTrainer(model, LOGOConfig(**train_settings(tmp_path)), Dataset.from_list([]), tok)
+        LOGOTrainer(model, LOGOConfig(**cpu_trainer_settings(tmp_path / "out")), Dataset.from_list([]), tok)
     with pytest.raises(LcpatchError, match=fix):
-        LongPOTrainer(model, args=DPOConfig(**train_settings(tmp_path)), processing_class=tok)
+        LongPOTrainer(model, args=DPOConfig(**cpu_trainer_settings(tmp_path / "out")), processing_class=tok)
     tok.save_pretrained(tmp_path / "neither")
     with pytest.raises(LcpatchError, match=fix):
         run(with_overrides("e2llm", dict(model=str(tmp_path / "neither"), data=["unread.txt"])))

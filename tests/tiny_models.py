@@ -43,3 +43,23 @@ class CollectStreamer:
 
     def end(self):
         self.tokens.append("end")
+
+
+def cpu_trainer_settings(output_dir, **overrides) -> dict:
+    """Trainer arguments for a few steps of a CPU test: no reports, saves, progress bars or checkpointing (TRL's
+    configs turn checkpointing on by default)."""
+    from lcpatch._compat import CHECKPOINTING_ARG
+
+    settings = dict(
+        output_dir=str(output_dir),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        **{CHECKPOINTING_ARG: False},
+    )
+    return {**settings, **overrides}
