@@ -157,6 +157,7 @@ def main() -> None:
     parser.add_argument("--answer-tokens", type=int, default=48)
     parser.add_argument("--generation-batch", type=int, default=16)
     parser.add_argument("--gradient-accumulation", type=int, default=4)
+    parser.add_argument("--epochs", type=float, default=1.0, help="passes over the training pairs")
     parser.add_argument("--learning-rate", type=float, default=2.0e-4)
     parser.add_argument("--beta", type=float, default=0.1, help="DPO beta (the recipe's, the paper's: 0.01)")
     parser.add_argument("--dpo-weight", type=float, default=1.0, help="lambda on the DPO term (the paper's: 0.01)")
@@ -217,7 +218,7 @@ def main() -> None:
     del model
 
     # 3. LongPO LoRA through lcpatch.training.runner.run (what `lcpatch train longpo` runs)
-    steps = math.ceil(len(train_pairs) / args.gradient_accumulation)
+    steps = math.ceil(args.epochs * len(train_pairs) / args.gradient_accumulation)
     training = dataclasses.replace(
         recipe.training,
         model=str(base),
@@ -303,6 +304,7 @@ def main() -> None:
         "pairs": {"train": len(train_pairs), "heldout": len(heldout_pairs)},
         "steps": steps,
         "gradient_accumulation": args.gradient_accumulation,
+        "epochs": args.epochs,
         "learning_rate": args.learning_rate,
         "beta": args.beta,
         "dpo_weight": args.dpo_weight,
