@@ -26,3 +26,10 @@ def padding_id(tokenizer) -> int:
         "set one first, e.g. tokenizer.pad_token = tokenizer.convert_ids_to_tokens(0) (any token of its "
         "vocabulary will do: padding is masked out)."
     )
+
+
+def ensure_pad_token(tokenizer) -> None:
+    """Give a tokenizer without a pad token the token of `padding_id`, in place: TRL's trainers and collators pad
+    with `tokenizer.pad_token`."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(padding_id(tokenizer))

@@ -24,7 +24,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from ..api import apply, patched_recipe, remove
 from ..data.longpo import build_pairs, load_pairs, prompt_ids
-from ..data.tokens import padding_id
+from ..data.tokens import ensure_pad_token
 from ..errors import RecipeError
 from ..models.structure import training_length, unwrap
 from ..recipe import Recipe
@@ -62,8 +62,7 @@ class LongPOTrainer(DPOTrainer):
     `prompt_short`, `chosen`, `rejected` (and, for precomputed references, may carry `ref_*_logps`)."""
 
     def __init__(self, model, ref_model=None, *, args: DPOConfig, processing_class, stages=(), **kwargs):
-        if processing_class.pad_token is None:  # TRL pads with the tokenizer's pad token
-            processing_class.pad_token = processing_class.convert_ids_to_tokens(padding_id(processing_class))
+        ensure_pad_token(processing_class)
         # Given to TRL's __init__, which already collates batches when it precomputes reference log-probs.
         long = DataCollatorForPreference(
             pad_token_id=processing_class.pad_token_id,

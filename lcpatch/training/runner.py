@@ -17,7 +17,7 @@ import torch
 from .._compat import CHECKPOINTING_ARG, check_version
 from ..api import apply, patched_recipe
 from ..attention import Dense
-from ..data.tokens import padding_id
+from ..data.tokens import ensure_pad_token
 from ..errors import RecipeError
 from ..recipe import Recipe, RecipeLike, load_recipe
 from ..serialization import RECIPE_FILE
@@ -86,8 +86,7 @@ def run(recipe: RecipeLike) -> Path:
         check_version(package)
     dtype = _dtype(training)
     tokenizer = AutoTokenizer.from_pretrained(training.model)
-    if tokenizer.pad_token is None:  # trainers and collators pad with the tokenizer's pad token
-        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(padding_id(tokenizer))
+    ensure_pad_token(tokenizer)
     model = AutoModelForCausalLM.from_pretrained(training.model, dtype=dtype)
     attention = recipe.attention
     if isinstance(attention, Dense):  # the model is still on the CPU: decide for the device the trainer moves it to
