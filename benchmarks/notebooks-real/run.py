@@ -22,6 +22,7 @@ from pathlib import Path
 import nbclient
 import nbformat
 import torch
+import transformers
 
 STORED = re.compile(r"\*\*Stored outputs: `(tiny|real)` mode\*\*.*?(?=\n\n|\Z)", re.S)
 
@@ -40,7 +41,7 @@ def run(path: Path, out: Path, timeout: int) -> dict:
         nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
     ).execute()
     seconds = time.perf_counter() - began
-    versions = f"torch {torch.__version__}, transformers {__import__('transformers').__version__}"
+    versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
     stored = (
         f"**Stored outputs: `real` mode**, run on {device_name()} ({datetime.date.today().isoformat()}, {versions}): "
         f"{seconds / 60:.1f} minutes for the whole notebook (`benchmarks/notebooks-real/run.py`)."
