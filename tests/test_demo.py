@@ -13,7 +13,7 @@ import lcpatch
 from lcpatch.cli import main as cli_main
 from lcpatch.demo import run as demo
 from lcpatch.demo import smollm2
-from lcpatch.eval.perplexity import bucket_perplexity, perplexity_by_position, token_nll
+from lcpatch.eval.perplexity import bucket_perplexity, perplexity_by_position, perplexity_up_to, token_nll
 
 from tiny_models import tiny_model
 
@@ -93,6 +93,16 @@ def test_bucket_edge_cases():
     ]
     (only,) = bucket_perplexity(nll, 100)["buckets"]
     assert (only["start"], only["end"], only["tokens"], only["nll"]) == (0, 5, 4, 2.5)
+
+
+def test_perplexity_up_to_weighs_the_leading_buckets_by_their_tokens():
+    nll = torch.arange(1.0, 8.0)  # tokens 1..7 of an 8-token sequence; buckets [0, 3), [3, 6), [6, 8)
+    result = bucket_perplexity(nll, 3)
+    assert perplexity_up_to(result, 6) == pytest.approx(math.exp(nll[:5].double().mean().item()))
+    assert perplexity_up_to(result, 7) == perplexity_up_to(result, 6)  # the last bucket ends at 8
+    assert perplexity_up_to(result, 8) == pytest.approx(result["overall"]["ppl"])
+    with pytest.raises(lcpatch.LcpatchError, match="no bucket ends at or before token 2; the first ends at 3"):
+        perplexity_up_to(result, 2)
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -34,7 +33,7 @@ import lcpatch
 from lcpatch.cli.common import environment
 from lcpatch.data.logo import build_logo_rows, write_rows
 from lcpatch.data.tokens import padding_id
-from lcpatch.eval.perplexity import perplexity_by_position
+from lcpatch.eval.perplexity import perplexity_by_position, perplexity_up_to
 from lcpatch.training import LOGOTraining
 from lcpatch.training.logo import LOGOCollator, answer_log_probs, tokenize_logo_row
 from lcpatch.training.runner import run
@@ -118,12 +117,6 @@ def measure(model, tokenizer, heldout_rows, ids, args, name: str) -> dict:
     return {"accuracy": accuracy, "perplexity": ppl}
 
 
-def head_perplexity(result: dict, end: int) -> float:
-    """Perplexity of the buckets that end at or before `end` tokens."""
-    buckets = [b for b in result["perplexity"]["buckets"] if b["end"] <= end]
-    return math.exp(sum(b["nll"] * b["tokens"] for b in buckets) / sum(b["tokens"] for b in buckets))
-
-
 def goals(results: dict, trained_length: int) -> list[str]:
     """The issue's goal: held-out accuracy up by >= 0.2 with the perplexity up to the training length within 5%."""
     before, after = results["before"], results["after"]
@@ -133,7 +126,9 @@ def goals(results: dict, trained_length: int) -> list[str]:
         lines.append(
             f"accuracy gain at {layout} positions: {gain:+.3f} (goal >= +0.2): {'met' if gain >= 0.2 else 'missed'}"
         )
-    ratio = head_perplexity(after, trained_length) / head_perplexity(before, trained_length)
+    ratio = perplexity_up_to(after["perplexity"], trained_length) / perplexity_up_to(
+        before["perplexity"], trained_length
+    )
     label = f"0-{trained_length // 1024}k" if trained_length % 1024 == 0 else f"0-{trained_length}"
     lines.append(
         f"{label} perplexity after / before: {ratio:.3f} (goal <= 1.05): {'met' if ratio <= 1.05 else 'missed'}"
@@ -248,7 +243,8 @@ def main() -> None:
         cells = [f"{result['accuracy']['virtual']:.3f}", f"{result['accuracy']['plain']:.3f}"]
         cells += [f"{b['ppl']:.2f}" for b in result["perplexity"]["buckets"]]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines) + "\n\n" + "\n".join(f"- {goal}" for goal in goals(results, trained_length))
+    verdicts = goals(results, trained_length)
+    table = "\n".join(lines) + "\n\n" + "\n".join(f"- {goal}" for goal in verdicts)
     meta = {
         **environment(device),
         "dtype": str(dtype),
@@ -262,9 +258,7 @@ def main() -> None:
         "seconds_total": round(time.time() - started),
         "train_log": log,
     }
-    (args.out / "results.json").write_text(
-        json.dumps({"results": results, "goals": goals(results, trained_length), "run": meta}, indent=2)
-    )
+    (args.out / "results.json").write_text(json.dumps({"results": results, "goals": verdicts, "run": meta}, indent=2))
     (args.out / "results.md").write_text(table + "\n")
     print(table, {k: v for k, v in meta.items() if k not in ("train_log", "arguments")}, sep="\n")
 

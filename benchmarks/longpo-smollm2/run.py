@@ -46,7 +46,7 @@ import lcpatch
 from lcpatch.cli.common import environment
 from lcpatch.data import generate_batched
 from lcpatch.data.longpo import PairOptions, build_pairs, prompt_ids
-from lcpatch.eval.perplexity import perplexity_by_position
+from lcpatch.eval.perplexity import perplexity_by_position, perplexity_up_to
 from lcpatch.training.longpo import LongPOTrainer
 from lcpatch.training.runner import run
 
@@ -132,12 +132,6 @@ def preference_accuracy(model, tokenizer, pairs, recipe, work: Path) -> tuple[fl
     trainer = LongPOTrainer(model=model, args=args, train_dataset=pairs, processing_class=tokenizer)
     metrics = trainer.evaluate(trainer.train_dataset)
     return metrics["eval_rewards/accuracies"], trainer.train_dataset
-
-
-def head_perplexity(result: dict, end: int) -> float:
-    """Perplexity of the buckets that end at or before `end` tokens."""
-    buckets = [b for b in result["buckets"] if b["end"] <= end]
-    return math.exp(sum(b["nll"] * b["tokens"] for b in buckets) / sum(b["tokens"] for b in buckets))
 
 
 def main() -> None:
@@ -260,12 +254,12 @@ def main() -> None:
             mean([a == 1.0 for a in agreement_after]),
         ),
         f"perplexity, 0-{SHORT // 1024}k tokens": (
-            head_perplexity(perplexity["start (recipe)"], SHORT),
-            head_perplexity(perplexity["LongPO LoRA (recipe)"], SHORT),
+            perplexity_up_to(perplexity["start (recipe)"], SHORT),
+            perplexity_up_to(perplexity["LongPO LoRA (recipe)"], SHORT),
         ),
         f"perplexity, 0-{SHORT // 1024}k tokens, against vanilla": (
-            head_perplexity(perplexity["vanilla"], SHORT),
-            head_perplexity(perplexity["LongPO LoRA (recipe)"], SHORT),
+            perplexity_up_to(perplexity["vanilla"], SHORT),
+            perplexity_up_to(perplexity["LongPO LoRA (recipe)"], SHORT),
         ),
         f"perplexity, all {eval_ids.numel()} tokens": (
             perplexity["start (recipe)"]["overall"]["ppl"],

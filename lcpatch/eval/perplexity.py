@@ -97,6 +97,14 @@ def bucket_perplexity(nll: torch.Tensor, bucket: int = 2048) -> dict:
     return {"buckets": buckets, "overall": _summary(nll)}
 
 
+def perplexity_up_to(result: dict, end: int) -> float:
+    """Perplexity of the tokens in the buckets of a `perplexity_by_position` result that end at or before `end`."""
+    buckets = [b for b in result["buckets"] if b["end"] <= end]
+    if not buckets:
+        raise LcpatchError(f"no bucket ends at or before token {end}; the first ends at {result['buckets'][0]['end']}.")
+    return math.exp(sum(b["nll"] * b["tokens"] for b in buckets) / sum(b["tokens"] for b in buckets))
+
+
 def perplexity_by_position(
     model, input_ids, bucket: int = 2048, chunk: int = 4096, progress: bool = True, desc: str = "perplexity"
 ) -> dict:
