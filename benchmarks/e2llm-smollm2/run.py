@@ -37,13 +37,12 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import lcpatch
-from lcpatch.cli.common import MISSING, environment, length_label, pyplot
+from lcpatch.cli.common import MISSING, environment, length_label, parse_lengths, pyplot
+from lcpatch.errors import LcpatchError
 from lcpatch.eval.perplexity import token_nll
 from lcpatch.rope import E2LLM
 from lcpatch.training import CausalLMTraining, E2LLMTraining
 from lcpatch.training.runner import run
-
-LENGTHS = (4096, 8192, 16384, 32768, 65536)
 
 
 def scaled(scaling: str):
@@ -150,12 +149,15 @@ def main() -> None:
     parser.add_argument("--sequence-length", type=int, help="tokens per training sequence (default: T, the paper's)")
     parser.add_argument("--g-max", type=int, default=8, help="E2-LLM's largest training scale (8: up to 8x T)")
     parser.add_argument("--learning-rate", type=float, default=2.0e-4)
-    parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="window lengths, comma-separated")
+    parser.add_argument("--lengths", default="4k,8k,16k,32k,64k", help="window lengths, comma-separated")
     parser.add_argument("--eval-tokens", type=int, default=65536, help="tokens of the held-out book scored")
     parser.add_argument("--chunk", type=int, default=4096, help="tokens per forward pass when scoring")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    lengths = [int(n) for n in args.lengths.split(",")]
+    try:
+        lengths = parse_lengths(args.lengths)
+    except LcpatchError as error:
+        parser.error(str(error))
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "rows.jsonl").unlink(missing_ok=True)
