@@ -60,4 +60,28 @@ def from_pretrained(path: str | Path, **kwargs):
             "Load it with transformers and call lcpatch.apply(model, recipe)."
         )
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if (Path(path) / "adapter_config.json").is_file():
+        _load_adapter_weights(model, Path(path))
     return apply(model, recipe_path)
+
+
+def _load_adapter_weights(model, path: Path) -> None:
+    """Load an adapter folder's weights into `model` (its adapter already injected) through PEFT itself.
+
+    transformers 5.17 loads the LoRA weights of such a folder but reports the trained `modules_to_save` copies
+    (LOGO's embeddings and norms) as unexpected keys and leaves the base weights in them; PEFT maps those keys.
+    Where transformers got it right this loads the same values a second time.
+    """
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    from .errors import RecipeError
+
+    prefix = "base_model.model."  # PeftModel's; the adapter sits in the bare model here
+    saved = {key.removeprefix(prefix): value for key, value in load_peft_weights(str(path)).items()}
+    result = set_peft_model_state_dict(model, saved, adapter_name="default")
+    if result.unexpected_keys:
+        raise RecipeError(
+            f"the adapter in {path} has weights this model has no place for: {sorted(result.unexpected_keys)[:5]}; "
+            "load it with peft.PeftModel.from_pretrained on its base model and call lcpatch.apply(model, recipe)."
+        )

@@ -10,6 +10,8 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 import lcpatch
 from lcpatch import Recipe, RecipeError
@@ -234,7 +236,16 @@ def test_lcpatch_train_logo_with_the_papers_lora(tmp_path):
     assert training.method == "logo" and training.real_length == 64  # auto: the model's training length
     trained = dict(model.named_parameters())
     assert torch.equal(model.get_input_embeddings().weight, model.get_output_embeddings().weight)  # still tied
-    assert any("modules_to_save" in name and "norm" in name for name in trained)
+    # The trained copies of the embeddings and norms are the saved ones, not the base's (transformers 5.17 alone
+    # loads them as unexpected keys and leaves the base weights in place).
+    saved = load_file(out / "adapter_model.safetensors")
+    base = AutoModelForCausalLM.from_pretrained(folder)
+    copies = {name: p for name, p in trained.items() if "modules_to_save" in name}
+    assert any("norm" in name for name in copies) and any("embed_tokens" in name for name in copies)
+    for name, parameter in copies.items():
+        key = "base_model.model." + name.replace(".modules_to_save.default", "")
+        assert torch.equal(parameter, saved[key]), name
+        assert not torch.equal(parameter, base.get_parameter(name.replace(".modules_to_save.default", ""))), name
 
 
 def test_trainer_refuses_attention_that_ignores_position_ids(tmp_path):
