@@ -17,6 +17,8 @@ import torch
 import lcpatch
 from lcpatch import Recipe, RecipeError
 from lcpatch.errors import LcpatchError
+from lcpatch.rope.e2llm import e2llm_positions_of
+from lcpatch.training import E2LLMTraining
 from lcpatch.training.e2llm import (
     E2LLMAugmentation,
     E2LLMCallback,
@@ -24,8 +26,9 @@ from lcpatch.training.e2llm import (
     start_augmentation,
     stop_augmentation,
 )
+from lcpatch.training.runner import with_overrides
 
-from tiny_models import cpu_trainer_settings, random_ids, tiny_model
+from tiny_models import cpu_trainer_settings, random_ids, tiny_model, tiny_tokenizer
 
 L = 32
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny-e2llm"
@@ -82,6 +85,44 @@ def test_draws_cover_the_paper_ranges_uniformly():
     # Every RoPE position stays inside the trained range [0, L).
     positions = augmentation(torch.arange(length).repeat(64, 1))
     assert positions.max() < L and torch.equal(positions[:, :4] * 0, torch.zeros(64, 4))
+
+
+def test_g_weights_set_how_often_each_scale_is_drawn():
+    rows, weights = 40_000, (3, 1, 0, 4)
+    g, t = E2LLMAugmentation(4, training_length=L, seed=0, g_weights=weights).draw(torch.full((rows,), 24))
+    counts = torch.bincount(g.long(), minlength=5)[1:].double()
+    for count, weight in zip(counts.tolist(), weights, strict=True):
+        p = weight / sum(weights)
+        assert abs(count - rows * p) <= 5 * math.sqrt(rows * p * (1 - p))
+    assert counts[2] == 0 and (t <= g * L - 24).all()
+
+
+@pytest.mark.parametrize(
+    "weights, message",
+    [((1, 1), "must be 4 numbers"), ((1, -1, 1, 1), "non-negative"), ((0, 0, 0, 0), "not all zero"), ("1", "a list")],
+)
+def test_bad_g_weights_name_the_value_and_the_fix(weights, message):
+    with pytest.raises(RecipeError, match=message):
+        E2LLMTraining(model="m", data=["x.txt"], g_max=4, g_weights=weights)
+    if not isinstance(weights, str):
+        with pytest.raises(LcpatchError, match=message):
+            E2LLMAugmentation(4, training_length=L, g_weights=weights)
+
+
+def test_g_weights_reach_the_trainers_draws(tmp_path):
+    from lcpatch.training.causal_lm import language_model_trainer
+
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{3 + i % 90}" for i in range(400)))
+    fields = {"model": "unread", "data": [str(text)], "sequence_length": 16, "g_max": 2, "g_weights": [0, 1]}
+    recipe = with_overrides("e2llm", fields)
+    assert Recipe.from_yaml(recipe.to_yaml()).training.g_weights == (0, 1)
+    model = lcpatch.apply(tiny_model(max_position_embeddings=L), E2LLM)
+    trainer = language_model_trainer(recipe.training, model, tiny_tokenizer(), cpu_trainer_settings(tmp_path))
+    (callback,) = (c for c in trainer.callback_handler.callbacks if isinstance(c, E2LLMCallback))
+    callback.on_train_begin(trainer.args, None, None, model=model)
+    g, _ = e2llm_positions_of(model).augmentation.draw(torch.full((64,), 8))
+    assert set(g.tolist()) == {2.0}  # g = 1 has weight 0
 
 
 def test_g_is_one_and_t_zero_when_there_is_no_room():

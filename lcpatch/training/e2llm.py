@@ -1,7 +1,7 @@
 """E2-LLM's training-side augmentation (Liu et al., 2024, arXiv 2401.06951).
 
-Each training sequence sees RoPE at positions (m + t) / g: the scale g drawn uniformly from
-{1, ..., g_max}, the offset t uniformly from the integers in [0, g·L - R] (L: the model's training
+Each training sequence sees RoPE at positions (m + t) / g: the scale g drawn from {1, ..., g_max}
+(uniformly, or with relative `g_weights`), the offset t uniformly from the integers in [0, g·L - R] (L: the model's training
 length, R: the sequence's length), the first `sink_tokens` tokens keeping t = 0 (attention sinks).
 So every RoPE position stays below L, while the model learns many position densities at once.
 A row packed padding-free (position ids restarting at 0 per sequence, `lcpatch.training.packing`)
@@ -23,6 +23,7 @@ from ..errors import LcpatchError
 from ..fields import check_int
 from ..rope.e2llm import e2llm_positions_of
 from . import sequence_parallel
+from .config import check_g_weights
 
 
 def e2llm_positions(positions: torch.Tensor, g: torch.Tensor, t: torch.Tensor, sink_tokens: int) -> torch.Tensor:
@@ -46,18 +47,31 @@ def sequence_ids(positions: torch.Tensor) -> torch.Tensor:
 class E2LLMAugmentation:
     """Draws (g, t) for every row of every training forward and returns its RoPE positions."""
 
-    def __init__(self, g_max: int, training_length: int, sink_tokens: int = 4, seed: int = 0):
+    def __init__(
+        self,
+        g_max: int,
+        training_length: int,
+        sink_tokens: int = 4,
+        seed: int = 0,
+        g_weights: tuple[float, ...] = (),
+    ):
         check_int("training", "g_max", g_max, minimum=1)
         check_int("training", "sink_tokens", sink_tokens, minimum=0)
+        check_g_weights(g_weights, g_max)
         self.g_max = g_max
         self.training_length = training_length
         self.sink_tokens = sink_tokens
+        self.g_weights = torch.tensor(g_weights, dtype=torch.float64) if g_weights else None
         self.generator = torch.Generator().manual_seed(seed)
 
     def draw(self, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """g (uniform in {1..g_max}) and t (uniform integer in [0, g·L - R]) for rows of lengths R (B,), as fp32."""
+        """g (in {1..g_max}, uniform or by `g_weights`) and t (uniform integer in [0, g·L - R]) for rows of lengths R
+        (B,), as fp32."""
         rows = lengths.shape[0]
-        g = torch.randint(1, self.g_max + 1, (rows,), generator=self.generator)
+        if self.g_weights is None:
+            g = torch.randint(1, self.g_max + 1, (rows,), generator=self.generator)
+        else:
+            g = torch.multinomial(self.g_weights, rows, replacement=True, generator=self.generator) + 1
         # A row longer than g·L (only possible for g = 1 when R > L) cannot be shifted: t = 0.
         t_max = (g * self.training_length - lengths.cpu()).clamp(min=0)
         t = torch.floor(torch.rand(rows, generator=self.generator, dtype=torch.float64) * (t_max + 1))
@@ -77,7 +91,9 @@ class E2LLMAugmentation:
         return e2llm_positions(positions, g[ids.cpu()], t[ids.cpu()], self.sink_tokens)
 
 
-def start_augmentation(model, g_max: int, sink_tokens: int = 4, seed: int = 0) -> E2LLMAugmentation:
+def start_augmentation(
+    model, g_max: int, sink_tokens: int = 4, seed: int = 0, g_weights: tuple[float, ...] = ()
+) -> E2LLMAugmentation:
     """Turn E2-LLM's augmentation on for a model patched with rope.scaling e2llm (dense attention)."""
     state = e2llm_positions_of(model)
     if not state.dense:
@@ -85,7 +101,7 @@ def start_augmentation(model, g_max: int, sink_tokens: int = 4, seed: int = 0) -
             "E2-LLM training needs attention.method dense: Λ attention methods rotate keys themselves. "
             "Train with the dense recipe, then apply the Λ method for inference."
         )
-    augmentation = E2LLMAugmentation(g_max, state.training_length, sink_tokens, seed)
+    augmentation = E2LLMAugmentation(g_max, state.training_length, sink_tokens, seed, g_weights)
     state.augmentation = augmentation
     return augmentation
 
@@ -102,15 +118,16 @@ class E2LLMCallback(TrainerCallback):
     they see different (g, t); the processes of one sequence-parallel group share it, as they share rows.
     """
 
-    def __init__(self, g_max: int, sink_tokens: int = 4, seed: int | None = None):
+    def __init__(self, g_max: int, sink_tokens: int = 4, seed: int | None = None, g_weights: tuple[float, ...] = ()):
         check_int("training", "g_max", g_max, minimum=1)
-        self.g_max, self.sink_tokens, self.seed = g_max, sink_tokens, seed
+        check_g_weights(g_weights, g_max)
+        self.g_max, self.sink_tokens, self.seed, self.g_weights = g_max, sink_tokens, seed, tuple(g_weights)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         # SP groups are consecutive ranks (DeepSpeed's and lcpatch's): the group's index is the data rank.
         base = args.seed if self.seed is None else self.seed
         seed = base + args.process_index // sequence_parallel.configured_size()
-        start_augmentation(model, self.g_max, self.sink_tokens, seed)
+        start_augmentation(model, self.g_max, self.sink_tokens, seed, self.g_weights)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         stop_augmentation(model)
