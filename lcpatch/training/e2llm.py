@@ -1,8 +1,9 @@
 """E2-LLM's training-side augmentation (Liu et al., 2024, arXiv 2401.06951).
 
 Each training sequence sees RoPE at positions (m + t) / g: the scale g drawn from {1, ..., g_max}
-(uniformly, or with relative `g_weights`), the offset t uniformly from the integers in [0, g·L - R] (L: the model's training
-length, R: the sequence's length), the first `sink_tokens` tokens keeping t = 0 (attention sinks).
+(uniformly, or with relative `g_weights`), the offset t uniformly from the integers in [0, g·L - R]
+(L: the model's training length, R: the sequence's length), the first `sink_tokens` tokens keeping
+t = 0 (attention sinks).
 So every RoPE position stays below L, while the model learns many position densities at once.
 A row packed padding-free (position ids restarting at 0 per sequence, `lcpatch.training.packing`)
 holds several sequences: each draws its own (g, t) from its own length.
