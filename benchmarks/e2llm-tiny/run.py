@@ -2,7 +2,8 @@
 
 A ~0.8M-parameter Llama (bytes as tokens) is trained from scratch at L = 256 on Project Gutenberg
 books, one book held out. It is then continued three ways for the same number of steps:
-plain, linear position interpolation at g = 8 (PI), and E2-LLM with g_max = 8. Perplexity on the
+plain, linear position interpolation at g = 8 (PI), and E2-LLM with g_max = 8 (with --g-weights, a fourth:
+E2-LLM drawing g with those relative weights). Perplexity on the
 held-out book is measured in windows of 256, 512, 1024 and 2048 bytes, each model with its own
 positions: plain g = 1, PI g = 8, E2-LLM g = ceil(n / 256) (its recipe's `factor: auto`). All
 training goes through `lcpatch.training.runner.run`, all loading through `lcpatch.from_pretrained`.
@@ -82,6 +83,15 @@ def initial_model(folder: Path, seed: int) -> Path:
 FOLDERS = {"base (before continuation)": "base", "plain": "plain", "PI g=8": "pi", "E2-LLM g_max=8": "e2-llm"}
 
 
+def weighted_name(weights: tuple[float, ...]) -> str:
+    return "E2-LLM g_max=8, g_weights " + ",".join(f"{w:g}" for w in weights)
+
+
+def folders(args) -> dict[str, str]:
+    """Each model's folder under --out (the weighted E2-LLM only with --g-weights)."""
+    return FOLDERS | ({weighted_name(args.g_weights): "e2-llm-weighted"} if args.g_weights else {})
+
+
 @torch.no_grad()
 def perplexity(model, ids: torch.Tensor, length: int, rows_per_batch: int = 8) -> tuple[float, float | None]:
     """exp(mean NLL) over consecutive windows of `length` tokens, each read from its own start: over all
@@ -127,6 +137,11 @@ def train_all(args, train_files: list[str]) -> None:
         "PI g=8": (Linear(factor=8), CausalLMTraining),
         "E2-LLM g_max=8": (E2LLM(), lambda **kw: E2LLMTraining(g_max=8, **kw)),
     }
+    if args.g_weights:
+        ways[weighted_name(args.g_weights)] = (
+            E2LLM(),
+            lambda **kw: E2LLMTraining(g_max=8, g_weights=args.g_weights, **kw),
+        )
     for name, (rope, training) in ways.items():
         run(
             lcpatch.Recipe(
@@ -134,7 +149,7 @@ def train_all(args, train_files: list[str]) -> None:
                 rope=rope,
                 training=training(
                     model=str(base),
-                    output_dir=str(args.out / FOLDERS[name]),
+                    output_dir=str(args.out / folders(args)[name]),
                     max_steps=args.steps,
                     learning_rate=1.0e-3,
                     warmup_steps=10,
@@ -182,6 +197,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--eval-bytes", type=int, default=65536, help="held-out bytes scored at each length")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--g-weights",
+        type=lambda text: tuple(float(w) for w in text.split(",")),
+        default=(),
+        help="also continue E2-LLM drawing g = 1..8 with these relative weights, e.g. 8,1,1,1,1,1,1,1",
+    )
     parser.add_argument("--eval-only", action="store_true", help="score the models already trained in --out")
     parser.add_argument("--fixture", type=Path, help="copy the E2-LLM model here (e.g. tests/fixtures/tiny-e2llm)")
     args = parser.parse_args()
@@ -193,15 +214,15 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.eval_only:
         train_all(args, [str(p) for p in books if p != heldout])
-    folders = {name: args.out / sub for name, sub in FOLDERS.items()}
+    trained = {name: args.out / sub for name, sub in folders(args).items()}
     train_seconds = sum(
         json.loads((folder / "trainer_state.json").read_text())["log_history"][-1]["train_runtime"]
-        for folder in folders.values()
+        for folder in trained.values()
     )
 
     ids = torch.tensor(list(heldout.read_bytes()[: args.eval_bytes]))
     results = {}
-    for name, folder in folders.items():
+    for name, folder in trained.items():
         model = lcpatch.from_pretrained(folder).eval()
         scores = {n: perplexity(model, ids, n) for n in LENGTHS}
         results[name] = {part: {str(n): scores[n][i] for n in LENGTHS} for i, part in enumerate(("window", "beyond"))}
@@ -218,6 +239,7 @@ def main() -> None:
         "eval_bytes": args.eval_bytes,
         "base_steps": args.base_steps,
         "steps": args.steps,
+        "g_weights": args.g_weights,
         "batch_size": args.batch_size,
         "sequence_length": L,
         "train_runtime_seconds": round(train_seconds),
@@ -236,7 +258,7 @@ def main() -> None:
 
     if args.fixture:
         args.fixture.mkdir(parents=True, exist_ok=True)
-        source = folders["E2-LLM g_max=8"]
+        source = trained["E2-LLM g_max=8"]
         for name in FIXTURE_FILES:
             shutil.copy(source / name, args.fixture / name)
         recipe = lcpatch.load_recipe(source)
