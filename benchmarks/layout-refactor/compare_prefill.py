@@ -1,4 +1,5 @@
 """Old (strided) vs new prefill kernel on the GPU: bitwise equality of out/dq/dk/dv/lse, then timings."""
+
 import oldkernels.lambda_prefill as OLD
 import torch
 import triton
@@ -57,10 +58,30 @@ def run(mod, old, args, s, D, softcap, backward=True):
 
 
 CASES = [
-    ("bf16-d128-gqa4-pad-blhd", (2, 8, 4, 4097, 4097, 128, torch.bfloat16, "blhd", False, 77), LambdaSpec(4, 1024, 1024), None),
-    ("fp16-d64-stream-softcap", (1, 2, 8, 2048, 2048, 64, torch.float16, "bhld", False, 0), LambdaSpec(4, 512, None), 30.0),
-    ("fp32-d64-chunk-expanded", (2, 2, 4, 1024, 3076, 64, torch.float32, "blhd", True, 0), LambdaSpec(4, 700, 1400), None),
-    ("bf16-d64-chunk-prefix", (2, 4, 2, 1000, 3000, 64, torch.bfloat16, "blhd", False, 33), LambdaSpec(10, 600, 900), None),
+    (
+        "bf16-d128-gqa4-pad-blhd",
+        (2, 8, 4, 4097, 4097, 128, torch.bfloat16, "blhd", False, 77),
+        LambdaSpec(4, 1024, 1024),
+        None,
+    ),
+    (
+        "fp16-d64-stream-softcap",
+        (1, 2, 8, 2048, 2048, 64, torch.float16, "bhld", False, 0),
+        LambdaSpec(4, 512, None),
+        30.0,
+    ),
+    (
+        "fp32-d64-chunk-expanded",
+        (2, 2, 4, 1024, 3076, 64, torch.float32, "blhd", True, 0),
+        LambdaSpec(4, 700, 1400),
+        None,
+    ),
+    (
+        "bf16-d64-chunk-prefix",
+        (2, 4, 2, 1000, 3000, 64, torch.bfloat16, "blhd", False, 33),
+        LambdaSpec(10, 600, 900),
+        None,
+    ),
 ]
 ok = True
 for name, shape, s, softcap in CASES:
@@ -73,7 +94,6 @@ for name, shape, s, softcap in CASES:
         diff = "" if same else f" max abs diff {(a[key].double() - b[key].double()).abs().max().item():.3g}"
         print(f"{name:28s} {key:10s} {'identical' if same else 'DIFFERENT'}{diff}", flush=True)
 print("ALL IDENTICAL" if ok else "SOME DIFFER", flush=True)
-
 
 
 def timings(mod, old, args, s):
