@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from lcpatch.cli import main
-from lcpatch.cli.common import parse_lengths
+from lcpatch.cli.common import parse_lengths, parse_numbers
 from lcpatch.errors import LcpatchError, RecipeError
 from lcpatch.eval import run as eval_run
 from lcpatch.eval.passkey import build_prompt, chat_wrap, score_passkey
@@ -132,6 +132,10 @@ def test_parse_lengths_and_depths():
     for bad in ("", "1x", "0", "-1k", "1.3", "1k,1024"):
         with pytest.raises(LcpatchError, match="--lengths"):
             parse_lengths(bad)
+    assert parse_numbers("--g-weights", "8,1,1.5") == (8.0, 1.0, 1.5)
+    for bad in ("", "8,,1", "8,x"):
+        with pytest.raises(LcpatchError, match=f"--g-weights: {bad!r} is not a comma-separated list of numbers"):
+            parse_numbers("--g-weights", bad)
     assert eval_run.parse_depths("0,0.5,1") == [0.0, 0.5, 1.0]
     for bad in ("1.5", "x", "0,0"):
         with pytest.raises(LcpatchError, match="--depths"):

@@ -38,7 +38,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import lcpatch
-from lcpatch.cli.common import MISSING, environment, length_label, parse_lengths, pyplot
+from lcpatch.cli.common import MISSING, environment, length_label, parse_lengths, parse_numbers, pyplot
 from lcpatch.errors import LcpatchError
 from lcpatch.eval.perplexity import token_nll
 from lcpatch.rope import E2LLM
@@ -70,11 +70,6 @@ METHODS = {
     "infllm": ("InfLLM", "base", lambda g: "infllm"),
 }
 TRAINING_FREE_SCALINGS = ("linear", "dynamic NTK", "YaRN")
-
-
-def numbers(text: str) -> tuple[float, ...]:
-    """Comma-separated numbers, e.g. --g-weights 4,1,1,1,1,1,1,1."""
-    return tuple(float(item) for item in text.split(","))
 
 
 def model_folder(args) -> Path:
@@ -164,8 +159,6 @@ def main() -> None:
     parser.add_argument("--g-max", type=int, default=8, help="E2-LLM's largest training scale (8: up to 8x T)")
     parser.add_argument(
         "--g-weights",
-        type=numbers,
-        default=(),
         help="relative weight of each g = 1..g_max, comma-separated (default: uniform)",
     )
     parser.add_argument("--learning-rate", type=float, default=2.0e-4)
@@ -181,9 +174,7 @@ def main() -> None:
     args = parser.parse_args()
     try:
         lengths = parse_lengths(args.lengths)
-    except LcpatchError as error:
-        parser.error(str(error))
-    try:
+        args.g_weights = parse_numbers("--g-weights", args.g_weights) if args.g_weights is not None else ()
         check_g_weights(args.g_weights, args.g_max)
     except LcpatchError as error:
         parser.error(str(error))

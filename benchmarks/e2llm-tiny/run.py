@@ -31,7 +31,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 import lcpatch
-from lcpatch.cli.common import MISSING, environment, pyplot
+from lcpatch.cli.common import MISSING, environment, parse_numbers, pyplot
 from lcpatch.errors import LcpatchError
 from lcpatch.rope import E2LLM, Linear, NoScaling
 from lcpatch.training import CausalLMTraining, E2LLMTraining
@@ -83,11 +83,6 @@ def initial_model(folder: Path, seed: int) -> Path:
 
 
 FOLDERS = {"base (before continuation)": "base", "plain": "plain", "PI g=8": "pi", "E2-LLM g_max=8": "e2-llm"}
-
-
-def numbers(text: str) -> tuple[float, ...]:
-    """Comma-separated numbers, e.g. --g-weights 8,1,1,1,1,1,1,1."""
-    return tuple(float(item) for item in text.split(","))
 
 
 def weighted_name(weights: tuple[float, ...]) -> str:
@@ -206,14 +201,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--g-weights",
-        type=numbers,
-        default=(),
         help="also continue E2-LLM drawing g = 1..8 with these relative weights, e.g. 8,1,1,1,1,1,1,1",
     )
     parser.add_argument("--eval-only", action="store_true", help="score the models already trained in --out")
     parser.add_argument("--fixture", type=Path, help="copy the E2-LLM model here (e.g. tests/fixtures/tiny-e2llm)")
     args = parser.parse_args()
     try:
+        args.g_weights = parse_numbers("--g-weights", args.g_weights) if args.g_weights is not None else ()
         check_g_weights(args.g_weights, 8)  # before the base training, not after it
     except LcpatchError as error:
         parser.error(str(error))

@@ -56,6 +56,14 @@ def parse_lengths(spec: str) -> list[int]:
     return lengths
 
 
+def parse_numbers(flag: str, spec: str) -> tuple[float, ...]:
+    """'8,1,1.5' -> (8.0, 1.0, 1.5): a comma-separated list of numbers given to `flag`."""
+    try:
+        return tuple(float(part) for part in spec.split(","))
+    except ValueError:
+        raise LcpatchError(f"{flag}: {spec!r} is not a comma-separated list of numbers; give e.g. '8,1,1,1'.") from None
+
+
 def length_label(n: int) -> str:
     """A length as parse_lengths reads it: 4096 -> '4k', 2**20 -> '1M'."""
     return f"{n // 2**20}M" if n % 2**20 == 0 else f"{n // 1024}k" if n % 1024 == 0 else str(n)
