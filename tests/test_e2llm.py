@@ -99,7 +99,14 @@ def test_g_weights_set_how_often_each_scale_is_drawn():
 
 @pytest.mark.parametrize(
     "weights, message",
-    [((1, 1), "must be 4 numbers"), ((1, -1, 1, 1), "non-negative"), ((0, 0, 0, 0), "not all zero"), ("1", "a list")],
+    [
+        ((1, 1), "must be 4 numbers"),
+        ((1, -1, 1, 1), "non-negative"),
+        ((0, 0, 0, 0), "not all zero"),
+        ((1, float("nan"), 1, 1), "finite"),
+        ((1, 1, float("inf"), 1), "finite"),
+        ("1", "a list"),
+    ],
 )
 def test_bad_g_weights_name_the_value_and_the_fix(weights, message):
     with pytest.raises(RecipeError, match=message):

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -40,7 +41,7 @@ def _as_strings(section: str, name: str, value: Any) -> tuple[str, ...]:
 
 
 def check_g_weights(g_weights: tuple[float, ...], g_max: int) -> None:
-    """Relative weights of g = 1..g_max: none (uniform), or g_max non-negative numbers, not all zero."""
+    """Relative weights of g = 1..g_max: none (uniform), or g_max finite, non-negative numbers, not all zero."""
     if not g_weights:
         return
     if len(g_weights) != g_max or any(not isinstance(w, (int, float)) or isinstance(w, bool) for w in g_weights):
@@ -48,8 +49,8 @@ def check_g_weights(g_weights: tuple[float, ...], g_max: int) -> None:
             f"training.g_weights must be {g_max} numbers (g_max = {g_max}), the relative weight of g = 1..{g_max}; "
             f"got {list(g_weights)!r}. Leave it empty for uniform draws."
         )
-    if min(g_weights) < 0 or sum(g_weights) <= 0:
-        raise RecipeError(f"training.g_weights must be non-negative and not all zero; got {list(g_weights)!r}.")
+    if not all(math.isfinite(w) for w in g_weights) or min(g_weights) < 0 or sum(g_weights) <= 0:
+        raise RecipeError(f"training.g_weights must be finite, non-negative and not all zero; got {list(g_weights)!r}.")
 
 
 @dataclass(frozen=True)
