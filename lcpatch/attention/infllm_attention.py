@@ -10,7 +10,7 @@ from ..cache.lambda_cache import LambdaCacheLayer
 from ..kernels.specs import InfLLMSpec, LambdaSpec, StepInfo
 from ..models import ModelStructure
 from .backends import select_backend
-from .infllm_reference import infllm_attention_reference
+from .infllm_waves import infllm_attention_waves
 from .lambda_attention import lambda_layer_attention
 
 if TYPE_CHECKING:  # the method config imports this module to build its runtime
@@ -62,7 +62,7 @@ class InfLLMAttention:
         else:
             plan = cache.plan(step)
         block_attention = self._block_attention(query, key, value, rotary, dropout)
-        return infllm_attention_reference(
+        return infllm_attention_waves(
             query, key, value, plan, layer, spec, rotary, scaling, softcap, dropout, block_attention
         )
 

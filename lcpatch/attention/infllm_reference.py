@@ -45,17 +45,21 @@ def representative_key(keys_far: torch.Tensor, scores: torch.Tensor, repr_topk: 
     return chosen.mean(dim=2)
 
 
+def block_scores(query_sum: torch.Tensor, representatives: torch.Tensor) -> torch.Tensor:
+    """Selection scores (B, N): query sums (B, H, D) against representative keys (B, N, H, D), summed over heads."""
+    return torch.einsum("bhd,bnhd->bn", query_sum, representatives)
+
+
 def select_blocks(
-    query_sum: torch.Tensor, representatives: torch.Tensor, counts: torch.Tensor, active: torch.Tensor, topk: int
+    scores: torch.Tensor, counts: torch.Tensor, active: torch.Tensor, topk: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The `topk` best formed blocks per row (ties: earlier block), in ascending order (B, k), and which
     entries are real (B, k).
 
-    query_sum (B, H, D); representatives (B, N, H, D), of which each row's first counts[b] are formed.
+    scores (B, N) of the blocks, of which each row's first counts[b] are formed.
     """
-    capacity = representatives.shape[1]
+    capacity = scores.shape[1]
     k = min(topk, capacity)
-    scores = torch.einsum("bhd,bnhd->bn", query_sum, representatives)
     formed = torch.arange(capacity, device=counts.device) < counts[:, None]
     # A stable sort, so that ties (e.g. a zero query) go to the earlier block on every device.
     top = torch.sort(scores.masked_fill(~formed, float("-inf")), dim=-1, descending=True, stable=True).indices[:, :k]
@@ -172,9 +176,8 @@ def infllm_attention_reference(
 
         q_far = rotary.rotate(q, torch.full_like(positions, spec.n_local)) * valid[:, None, :, None]
         query_sum = q_far.unflatten(1, (kv_heads, -1)).sum(dim=(2, 3))
-        selected, wanted = select_blocks(
-            query_sum, layer.representatives, layer.block_counts(), block.active, spec.topk
-        )
+        scores = block_scores(query_sum, layer.representatives)
+        selected, wanted = select_blocks(scores, layer.block_counts(), block.active, spec.topk)
         if selected.shape[1]:
             memory_keys, memory_values = layer.fetch(selected, wanted)
         else:

@@ -43,6 +43,18 @@ class ExecutionBlock:
 
 
 @dataclass
+class RecentTokens:
+    """The tokens not yet in a memory block around one forward pass, in position order, per layer."""
+
+    keys: torch.Tensor  # (B, H, W, D)
+    values: torch.Tensor  # (B, H, W, D)
+    scores: torch.Tensor  # (B, H, W) fp32: attention from queries of the token's own block
+    positions: torch.Tensor  # (B, W)
+    held: torch.Tensor  # (B, W) whether the column holds a token (init tokens never do)
+    ends: list[int]  # per row: last position + 1
+
+
+@dataclass
 class ForwardPlan:
     """How one forward pass's tokens are laid out for InfLLM, shared by all layers.
 
@@ -54,6 +66,7 @@ class ForwardPlan:
     positions: torch.Tensor  # (B, L) right-justified
     valid: torch.Tensor  # (B, L) right-justified
     blocks: list[ExecutionBlock]
+    ends: list[int]  # per row: its last position + 1 after this pass
 
 
 def blocks_formed(first_query: int, spec: InfLLMSpec) -> int:
@@ -95,7 +108,7 @@ def build_plan(step: StepInfo, seen: list[int], spec: InfLLMSpec) -> tuple[Forwa
         ]
         active = torch.tensor([stop > f for f in first_column], device=device)
         blocks.append(ExecutionBlock(start, stop, targets, active, end - length + stop - 1))
-    return ForwardPlan(order, positions, valid, blocks[::-1]), ends
+    return ForwardPlan(order, positions, valid, blocks[::-1], ends), ends
 
 
 def _block_tensor(like: torch.Tensor, count: int, block_size: int, **where) -> torch.Tensor:
@@ -103,6 +116,11 @@ def _block_tensor(like: torch.Tensor, count: int, block_size: int, **where) -> t
     batch, heads, _, dim = like.shape
     where.setdefault("device", like.device)
     return torch.zeros(batch, count, heads, block_size, dim, dtype=like.dtype, **where)
+
+
+def _token_index(slot: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A scatter/gather index (B, H, X, D) over the token dim of `like` (B, H, *, D) from slots (B, X)."""
+    return slot[:, None, :, None].expand(-1, like.shape[1], -1, like.shape[-1])
 
 
 def _grow(tensor: torch.Tensor, dim: int, needed: int) -> torch.Tensor:
@@ -276,22 +294,23 @@ class BlockMemoryLayer(CacheLayerMixin):
     # -- tokens --------------------------------------------------------------------------------
     def write(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None:
         """Store the keys/values (B, H, X, D) of real tokens at their positions' slots."""
-        spec = self.spec
-        is_init = valid & (positions < spec.n_init)
-        is_ring = valid & (positions >= spec.n_init)
-        init_slot = torch.where(is_init, positions, spec.n_init)
-        ring_slot = torch.where(is_ring, positions % spec.ring_size, spec.ring_size)
-        heads = keys.shape[1]
-        for slot, store_k, store_v in (
-            (init_slot, self.init_keys, self.init_values),
-            (ring_slot, self.ring_keys, self.ring_values),
-        ):
-            index = slot[:, None, :, None].expand(-1, heads, -1, keys.shape[-1])
-            store_k.scatter_(2, index, keys.to(store_k.dtype))
-            store_v.scatter_(
-                2, slot[:, None, :, None].expand(-1, heads, -1, values.shape[-1]), values.to(store_v.dtype)
-            )
-        self.ring_scores.scatter_(2, ring_slot[:, None, :].expand(-1, heads, -1), 0.0)
+        self.write_init(keys, values, positions, valid)
+        is_ring = valid & (positions >= self.spec.n_init)
+        self._store_ring(keys, values, torch.zeros_like(keys[..., 0], dtype=torch.float32), positions, is_ring)
+
+    def write_init(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor):
+        """Store the real tokens (B, H, X, D) among these that are init tokens in their slots."""
+        is_init = valid & (positions < self.spec.n_init)
+        slot = torch.where(is_init, positions, self.spec.n_init)
+        self.init_keys.scatter_(2, _token_index(slot, keys), keys.to(self.dtype))
+        self.init_values.scatter_(2, _token_index(slot, values), values.to(self.dtype))
+
+    def _store_ring(self, keys, values, scores, positions: torch.Tensor, stored: torch.Tensor) -> None:
+        size = self.spec.ring_size
+        slot = torch.where(stored, positions % size, size)
+        self.ring_keys.scatter_(2, _token_index(slot, keys), keys.to(self.dtype))
+        self.ring_values.scatter_(2, _token_index(slot, values), values.to(self.dtype))
+        self.ring_scores.scatter_(2, slot[:, None, :].expand(-1, keys.shape[1], -1), scores)
 
     def init_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Init slots (B, H, n_init, D); slot j holds position j."""
@@ -329,16 +348,20 @@ class BlockMemoryLayer(CacheLayerMixin):
     def push_blocks(
         self, rows: list[int], keys: torch.Tensor, values: torch.Tensor, representative: torch.Tensor
     ) -> None:
-        """Append one memory block to each of `rows`: keys and values (R, H, block, D) as cached
-        (un-rotated), and the representative key (R, H, D) that selection scores it by."""
-        index = [self.counts[r] for r in rows]
+        """Append memory blocks, the next of its row for each entry of `rows` (a row may repeat: its
+        blocks in order): keys and values (R, H, block, D) as cached (un-rotated), and the
+        representative key (R, H, D) that selection scores each by."""
+        counts = list(self.counts)
+        index = []
+        for row in rows:
+            index.append(counts[row])
+            counts[row] += 1
         self._make_room(max(index) + 1)
         self.representatives = _grow(self.representatives, 1, max(index) + 1)
         r, i = torch.tensor(rows, device=self.device), torch.tensor(index, device=self.device)
         self.representatives[r, i] = representative.to(self.representatives.dtype)
         self.blocks.append(rows, index, keys.to(self.dtype), values.to(self.dtype))
-        for row in rows:
-            self.counts[row] += 1
+        self.counts = counts
 
     def _make_room(self, count: int) -> None:
         blocks = self.blocks
@@ -363,6 +386,70 @@ class BlockMemoryLayer(CacheLayerMixin):
     def offloaded(self) -> bool:
         """Whether this layer's memory blocks live in host memory."""
         return self.is_initialized and self.blocks.offloaded
+
+    # -- a whole forward pass at once (infllm_waves) ---------------------------------------
+    def recent(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, ends: list[int]) -> RecentTokens:
+        """The ring's tokens and this pass's (keys/values (B, H, X, D), right-justified, `valid` (B, X))
+        side by side in position order: column h of row b holds position ends[b] - ring_size - X + h.
+        Init tokens are left out (they have their own slots); scores start from the ring's."""
+        spec, size = self.spec, self.spec.ring_size
+        total = size + keys.shape[2]
+        end = torch.tensor(ends, device=self.device)
+        positions = end[:, None] - total + torch.arange(total, device=self.device)
+        seen = (end - valid.sum(dim=1))[:, None]
+        # The ring holds the positions [seen - ring_size, seen); padding columns of the pass may stand on them.
+        in_ring = (positions >= spec.n_init) & (positions >= seen - size) & (positions < seen)
+        slot = torch.where(in_ring, positions % size, size)
+        from_pass = valid & (positions[:, size:] >= spec.n_init)
+        take = from_pass[:, None, :, None]
+        recent_keys = self.ring_keys.gather(2, _token_index(slot, self.ring_keys))
+        recent_values = self.ring_values.gather(2, _token_index(slot, self.ring_values))
+        recent_keys[:, :, size:] = torch.where(take, keys.to(self.dtype), recent_keys[:, :, size:])
+        recent_values[:, :, size:] = torch.where(take, values.to(self.dtype), recent_values[:, :, size:])
+        scores = self.ring_scores.gather(2, slot[:, None, :].expand(-1, keys.shape[1], -1))
+        scores[:, :, size:].masked_fill_(from_pass[:, None], 0.0)
+        held = in_ring.clone()
+        held[:, size:] |= from_pass
+        return RecentTokens(recent_keys, recent_values, scores, positions, held, ends)
+
+    def keep_recent(self, recent: RecentTokens) -> None:
+        """Store the last ring_size positions of `recent`, with the scores they have gathered, in the ring."""
+        size = self.spec.ring_size
+        tail = slice(recent.positions.shape[1] - size, None)
+        self._store_ring(
+            recent.keys[:, :, tail],
+            recent.values[:, :, tail],
+            recent.scores[:, :, tail],
+            recent.positions[:, tail],
+            recent.held[:, tail],
+        )
+
+    def blocks_to_form(self, recent: RecentTokens, targets: list[int]) -> tuple[list[int], torch.Tensor, ...]:
+        """What forming each row's memory blocks up to `targets` takes, read from `recent`: the row of
+        each block (in order), and their keys, values (R, H, block, D) and scores (R, H, block)."""
+        spec, width = self.spec, recent.positions.shape[1]
+        rows, columns = [], []
+        for row, (have, want) in enumerate(zip(self.counts, targets, strict=True)):
+            for block in range(have, want):
+                rows.append(row)
+                columns.append(spec.n_init + spec.block_size * block - (recent.ends[row] - width))
+        r = torch.tensor(rows, dtype=torch.long, device=self.device)[:, None]
+        slots = torch.tensor(columns, dtype=torch.long, device=self.device)[:, None]
+        slots = slots + torch.arange(spec.block_size, device=self.device)
+        keys = recent.keys[r, :, slots].transpose(1, 2)
+        values = recent.values[r, :, slots].transpose(1, 2)
+        return rows, keys, values, recent.scores[r, :, slots].transpose(1, 2)
+
+    def fetch_many(self, selected: torch.Tensor, wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values (B * E, H, k * block, D) of the blocks (B, E, k) selected for E execution blocks."""
+        count, k = selected.shape[1:]
+        if self.blocks.offloaded:  # the device LRU holds the blocks of one execution block at a time
+            pieces = [self.blocks.fetch(selected[:, e], wanted[:, e]) for e in range(count)]
+            keys, values = (torch.cat(part, dim=1) for part in zip(*pieces, strict=True))
+        else:
+            keys, values = self.blocks.fetch(selected.flatten(1), wanted.flatten(1))
+        per_block = lambda t: t.unflatten(1, (count, k)).transpose(2, 3).flatten(3, 4).flatten(0, 1)  # noqa: E731
+        return per_block(keys), per_block(values)
 
     # -- transformers Cache API ----------------------------------------------------------------
     def get_mask_sizes(self, query_length: int, *args, **kwargs) -> tuple[int, int]:

@@ -1,0 +1,85 @@
+"""InfLLM wave by wave (`infllm_waves`) against the reference's walk over execution blocks, one layer.
+
+Both run the same forward passes over their own cache layer; after every pass the outputs, the
+memory blocks formed, their representative keys and the ring's scores must agree. The cases cover
+waves of several execution blocks (n_local several execution blocks wide, or not a multiple of one),
+passes that are not a multiple of an execution block, ragged rows, decoding one token at a time,
+offloaded blocks with a device cache smaller than a wave's selections, and topk 0.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lcpatch.attention.infllm_reference import execution_block_attention, infllm_attention_reference
+from lcpatch.attention.infllm_waves import infllm_attention_waves, waves
+from lcpatch.cache.block_memory import BlockMemoryLayer, build_plan
+from lcpatch.kernels.infllm_split import execution_block_attention_split
+from lcpatch.kernels.specs import InfLLMSpec, Rotary, StepInfo
+
+SPEC = InfLLMSpec(n_init=4, n_local=24, block_size=4, repr_topk=2, topk=3, exc_block_size=8)
+ROTARY = Rotary(1.0 / 10000 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16))
+HQ, HKV, DIM = 4, 2, 16
+
+CASES = {
+    # name: (spec, passes: list of per-row real-token counts, offload)
+    "one-pass": (SPEC, [[150, 150]], "gpu"),
+    "ragged-one-pass": (SPEC, [[150, 97]], "gpu"),
+    "chunks": (SPEC, [[48, 48], [48, 48], [48, 48], [5, 5]], "gpu"),
+    "ragged-chunks-then-decode": (SPEC, [[64, 41], [64, 64], [1, 1], [1, 1], [1, 1]], "gpu"),
+    "n_local-not-a-multiple": (InfLLMSpec(4, 20, 4, 2, 3, 8), [[131, 120], [37, 37]], "gpu"),
+    "exc-block-of-one-token": (InfLLMSpec(2, 6, 2, 1, 2, 1), [[30, 23], [1, 1]], "gpu"),
+    "offloaded-small-cache": (SPEC, [[150, 140], [1, 1]], "cpu"),
+    "no-memory-selected": (InfLLMSpec(4, 24, 4, 2, 0, 8), [[100, 100]], "gpu"),
+}
+
+
+def passes(spec, counts_per_pass, seed=0):
+    """Per pass: q, k, v (B, H, L, D), a left-padded StepInfo, continuing each row's positions."""
+    generator = torch.Generator().manual_seed(seed)
+    seen = [0] * len(counts_per_pass[0])
+    for counts in counts_per_pass:
+        length = max(counts)
+        valid = torch.tensor([[column >= length - n for column in range(length)] for n in counts])
+        positions = (valid.cumsum(1) - 1).clamp_min(0) + torch.tensor(seen)[:, None]
+        seen = [s + n for s, n in zip(seen, counts, strict=True)]
+        tensors = [torch.randn(len(counts), h, length, DIM, generator=generator) for h in (HQ, HKV, HKV)]
+        yield (*tensors, StepInfo(positions, valid))
+
+
+def state(layer: BlockMemoryLayer):
+    count = max(layer.counts)
+    return layer.counts, layer.representatives[:, :count], layer.ring_scores[:, :, :-1]
+
+
+@pytest.mark.parametrize("engine", ["reference", "split"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_batched_equals_the_reference_walk(case, engine):
+    spec, counts_per_pass, offload = CASES[case]
+    attention = {"reference": execution_block_attention, "split": execution_block_attention_split}[engine]
+    if engine == "split":  # the SDPA engine takes no softcap or dropout arguments
+        attention = lambda *a: execution_block_attention_split(*a[:8])  # noqa: E731
+    layers = [BlockMemoryLayer(spec, offload, max_cached_blocks=spec.topk) for _ in range(2)]
+    seen = None
+    for q, k, v, step in passes(spec, counts_per_pass):
+        for layer in layers:
+            if not layer.is_initialized:
+                layer.lazy_initialization(k, v)
+        plan, seen_after = build_plan(step, seen or [0] * q.shape[0], spec)
+        seen = seen_after
+        expected = infllm_attention_reference(q, k, v, plan, layers[0], spec, ROTARY, 0.25, None, 0.0, attention)
+        actual = infllm_attention_waves(q, k, v, plan, layers[1], spec, ROTARY, 0.25, None, 0.0, attention)
+        valid = step.valid[:, :, None, None]
+        torch.testing.assert_close(actual * valid, expected * valid, atol=2e-5, rtol=2e-5)
+        (counts, reps, scores), (want_counts, want_reps, want_scores) = state(layers[1]), state(layers[0])
+        assert counts == want_counts
+        torch.testing.assert_close(reps, want_reps, atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(scores, want_scores, atol=2e-5, rtol=2e-5)
+    assert max(layers[1].counts) >= (0 if spec.topk == 0 else 3)  # memory did form and was used
+
+
+def test_waves_never_hold_blocks_n_local_apart():
+    assert [list(w) for w in waves(5, 8, 24)] == [[0, 1, 2], [3, 4]]
+    assert [list(w) for w in waves(5, 8, 25)] == [[0, 1, 2, 3], [4]]
+    assert [list(w) for w in waves(3, 1, 1)] == [[0], [1], [2]]
