@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..cache.block_memory import BlockMemoryLayer, ForwardPlan, RecentTokens
+from ..cache.block_memory import BlockMemoryLayer, ForwardPlan, RecentTokens, on_device
 from ..kernels.specs import InfLLMSpec, Rotary
 from .infllm_reference import execution_block_attention, far_keys, representative_key, select_blocks
 
@@ -66,7 +66,7 @@ def infllm_attention_waves(
         # Each execution block has the blocks its first query needs, and those formed before it.
         counts = [[max(have, plan.blocks[e].targets[row]) for e in wave] for row, have in enumerate(layer.counts)]
         _form_blocks(layer, recent, [row[-1] for row in counts], spec, rotary)
-        counts = torch.tensor(counts, device=query.device)
+        counts = on_device(counts, query.device)
         active = torch.stack([plan.blocks[e].active for e in wave], dim=1)
         block_out, own = _wave_attention(
             query[:, :, columns], positions[:, columns], valid[:, columns], counts, active, wave, width,

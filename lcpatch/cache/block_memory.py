@@ -88,7 +88,7 @@ def build_plan(step: StepInfo, seen: list[int], spec: InfLLMSpec) -> tuple[Forwa
         positions, valid = step.positions.gather(1, order), step.valid.gather(1, order)
     first_column = [length - n for n in counts]  # of each row's real tokens, once right-justified
     ends = [s + n for s, n in zip(seen, counts, strict=True)]
-    end = torch.tensor(ends, device=device)
+    end = on_device(ends, device)
     expected = end[:, None] - length + torch.arange(length, device=device)
     wrong = (valid & (positions != expected)).nonzero()
     if len(wrong):
@@ -106,9 +106,18 @@ def build_plan(step: StepInfo, seen: list[int], spec: InfLLMSpec) -> tuple[Forwa
             blocks_formed(s + max(start, f) - f, spec) if stop > f else 0
             for s, f in zip(seen, first_column, strict=True)
         ]
-        active = torch.tensor([stop > f for f in first_column], device=device)
+        active = on_device([stop > f for f in first_column], device, torch.bool)
         blocks.append(ExecutionBlock(start, stop, targets, active, end - length + stop - 1))
     return ForwardPlan(order, positions, valid, blocks[::-1], ends), ends
+
+
+def on_device(values: list, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """A host list as a tensor on `device`, without the host waiting for the device: a plain
+    `torch.tensor(..., device="cuda")` synchronises, which would stall the layer loop once per wave."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _block_tensor(like: torch.Tensor, count: int, block_size: int, **where) -> torch.Tensor:
@@ -154,7 +163,7 @@ class _DeviceBlocks:
     def append(self, rows: list[int], index: list[int], keys: torch.Tensor, values: torch.Tensor) -> None:
         self.keys = _grow(self.keys, 1, max(index) + 1)
         self.values = _grow(self.values, 1, max(index) + 1)
-        r, i = torch.tensor(rows, device=keys.device), torch.tensor(index, device=keys.device)
+        r, i = on_device(rows, keys.device), on_device(index, keys.device)
         self.keys[r, i] = keys
         self.values[r, i] = values
 
@@ -229,7 +238,7 @@ class _HostBlocks:
         for row, (blocks, flags) in enumerate(zip(selected.tolist(), wanted.tolist(), strict=True)):
             needed = {b for b, w in zip(blocks, flags, strict=True) if w}
             slots.append([self._slot_for(row, b, needed) if w else 0 for b, w in zip(blocks, flags, strict=True)])
-        index = torch.tensor(slots, device=self.slot_keys.device)
+        index = on_device(slots, self.slot_keys.device)
         rows = torch.arange(index.shape[0], device=index.device)[:, None]
         return self.slot_keys[rows, index], self.slot_values[rows, index]
 
@@ -322,7 +331,7 @@ class BlockMemoryLayer(CacheLayerMixin):
         size = self.spec.ring_size
         slots = torch.arange(size, device=last.device)
         positions = last[:, None] - (last[:, None] - slots) % size
-        base = self.spec.n_init + self.spec.block_size * torch.tensor(self.counts, device=last.device)
+        base = self.spec.n_init + self.spec.block_size * on_device(self.counts, last.device)
         return self.ring_keys[:, :, :-1], self.ring_values[:, :, :-1], positions, positions >= base[:, None]
 
     def add_scores(self, attention: torch.Tensor) -> None:
@@ -337,9 +346,9 @@ class BlockMemoryLayer(CacheLayerMixin):
     def oldest_recent_block(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys, values (R, H, block, D) and representative scores (R, H, block) of each row's next block."""
         spec = self.spec
-        first = torch.tensor([spec.n_init + spec.block_size * self.counts[r] for r in rows], device=self.device)
+        first = on_device([spec.n_init + spec.block_size * self.counts[r] for r in rows], self.device)
         slots = (first[:, None] + torch.arange(spec.block_size, device=self.device)) % spec.ring_size
-        index = torch.tensor(rows, device=self.device)[:, None]
+        index = on_device(rows, self.device)[:, None]
         keys = self.ring_keys[index, :, slots].transpose(1, 2)
         values = self.ring_values[index, :, slots].transpose(1, 2)
         scores = self.ring_scores[index, :, slots].transpose(1, 2)
@@ -358,7 +367,7 @@ class BlockMemoryLayer(CacheLayerMixin):
             counts[row] += 1
         self._make_room(max(index) + 1)
         self.representatives = _grow(self.representatives, 1, max(index) + 1)
-        r, i = torch.tensor(rows, device=self.device), torch.tensor(index, device=self.device)
+        r, i = on_device(rows, self.device), on_device(index, self.device)
         self.representatives[r, i] = representative.to(self.representatives.dtype)
         self.blocks.append(rows, index, keys.to(self.dtype), values.to(self.dtype))
         self.counts = counts
@@ -375,7 +384,7 @@ class BlockMemoryLayer(CacheLayerMixin):
 
     def block_counts(self) -> torch.Tensor:
         """(B,) memory blocks per row."""
-        return torch.tensor(self.counts, device=self.device)
+        return on_device(self.counts, self.device)
 
     def fetch(self, selected: torch.Tensor, wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values (B, H, k * block, D) of the selected blocks (B, k); unwanted entries hold any block."""
@@ -394,7 +403,7 @@ class BlockMemoryLayer(CacheLayerMixin):
         Init tokens are left out (they have their own slots); scores start from the ring's."""
         spec, size = self.spec, self.spec.ring_size
         total = size + keys.shape[2]
-        end = torch.tensor(ends, device=self.device)
+        end = on_device(ends, self.device)
         positions = end[:, None] - total + torch.arange(total, device=self.device)
         seen = (end - valid.sum(dim=1))[:, None]
         # The ring holds the positions [seen - ring_size, seen); padding columns of the pass may stand on them.
@@ -433,8 +442,8 @@ class BlockMemoryLayer(CacheLayerMixin):
             for block in range(have, want):
                 rows.append(row)
                 columns.append(spec.n_init + spec.block_size * block - (recent.ends[row] - width))
-        r = torch.tensor(rows, dtype=torch.long, device=self.device)[:, None]
-        slots = torch.tensor(columns, dtype=torch.long, device=self.device)[:, None]
+        r = on_device(rows, self.device)[:, None]
+        slots = on_device(columns, self.device)[:, None]
         slots = slots + torch.arange(spec.block_size, device=self.device)
         keys = recent.keys[r, :, slots].transpose(1, 2)
         values = recent.values[r, :, slots].transpose(1, 2)
