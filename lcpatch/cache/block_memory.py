@@ -171,6 +171,10 @@ class _DeviceBlocks:
         rows = torch.arange(selected.shape[0], device=selected.device)[:, None]
         return self.keys[rows, selected], self.values[rows, selected]
 
+    def fetch_each(self, selected: torch.Tensor, wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.fetch(selected.flatten(1), wanted.flatten(1))
+        return keys.unflatten(1, selected.shape[1:]), values.unflatten(1, selected.shape[1:])
+
 
 class _HostBlocks:
     """Memory blocks in (pinned) host memory; each row keeps an LRU of `slots` blocks on the device.
@@ -234,13 +238,26 @@ class _HostBlocks:
         return slot
 
     def fetch(self, selected: torch.Tensor, wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        slots = []
-        for row, (blocks, flags) in enumerate(zip(selected.tolist(), wanted.tolist(), strict=True)):
-            needed = {b for b, w in zip(blocks, flags, strict=True) if w}
-            slots.append([self._slot_for(row, b, needed) if w else 0 for b, w in zip(blocks, flags, strict=True)])
-        index = on_device(slots, self.slot_keys.device)
-        rows = torch.arange(index.shape[0], device=index.device)[:, None]
-        return self.slot_keys[rows, index], self.slot_values[rows, index]
+        keys, values = self.fetch_each(selected[:, None], wanted[:, None])
+        return keys[:, 0], values[:, 0]
+
+    def fetch_each(self, selected: torch.Tensor, wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The blocks (B, E, k) that E execution blocks select, loaded for one execution block after
+        the other (the device LRU may hold fewer than E * k), with a single host sync for all of them."""
+        chosen, flags = selected.tolist(), wanted.tolist()
+        rows = torch.arange(selected.shape[0], device=self.slot_keys.device)[:, None]
+        keys, values = [], []
+        for e in range(selected.shape[1]):
+            slots = []
+            for row, (row_blocks, row_flags) in enumerate(zip(chosen, flags, strict=True)):
+                blocks, wants = row_blocks[e], row_flags[e]
+                needed = {b for b, w in zip(blocks, wants, strict=True) if w}
+                slots.append([self._slot_for(row, b, needed) if w else 0 for b, w in zip(blocks, wants, strict=True)])
+            index = on_device(slots, self.slot_keys.device)
+            # A gather copies, so the slots may be reloaded for the next execution block.
+            keys.append(self.slot_keys[rows, index])
+            values.append(self.slot_values[rows, index])
+        return torch.stack(keys, dim=1), torch.stack(values, dim=1)
 
 
 def _device_has_room(device: torch.device, nbytes: int) -> bool:
@@ -451,13 +468,8 @@ class BlockMemoryLayer(CacheLayerMixin):
 
     def fetch_many(self, selected: torch.Tensor, wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values (B * E, H, k * block, D) of the blocks (B, E, k) selected for E execution blocks."""
-        count, k = selected.shape[1:]
-        if self.blocks.offloaded:  # the device LRU holds the blocks of one execution block at a time
-            pieces = [self.blocks.fetch(selected[:, e], wanted[:, e]) for e in range(count)]
-            keys, values = (torch.cat(part, dim=1) for part in zip(*pieces, strict=True))
-        else:
-            keys, values = self.blocks.fetch(selected.flatten(1), wanted.flatten(1))
-        per_block = lambda t: t.unflatten(1, (count, k)).transpose(2, 3).flatten(3, 4).flatten(0, 1)  # noqa: E731
+        keys, values = self.blocks.fetch_each(selected, wanted)
+        per_block = lambda t: t.transpose(2, 3).flatten(3, 4).flatten(0, 1)  # noqa: E731
         return per_block(keys), per_block(values)
 
     # -- transformers Cache API ----------------------------------------------------------------
