@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Issue 18's prefill figures on the GPU machine, from a copy of the repository with the lcpatch wheel
+# installed on PYTHONPATH (see README.md here). Writes everything under $OUT.
+#   bash benchmarks/infllm-prefill/gpu_run.sh cost LAYERS LENGTHS   # vanilla, lm-infinite, infllm gpu/cpu
+#   bash benchmarks/infllm-prefill/gpu_run.sh tests                 # the InfLLM exactness tests at real sizes
+#   bash benchmarks/infllm-prefill/gpu_run.sh profile LAYERS LENGTH
+set -u
+what=$1
+shift
+case $what in
+  tests)
+    LCPATCH_TEST_FULL=1 timeout 240 python -m pytest -q -x tests/test_infllm_waves.py tests/test_infllm_kernels.py \
+      2>&1 | tail -15 | tee "$OUT/tests.txt" ;;
+  profile)
+    timeout 240 python benchmarks/infllm-prefill/profile.py --layers "$1" --length "$2" \
+      --out "$OUT/profile-$1l-$2.txt" > /dev/null && head -3 "$OUT/profile-$1l-$2.txt" ;;
+  cost)
+    python -m lcpatch.cli bench --model llama3-8b --layers "$1" --lengths "$2" --new-tokens 16 \
+      --recipes vanilla,lm-infinite,benchmarks/cost/infllm-gpu.yaml,benchmarks/cost/infllm-cpu.yaml \
+      --out "$OUT/cost-$1l" --no-progress 2>&1 | tail -3
+    cat "$OUT/cost-$1l/cost.md" ;;
+esac
