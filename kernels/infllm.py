@@ -5,10 +5,12 @@ Spec: `execution_block_attention` of the InfLLM reference (same arguments and re
 An execution block's attention is Λ attention in which every causal key is visible (n_global beyond
 any position), with window = distance cap = n_local: pairs inside the local window at their true
 distance, all others with the query at n_local and the key at 0. The kernel wants keys in stream
-order with the queries as the last key slots, so keys are laid out as [selected memory blocks, placed
-at a position outside every query's window | init slots | the ring sorted by position]. The kernel's
-log-sum-exp then gives, for the few keys of each query's own block (a band at the end of the sorted
-ring), the attention probabilities that representative keys are chosen by.
+order with the queries as the last key slots; the near tokens come so (init slots, then the ring in
+position order), and the selected memory blocks go before them, at a position outside every query's
+window. The kernel's log-sum-exp then gives, for the few keys of each query's own block, the
+attention probabilities that representative keys are chosen by: a query's own block lies in the
+block_size slots of the ring that end at the query, so the queries go in groups, each scored against
+one window of the ring's tail.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from .lambda_prefill import prefill_forward
 from .specs import InfLLMSpec, LambdaSpec, Rotary
@@ -39,50 +42,62 @@ def execution_block_attention_triton(
     near_keys, near_values, near_positions, near_valid = near
     memory_keys, memory_values, memory_valid = memory
     batch, q_heads, length, _ = query.shape
-    kv_heads = near_keys.shape[1]
-    n_init = spec.n_init
-
-    # The ring in position order: its slots hold distinct positions, the execution block's own last.
-    ring_order = near_positions[:, n_init:].argsort(dim=1) + n_init
-    order = torch.cat((torch.arange(n_init, device=query.device).expand(batch, -1), ring_order), dim=1)
-    expand = order[:, None, :, None].expand(-1, kv_heads, -1, near_keys.shape[-1])
-    near_keys, near_values = near_keys.gather(2, expand), near_values.gather(2, expand)
-    near_positions, near_valid = near_positions.gather(1, order), near_valid.gather(1, order)
 
     first = query_positions.masked_fill(~query_valid, torch.iinfo(torch.int32).max).amin(dim=1, keepdim=True)
     memory_positions = (first - spec.n_local).expand(-1, memory_keys.shape[2])
-    keys = torch.cat((memory_keys, near_keys), dim=2).to(query.dtype).contiguous()
-    values = torch.cat((memory_values, near_values), dim=2).to(query.dtype).contiguous()
-    positions = torch.cat((memory_positions, near_positions), dim=1).to(torch.int32).contiguous()
-    valid = torch.cat((memory_valid, near_valid), dim=1).contiguous()
+    keys = torch.cat((memory_keys, near_keys), dim=2).to(query.dtype)
+    values = torch.cat((memory_values, near_values), dim=2).to(query.dtype)
+    positions = torch.cat((memory_positions, near_positions), dim=1).to(torch.int32)
+    valid = torch.cat((memory_valid, near_valid), dim=1)
     rule = LambdaSpec(EVERY_KEY, spec.n_local, spec.n_local)
-    q_positions = query_positions.to(torch.int32).contiguous()
     out, lse, _ = prefill_forward(
-        query.contiguous(), keys, values, q_positions, positions, valid, rule, rotary, scaling, softcap, need_lse=True
-    )
+        query.contiguous(), keys, values, query_positions.to(torch.int32).contiguous(), positions, valid,
+        rule, rotary, scaling, softcap, need_lse=True,
+    )  # fmt: skip
+    lse = lse.view(batch, q_heads, length) * math.log(2.0)  # the kernel's is in base 2
+    near_attention = own_block_attention(query, query_positions, query_valid, near, lse, spec, rotary, scaling, softcap)
+    return out.transpose(1, 2).to(torch.float32), near_attention
 
-    # Own-block attention: a query's block starts at most block_size - 1 before it, so its keys lie in
-    # the last length + block_size - 1 slots of the sorted ring.
-    band = min(length + spec.block_size - 1, near_keys.shape[2] - n_init)
-    band_keys, band_positions = near_keys[:, :, -band:], near_positions[:, -band:]
-    group = q_heads // kv_heads
-    q = query.reshape(batch, kv_heads, group * length, -1)
-    q_pos, q_valid = query_positions.repeat(1, group), query_valid.repeat(1, group)
+
+def own_block_attention(query, query_positions, query_valid, near, lse, spec, rotary, scaling, softcap):
+    """The attention (B, Hkv, N) each near token gets from the queries of its own block, given each
+    query's log-sum-exp (B, Hq, X) in base e. Query j (of X) stands at near slot N - X + j, and its own
+    block lies within the block_size slots that end there: queries go in groups of `size`, each scored
+    against the `size + block_size - 1` slots that end at its last query."""
+    near_keys, _, near_positions, near_valid = near
+    batch, q_heads, length, _ = query.shape
+    kv_heads = near_keys.shape[1]
+    size = min(spec.block_size, length)
+    groups = -(-length // size)
+    pad = groups * size - length
+    width, band = size + spec.block_size - 1, groups * size + spec.block_size - 1
+
+    q_positions, q_valid = F.pad(query_positions, (pad, 0)), F.pad(query_valid, (pad, 0))
     origin = query_positions.masked_fill(~query_valid, 0).amax(dim=1, keepdim=True)
-    scores = rotary.rotate(q, q_pos - origin) @ rotary.rotate(band_keys, band_positions - origin).transpose(-1, -2)
-    scores = scores * scaling
+    q = rotary.rotate(F.pad(query, (0, 0, pad, 0)), q_positions - origin)
+    q = q.view(batch, kv_heads, q_heads // kv_heads, groups, size, -1)
+    k_positions, k_valid = near_positions[:, -band:], near_valid[:, -band:]
+    k = rotary.rotate(near_keys[:, :, -band:], k_positions - origin).unfold(2, width, size)
+    scores = torch.einsum("bhgcsd,bhcdw->bhgcsw", q, k).mul_(scaling)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    block = lambda positions: torch.div(positions - spec.n_init, spec.block_size, rounding_mode="floor")  # noqa: E731
+
+    def block(positions):
+        return torch.div(positions - spec.n_init, spec.block_size, rounding_mode="floor")
+
+    q_positions, q_valid = q_positions.view(batch, groups, size, 1), q_valid.view(batch, groups, size, 1)
+    k_positions, k_valid = k_positions.unfold(1, width, size)[:, :, None], k_valid.unfold(1, width, size)[:, :, None]
     same_block = (
-        q_valid[:, :, None]
-        & near_valid[:, None, -band:]
-        & (q_pos[:, :, None] >= spec.n_init)
-        & (q_pos[:, :, None] >= band_positions[:, None, :])
-        & (block(q_pos)[:, :, None] == block(band_positions)[:, None, :])
+        q_valid
+        & k_valid
+        & (q_positions >= spec.n_init)
+        & (q_positions >= k_positions)
+        & (block(q_positions) == block(k_positions))
     )
-    lse = lse.reshape(batch, kv_heads, group * length) * math.log(2.0)  # the kernel's is in base 2
-    probabilities = torch.exp(scores - lse[..., None]).masked_fill(~same_block[:, None], 0.0)
-    near_attention = torch.zeros(batch, kv_heads, near_positions.shape[1], device=query.device)
-    near_attention.scatter_(2, order[:, None, -band:].expand(-1, kv_heads, -1), probabilities.sum(dim=2))
-    return out.transpose(1, 2).to(torch.float32), near_attention
+    lse = F.pad(lse, (pad, 0)).view(batch, kv_heads, q_heads // kv_heads, groups, size, 1)
+    windows = scores.sub_(lse).exp_().mul_(same_block[:, None, None]).sum(dim=(2, 4))  # (B, Hkv, groups, width)
+    attention = near_keys.new_zeros(batch, kv_heads, near_keys.shape[2], dtype=torch.float32)
+    tail = attention[:, :, -band:]
+    for g in range(groups):  # overlapping windows: at most exc_block_size / block_size + 1 of them
+        tail[:, :, g * size : g * size + width] += windows[:, :, g]
+    return attention

@@ -84,8 +84,8 @@ def execution_block_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One execution block's attention over un-rotated queries (B, Hq, X, D).
 
-    near = (keys, values, positions, valid): init and ring tokens (B, Hkv, N, D), seen at the
-    distance rule of the module docstring; memory = (keys, values, valid): the selected blocks,
+    near = (keys, values, positions, valid): the init slots, then the ring in position order, its last
+    slot the execution block's last query (B, Hkv, N, D), seen at the distance rule of the module docstring; memory = (keys, values, valid): the selected blocks,
     seen by every query at distance n_local.
     Returns the output (B, Hq, X, D) in fp32 and the attention (B, Hkv, N) each near token got from
     queries of its own block (summed over queries and the heads of its group).
@@ -196,7 +196,7 @@ def infllm_attention_reference(
         block_out, near_attention = block_attention(
             q, positions, valid, near, memory, spec, rotary, scaling, softcap, dropout
         )
-        layer.add_scores(near_attention[..., spec.n_init :])
+        layer.add_scores(near_attention[..., spec.n_init :], block.last)
         out[:, :, columns] = block_out
 
     if plan.order is not None:

@@ -343,17 +343,23 @@ class BlockMemoryLayer(CacheLayerMixin):
         return self.init_keys[:, :, :-1], self.init_values[:, :, :-1]
 
     def ring_kv(self, last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Ring keys/values (B, H, R, D), the position each slot holds given each row's last written
-        position `last` (B,), and which slots hold tokens not yet in a memory block."""
+        """The ring in position order, given each row's last written position `last` (B,): keys/values
+        (B, H, R, D) of positions last - R + 1 ... last, those positions (B, R), and which of them hold
+        tokens not yet in a memory block."""
         size = self.spec.ring_size
-        slots = torch.arange(size, device=last.device)
-        positions = last[:, None] - (last[:, None] - slots) % size
+        positions = last[:, None] - size + 1 + torch.arange(size, device=last.device)
+        slot = positions % size
         base = self.spec.n_init + self.spec.block_size * on_device(self.counts, last.device)
-        return self.ring_keys[:, :, :-1], self.ring_values[:, :, :-1], positions, positions >= base[:, None]
+        keys = self.ring_keys.gather(2, _token_index(slot, self.ring_keys))
+        values = self.ring_values.gather(2, _token_index(slot, self.ring_values))
+        return keys, values, positions, positions >= base[:, None]
 
-    def add_scores(self, attention: torch.Tensor) -> None:
-        """Accumulate (B, H, R) attention that ring tokens received from queries of their own block."""
-        self.ring_scores[:, :, :-1] += attention
+    def add_scores(self, attention: torch.Tensor, last: torch.Tensor) -> None:
+        """Accumulate the attention (B, H, R) that the ring's tokens, in `ring_kv(last)`'s order, received
+        from queries of their own block."""
+        slot = last[:, None] - self.spec.ring_size + 1 + torch.arange(self.spec.ring_size, device=last.device)
+        slot = slot % self.spec.ring_size
+        self.ring_scores.scatter_add_(2, slot[:, None, :].expand_as(attention), attention)
 
     # -- memory blocks -------------------------------------------------------------------------
     def rows_forming(self, targets: list[int]) -> list[int]:
