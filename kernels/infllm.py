@@ -74,11 +74,11 @@ def own_block_attention(query, query_positions, query_valid, near, lse, spec, ro
 
     q_positions, q_valid = F.pad(query_positions, (pad, 0)), F.pad(query_valid, (pad, 0))
     origin = query_positions.masked_fill(~query_valid, 0).amax(dim=1, keepdim=True)
-    q = rotary.rotate(F.pad(query, (0, 0, pad, 0)), q_positions - origin)
+    q = rotary.rotate(F.pad(query, (0, 0, pad, 0)), q_positions - origin).mul_(scaling)
     q = q.view(batch, kv_heads, q_heads // kv_heads, groups, size, -1)
     k_positions, k_valid = near_positions[:, -band:], near_valid[:, -band:]
     k = rotary.rotate(near_keys[:, :, -band:], k_positions - origin).unfold(2, width, size)
-    scores = torch.einsum("bhgcsd,bhcdw->bhgcsw", q, k).mul_(scaling)
+    scores = torch.einsum("bhgcsd,bhcdw->bhgcsw", q, k)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
 

@@ -45,6 +45,13 @@ def representative_key(keys_far: torch.Tensor, scores: torch.Tensor, repr_topk: 
     return chosen.mean(dim=2)
 
 
+def query_sum_far(query: torch.Tensor, valid: torch.Tensor, kv_heads: int, spec: InfLLMSpec, rotary: Rotary):
+    """The sum (B, Hkv, D) over an execution block's valid queries (B, Hq, X, D) and the heads of each kv
+    group, rotated at distance n_local. Rotating at one position is linear, so the sum is rotated once."""
+    total = (query * valid[:, None, :, None]).unflatten(1, (kv_heads, -1)).sum(dim=(2, 3), dtype=torch.float32)
+    return rotary.rotate(total[:, :, None], torch.full_like(valid[:, :1], spec.n_local, dtype=torch.long))[:, :, 0]
+
+
 def block_scores(query_sum: torch.Tensor, representatives: torch.Tensor) -> torch.Tensor:
     """Selection scores (B, N): query sums (B, H, D) against representative keys (B, N, H, D), summed over heads."""
     return torch.einsum("bhd,bnhd->bn", query_sum, representatives)
@@ -174,8 +181,7 @@ def infllm_attention_reference(
         layer.write(key[:, :, columns], value[:, :, columns], positions, valid)
         q = query[:, :, columns]
 
-        q_far = rotary.rotate(q, torch.full_like(positions, spec.n_local)) * valid[:, None, :, None]
-        query_sum = q_far.unflatten(1, (kv_heads, -1)).sum(dim=(2, 3))
+        query_sum = query_sum_far(q, valid, kv_heads, spec, rotary)
         scores = block_scores(query_sum, layer.representatives)
         selected, wanted = select_blocks(scores, layer.block_counts(), block.active, spec.topk)
         if selected.shape[1]:

@@ -25,7 +25,13 @@ import torch.nn.functional as F
 
 from ..cache.block_memory import BlockMemoryLayer, ForwardPlan, RecentTokens, on_device
 from ..kernels.specs import InfLLMSpec, Rotary
-from .infllm_reference import execution_block_attention, far_keys, representative_key, select_blocks
+from .infllm_reference import (
+    execution_block_attention,
+    far_keys,
+    query_sum_far,
+    representative_key,
+    select_blocks,
+)
 
 
 def waves(count: int, width: int, n_local: int) -> list[range]:
@@ -106,9 +112,8 @@ def _wave_attention(
     q_positions, q_valid = as_rows(positions), as_rows(valid)
 
     # Selection: every execution block's query sum against the representative keys, one top-k.
-    q_far = rotary.rotate(query, torch.full_like(positions, spec.n_local)) * valid[:, None, :, None]
-    query_sum = q_far.unflatten(1, (kv_heads, -1)).unflatten(3, (blocks, width)).sum(dim=(2, 4))
-    scores = torch.einsum("bhed,bnhd->ben", query_sum, layer.representatives).flatten(0, 1)
+    query_sum = query_sum_far(q_rows, q_valid, kv_heads, spec, rotary).unflatten(0, (batch, blocks))
+    scores = torch.einsum("behd,bnhd->ben", query_sum, layer.representatives).flatten(0, 1)
     selected, wanted = select_blocks(scores, counts.flatten(), active.flatten(), spec.topk)
     k = selected.shape[1]
     if k:
