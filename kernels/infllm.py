@@ -50,9 +50,13 @@ def execution_block_attention_triton(
     positions = torch.cat((memory_positions, near_positions), dim=1).to(torch.int32)
     valid = torch.cat((memory_valid, near_valid), dim=1)
     rule = LambdaSpec(EVERY_KEY, spec.n_local, spec.n_local)
+    # The last n_local near slots lie within every query's window (the last is the last query): the
+    # kernel's window loop takes them, at their true distance only; the slots before go through its
+    # prefix loop, which scores both distances.
+    far_slots = keys.shape[2] - min(spec.n_local, near_keys.shape[2] - spec.n_init)
     out, lse, _ = prefill_forward(
         query.contiguous(), keys, values, query_positions.to(torch.int32).contiguous(), positions, valid,
-        rule, rotary, scaling, softcap, need_lse=True,
+        rule, rotary, scaling, softcap, need_lse=True, far_slots=far_slots,
     )  # fmt: skip
     lse = lse.view(batch, q_heads, length) * math.log(2.0)  # the kernel's is in base 2
     near_attention = own_block_attention(query, query_positions, query_valid, near, lse, spec, rotary, scaling, softcap)

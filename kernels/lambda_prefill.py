@@ -570,16 +570,22 @@ def kernel_config(name: str, dim: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
 
 
-def prefill_forward(q, k, v, qpos, kpos, kvalid, spec, rotary, scaling, softcap, need_lse):
+def prefill_forward(q, k, v, qpos, kpos, kvalid, spec, rotary, scaling, softcap, need_lse, far_slots=None):
     """The forward kernel: output (B, Lq, Hq, D), its base-2 log-sum-exp (B, Hq, Lq) if need_lse, and P.
 
     Positions and validity need a unit stride on their last dim, as q/k/v do (see the module docstring).
+    `far_slots` sets P, the leading slots scored by the prefix loop (both distances, every position),
+    where the caller knows that every later slot within the window is visible at its true distance;
+    by default P spans the slots that hold global keys.
     """
     batch, q_heads, q_len, dim = q.shape
     capped, far_pos = far_rule(spec)
     turns = frequency_turns(rotary.inv_freq, q.device)
     kn, _ = rope(k, kpos, turns, rotary.scale)
-    prefix = prefix_length(kpos, kvalid, spec.n_global)
+    if far_slots is None:
+        prefix = prefix_length(kpos, kvalid, spec.n_global)
+    else:
+        prefix = torch.full((), far_slots, dtype=torch.int32, device=q.device)
     out = torch.empty(batch, q_len, q_heads, dim, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=q.device) if need_lse else None
     config = kernel_config("fwd", dim, q.dtype)
