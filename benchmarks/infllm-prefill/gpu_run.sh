@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Issue 18's prefill figures on the GPU machine, from a copy of the repository with the lcpatch wheel
 # installed on PYTHONPATH (see README.md here). Writes everything under $OUT.
-#   bash benchmarks/infllm-prefill/gpu_run.sh cost LAYERS LENGTHS   # vanilla, lm-infinite, infllm gpu/cpu
+#   bash benchmarks/infllm-prefill/gpu_run.sh cost LAYERS LENGTHS [TIMEOUT]  # vanilla, lm-infinite, infllm gpu/cpu
 #   bash benchmarks/infllm-prefill/gpu_run.sh tests                 # the InfLLM exactness tests at real sizes
 #   bash benchmarks/infllm-prefill/gpu_run.sh profile LAYERS LENGTH
+#   bash benchmarks/infllm-prefill/gpu_run.sh passkey GGUF BOOK    # lcpatch eval's seconds per 64k prompt
 set -u
 what=$1
 shift
@@ -12,10 +13,13 @@ case $what in
     LCPATCH_TEST_FULL=1 timeout 240 python -m pytest -q -x tests/test_infllm_waves.py tests/test_infllm_kernels.py \
       2>&1 | tail -15 | tee "$OUT/tests.txt" ;;
   profile)
-    timeout 240 python benchmarks/infllm-prefill/profile.py --layers "$1" --length "$2" \
+    timeout 240 python benchmarks/infllm-prefill/profile_prefill.py --layers "$1" --length "$2" \
       --out "$OUT/profile-$1l-$2.txt" > /dev/null && head -3 "$OUT/profile-$1l-$2.txt" ;;
+  passkey)
+    timeout 300 python -m lcpatch.cli eval --model smollm2 --gguf "$1" --recipes infllm --task passkey \
+      --lengths 64k --depths 0.5 --samples 5 --text "$2" --out "$OUT/passkey-64k" --no-progress 2>&1 | tail -8 ;;
   cost)
-    python -m lcpatch.cli bench --model llama3-8b --layers "$1" --lengths "$2" --new-tokens 16 \
+    timeout "${3:-400}" python -m lcpatch.cli bench --model llama3-8b --layers "$1" --lengths "$2" --new-tokens 16 \
       --recipes vanilla,lm-infinite,benchmarks/cost/infllm-gpu.yaml,benchmarks/cost/infllm-cpu.yaml \
       --out "$OUT/cost-$1l" --no-progress 2>&1 | tail -3
     cat "$OUT/cost-$1l/cost.md" ;;

@@ -1,6 +1,6 @@
 """Where an InfLLM prefill's time goes: one `generate()` of one token under torch.profiler (CUDA GPU).
 
-    python benchmarks/infllm-prefill/profile.py --layers 4 --length 131072 --out profile.txt
+    python benchmarks/infllm-prefill/profile_prefill.py --layers 4 --length 131072 --out profile.txt
 
 Llama-3-8B shape with random bf16 weights (`lcpatch bench`'s preset), the first --layers layers, memory
 blocks kept on the GPU. Writes the prefill's wall time per layer, and the CUDA kernels and the CPU-side
