@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 18's prefill figures on the GPU machine, from a copy of the repository with the lcpatch wheel
 # installed on PYTHONPATH (see README.md here). Writes everything under $OUT.
-#   bash benchmarks/infllm-prefill/gpu_run.sh cost LAYERS LENGTHS [TIMEOUT]  # vanilla, lm-infinite, infllm gpu/cpu
+#   bash benchmarks/infllm-prefill/gpu_run.sh cost LAYERS LENGTHS [TIMEOUT [RECIPES]]  # default: vanilla, lm-infinite, infllm gpu/cpu
 #   bash benchmarks/infllm-prefill/gpu_run.sh tests                 # the InfLLM exactness tests at real sizes
 #   bash benchmarks/infllm-prefill/gpu_run.sh profile LAYERS LENGTH
 #   bash benchmarks/infllm-prefill/gpu_run.sh passkey GGUF BOOK    # lcpatch eval's seconds per 64k prompt
@@ -20,7 +20,7 @@ case $what in
       --lengths 64k --depths 0.5 --samples 5 --text "$2" --out "$OUT/passkey-64k" --no-progress 2>&1 | tail -8 ;;
   cost)
     timeout "${3:-400}" python -m lcpatch.cli bench --model llama3-8b --layers "$1" --lengths "$2" --new-tokens 16 \
-      --recipes vanilla,lm-infinite,benchmarks/cost/infllm-gpu.yaml,benchmarks/cost/infllm-cpu.yaml \
-      --out "$OUT/cost-$1l" --no-progress 2>&1 | tail -3
-    cat "$OUT/cost-$1l/cost.md" ;;
+      --recipes "${4:-vanilla,lm-infinite,benchmarks/cost/infllm-gpu.yaml,benchmarks/cost/infllm-cpu.yaml}" \
+      --out "$OUT/cost-$1l-${2##*,}" --no-progress 2>&1 | tail -3
+    cat "$OUT/cost-$1l-${2##*,}/cost.md" ;;
 esac
