@@ -5,6 +5,7 @@
 #   bash benchmarks/infllm-prefill/gpu_run.sh tests                 # the InfLLM exactness tests at real sizes
 #   bash benchmarks/infllm-prefill/gpu_run.sh profile LAYERS LENGTH
 #   bash benchmarks/infllm-prefill/gpu_run.sh passkey GGUF BOOK    # lcpatch eval's seconds per 64k prompt
+#   bash benchmarks/infllm-prefill/gpu_run.sh smollm2 [TIMEOUT]    # the same prompt's cost, random weights
 set -u
 what=$1
 shift
@@ -18,6 +19,10 @@ case $what in
   passkey)
     timeout 300 python -m lcpatch.cli eval --model smollm2 --gguf "$1" --recipes infllm --task passkey \
       --lengths 64k --depths 0.5 --samples 5 --text "$2" --out "$OUT/passkey-64k" --no-progress 2>&1 | tail -8 ;;
+  smollm2)  # lcpatch eval's passkey prompt at 64k, timed as a cost cell: SmolLM2's shape, random weights
+    timeout "${1:-120}" python -m lcpatch.cli bench --model smollm2-135m --recipes infllm --lengths 8k,64k \
+      --new-tokens 8 --out "$OUT/smollm2-64k" --no-progress 2>&1 | tail -1
+    cat "$OUT/smollm2-64k/cost.md" ;;
   cost)
     timeout "${3:-400}" python -m lcpatch.cli bench --model llama3-8b --layers "$1" --lengths "$2" --new-tokens 16 \
       --recipes "${4:-vanilla,lm-infinite,benchmarks/cost/infllm-gpu.yaml,benchmarks/cost/infllm-cpu.yaml}" \
