@@ -2,7 +2,7 @@
 # Issue 18's prefill figures on the GPU machine, from a copy of the repository with the lcpatch wheel
 # installed on PYTHONPATH (see README.md here). Writes everything under $OUT.
 #   bash benchmarks/infllm-prefill/gpu_run.sh cost LAYERS LENGTHS [TIMEOUT [RECIPES]]  # default: vanilla, lm-infinite, infllm gpu/cpu
-#   bash benchmarks/infllm-prefill/gpu_run.sh tests                 # the InfLLM exactness tests at real sizes
+#   bash benchmarks/infllm-prefill/gpu_run.sh tests [TIMEOUT]       # the InfLLM exactness tests at real sizes
 #   bash benchmarks/infllm-prefill/gpu_run.sh profile LAYERS LENGTH
 #   bash benchmarks/infllm-prefill/gpu_run.sh passkey GGUF BOOK    # lcpatch eval's seconds per 64k prompt
 #   bash benchmarks/infllm-prefill/gpu_run.sh smollm2 [TIMEOUT]    # the same prompt's cost, random weights
@@ -11,7 +11,7 @@ what=$1
 shift
 case $what in
   tests)
-    LCPATCH_TEST_FULL=1 timeout 240 python -m pytest -q -x tests/test_infllm_waves.py tests/test_infllm_kernels.py \
+    LCPATCH_TEST_FULL=1 timeout "${1:-240}" python -m pytest -q -x tests/test_infllm_waves.py tests/test_infllm_kernels.py \
       2>&1 | tail -15 | tee "$OUT/tests.txt" ;;
   profile)
     timeout 240 python benchmarks/infllm-prefill/profile_prefill.py --layers "$1" --length "$2" \
