@@ -5,7 +5,7 @@ retrieval-capable variant with a short LoRA fine-tune (plain PEFT + PyTorch) on 
 256..4096 tokens; `eval` measures accuracy (samples x depths per length) for each method with that
 adapter merged; `report` merges result files into a Markdown table and a heatmap PNG.
 
-    python benchmarks/infllm-passkey/run.py finetune --gguf model.gguf --out runs/lora            # ~2 min on an H100
+    python benchmarks/infllm-passkey/run.py finetune --gguf model.gguf --out runs/lora  # 300 steps: ~7 min on an H200 (2026-12-03)
     python benchmarks/infllm-passkey/run.py eval --gguf model.gguf --adapter runs/lora \\
         --methods infllm --lengths 4096,16384 --out runs/passkey-infllm-short.json
     python benchmarks/infllm-passkey/run.py report runs/passkey-*.json --out runs/passkey
