@@ -176,6 +176,23 @@ def test_offloaded_blocks_give_identical_results(forced, monkeypatch):
 
 
 @torch.no_grad()
+def test_running_out_of_host_memory_is_a_clear_error(monkeypatch):
+    import lcpatch.cache.block_memory as block_memory
+
+    allocate = block_memory._block_tensor
+
+    def host_full(like, count, block_size, **where):
+        if where.get("device") == "cpu":
+            raise RuntimeError("CUDA error: out of memory")
+        return allocate(like, count, block_size, **where)
+
+    monkeypatch.setattr(block_memory, "_block_tensor", host_full)
+    model = tiny_model()
+    with lcpatch.patched(model, infllm(offload="cpu")), pytest.raises(CacheError, match="could not allocate .* MiB"):
+        model(random_ids(60))
+
+
+@torch.no_grad()
 def test_generate_sampling_and_streamer():
     model = tiny_model()
     lcpatch.apply(model, infllm())

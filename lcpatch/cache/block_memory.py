@@ -212,13 +212,28 @@ class _HostBlocks:
 
     def _page(self, page: int) -> tuple[torch.Tensor, torch.Tensor]:
         while len(self.pages) <= page:
-            self.pages.append(
-                tuple(
-                    _block_tensor(like, HOST_PAGE_BLOCKS, self.block_size, device="cpu", pin_memory=self.pin)
-                    for like in self.likes
+            try:
+                self.pages.append(
+                    tuple(
+                        _block_tensor(like, HOST_PAGE_BLOCKS, self.block_size, device="cpu", pin_memory=self.pin)
+                        for like in self.likes
+                    )
                 )
-            )
+            except (RuntimeError, MemoryError) as exc:  # cudaHostAlloc and the CPU allocator both say so
+                raise self._out_of_host_memory() from exc
         return self.pages[page]
+
+    def _out_of_host_memory(self) -> CacheError:
+        page = sum(math.prod(like.shape[:2]) * like.shape[3] * like.element_size() for like in self.likes)
+        page *= HOST_PAGE_BLOCKS * self.block_size
+        held = len(self.pages) * page
+        kind = "pinned CPU memory" if self.pin else "CPU memory"
+        return CacheError(
+            f"infllm with offload 'cpu' could not allocate {page / 2**20:.3g} MiB more {kind} for one layer's memory "
+            f"blocks (it holds {held / 2**30:.3g} GiB, {len(self.pages) * HOST_PAGE_BLOCKS} blocks of "
+            f"{self.block_size} tokens per row). InfLLM keeps the keys and values of every token of every layer; for "
+            "this context they exceed the host's memory. Give a shorter prompt or fewer rows, or free host memory."
+        )
 
     def append(self, rows: list[int], index: list[int], keys: torch.Tensor, values: torch.Tensor) -> None:
         for n, (row, block) in enumerate(zip(rows, index, strict=True)):
