@@ -102,6 +102,6 @@ def own_block_attention(query, query_positions, query_valid, near, lse, spec, ro
     windows = scores.sub_(lse).exp_().mul_(same_block[:, None, None]).sum(dim=(2, 4))  # (B, Hkv, groups, width)
     attention = near_keys.new_zeros(batch, kv_heads, near_keys.shape[2], dtype=torch.float32)
     tail = attention[:, :, -band:]
-    for g in range(groups):  # overlapping windows: at most exc_block_size / block_size + 1 of them
+    for g in range(groups):  # overlapping windows, at most exc_block_size / block_size of them
         tail[:, :, g * size : g * size + width] += windows[:, :, g]
     return attention

@@ -92,8 +92,8 @@ def execution_block_attention(
     """One execution block's attention over un-rotated queries (B, Hq, X, D).
 
     near = (keys, values, positions, valid): the init slots, then the ring in position order, its last
-    slot the execution block's last query (B, Hkv, N, D), seen at the distance rule of the module docstring; memory = (keys, values, valid): the selected blocks,
-    seen by every query at distance n_local.
+    slot the execution block's last query (B, Hkv, N, D), seen at the distance rule of the module
+    docstring; memory = (keys, values, valid): the selected blocks, seen by every query at distance n_local.
     Returns the output (B, Hq, X, D) in fp32 and the attention (B, Hkv, N) each near token got from
     queries of its own block (summed over queries and the heads of its group).
     """

@@ -229,8 +229,8 @@ class _HostBlocks:
         held = len(self.pages) * page
         kind = "pinned CPU memory" if self.pin else "CPU memory"
         return CacheError(
-            f"infllm, its memory blocks offloaded, could not allocate {page / 2**20:.3g} MiB more {kind} for one layer's memory "
-            f"blocks (it holds {held / 2**30:.3g} GiB, {len(self.pages) * HOST_PAGE_BLOCKS} blocks of "
+            f"infllm, its memory blocks offloaded, could not allocate {page / 2**20:.3g} MiB more {kind} for one "
+            f"layer's memory blocks (it holds {held / 2**30:.3g} GiB, {len(self.pages) * HOST_PAGE_BLOCKS} blocks of "
             f"{self.block_size} tokens per row). InfLLM keeps the keys and values of every token of every layer; for "
             "this context they exceed the host's memory. Give a shorter prompt or fewer rows, or free host memory."
         )
