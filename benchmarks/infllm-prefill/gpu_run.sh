@@ -6,10 +6,18 @@
 #   bash benchmarks/infllm-prefill/gpu_run.sh profile LAYERS LENGTH
 #   bash benchmarks/infllm-prefill/gpu_run.sh passkey GGUF BOOK    # lcpatch eval's seconds per 64k prompt
 #   bash benchmarks/infllm-prefill/gpu_run.sh smollm2 [TIMEOUT]    # the same prompt's cost, random weights
+#   bash benchmarks/infllm-prefill/gpu_run.sh all                   # the above (not passkey) in order of need, ~9 min
 set -u
 what=$1
 shift
 case $what in
+  all)
+    here=$(dirname "$0")
+    bash "$here/gpu_run.sh" cost 32 32k,128k 240
+    bash "$here/gpu_run.sh" tests 100
+    bash "$here/gpu_run.sh" smollm2 60
+    bash "$here/gpu_run.sh" cost 8 32k,1M 150 lm-infinite,benchmarks/cost/infllm-gpu.yaml,benchmarks/cost/infllm-cpu.yaml
+    bash "$here/gpu_run.sh" profile 4 131072 ;;
   tests)
     LCPATCH_TEST_FULL=1 timeout "${1:-240}" python -m pytest -q -x tests/test_infllm_waves.py tests/test_infllm_kernels.py \
       2>&1 | tail -15 | tee "$OUT/tests.txt" ;;
