@@ -363,13 +363,15 @@ class BlockMemoryLayer(CacheLayerMixin):
         """Init slots (B, H, n_init, D); slot j holds position j."""
         return self.init_keys[:, :, :-1], self.init_values[:, :, :-1]
 
+    def _ring_in_order(self, last: torch.Tensor) -> torch.Tensor:
+        """Positions last - R + 1 ... last (B, R) that the ring holds, given each row's last written position."""
+        return last[:, None] - self.spec.ring_size + 1 + torch.arange(self.spec.ring_size, device=last.device)
+
     def ring_kv(self, last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The ring in position order, given each row's last written position `last` (B,): keys/values
-        (B, H, R, D) of positions last - R + 1 ... last, those positions (B, R), and which of them hold
-        tokens not yet in a memory block."""
-        size = self.spec.ring_size
-        positions = last[:, None] - size + 1 + torch.arange(size, device=last.device)
-        slot = positions % size
+        """The ring in position order (`_ring_in_order(last)`): keys/values (B, H, R, D), their positions
+        (B, R), and which of them hold tokens not yet in a memory block."""
+        positions = self._ring_in_order(last)
+        slot = positions % self.spec.ring_size
         base = self.spec.n_init + self.spec.block_size * on_device(self.counts, last.device)
         keys = self.ring_keys.gather(2, _token_index(slot, self.ring_keys))
         values = self.ring_values.gather(2, _token_index(slot, self.ring_values))
@@ -378,8 +380,7 @@ class BlockMemoryLayer(CacheLayerMixin):
     def add_scores(self, attention: torch.Tensor, last: torch.Tensor) -> None:
         """Accumulate the attention (B, H, R) that the ring's tokens, in `ring_kv(last)`'s order, received
         from queries of their own block."""
-        slot = last[:, None] - self.spec.ring_size + 1 + torch.arange(self.spec.ring_size, device=last.device)
-        slot = slot % self.spec.ring_size
+        slot = self._ring_in_order(last) % self.spec.ring_size
         self.ring_scores.scatter_add_(2, slot[:, None, :].expand_as(attention), attention)
 
     # -- memory blocks -------------------------------------------------------------------------
