@@ -6,20 +6,28 @@
 #   bash benchmarks/infllm-prefill/gpu_run.sh profile LAYERS LENGTH
 #   bash benchmarks/infllm-prefill/gpu_run.sh passkey GGUF BOOK    # lcpatch eval's seconds per 64k prompt
 #   bash benchmarks/infllm-prefill/gpu_run.sh smollm2 [TIMEOUT]    # the same prompt's cost, random weights
-#   bash benchmarks/infllm-prefill/gpu_run.sh all                   # the above (not passkey) in order of need, ~9 min
+#   bash benchmarks/infllm-prefill/gpu_run.sh decode-tests [TIMEOUT]  # graph decode (infllm, lm-infinite) == eager
+#   bash benchmarks/infllm-prefill/gpu_run.sh all-1                 # decode tests, 32 layers 32k/128k, exactness; ~8 min
+#   bash benchmarks/infllm-prefill/gpu_run.sh all-2                 # 8 layers to 1M, profile, SmolLM2's 64k; ~7 min
+# NEW (default 16) sets the tokens each cost cell generates; all-1 decodes 129, so that a memory block forms.
 set -u
 what=$1
 shift
+here=$(dirname "$0")
 case $what in
-  all)
-    here=$(dirname "$0")
-    bash "$here/gpu_run.sh" cost 32 32k,128k 240
+  all-1)
+    bash "$here/gpu_run.sh" decode-tests 90
+    NEW=129 bash "$here/gpu_run.sh" cost 32 32k,128k 330
     bash "$here/gpu_run.sh" tests 100
-    bash "$here/gpu_run.sh" smollm2 60
-    bash "$here/gpu_run.sh" cost 8 32k,1M 150 lm-infinite,benchmarks/cost/infllm-gpu.yaml,benchmarks/cost/infllm-cpu.yaml
+    rm -f "$OUT"/*/cost.png ;;  # at most 8 files come back from a device call
+  all-2)
+    bash "$here/gpu_run.sh" cost 8 32k,1M 200 lm-infinite,benchmarks/cost/infllm-gpu.yaml,benchmarks/cost/infllm-cpu.yaml
     bash "$here/gpu_run.sh" profile 4 131072
-    # At most 8 files come back from a device call: keep the JSON (the tables are printed above).
-    rm -f "$OUT"/*/cost.png "$OUT"/smollm2-64k/cost.md "$OUT"/cost-8l-1M/cost.md ;;
+    bash "$here/gpu_run.sh" smollm2 60
+    rm -f "$OUT"/*/cost.png "$OUT"/smollm2-64k/cost.md ;;
+  decode-tests)
+    timeout "${1:-120}" python -m pytest -q -m gpu tests/test_infllm_fast_decode.py tests/test_fast_decode.py \
+      2>&1 | tail -15 | tee "$OUT/tests-decode.txt" ;;
   tests)
     LCPATCH_TEST_FULL=1 timeout "${1:-240}" python -m pytest -q -x tests/test_infllm_waves.py tests/test_infllm_kernels.py \
       2>&1 | tail -15 | tee "$OUT/tests.txt" ;;
@@ -34,7 +42,7 @@ case $what in
       --new-tokens 8 --out "$OUT/smollm2-64k" --no-progress 2>&1 | tail -1
     cat "$OUT/smollm2-64k/cost.md" ;;
   cost)
-    timeout "${3:-400}" python -m lcpatch.cli bench --model llama3-8b --layers "$1" --lengths "$2" --new-tokens 16 \
+    timeout "${3:-400}" python -m lcpatch.cli bench --model llama3-8b --layers "$1" --lengths "$2" --new-tokens "${NEW:-16}" \
       --recipes "${4:-vanilla,lm-infinite,benchmarks/cost/infllm-gpu.yaml,benchmarks/cost/infllm-cpu.yaml}" \
       --out "$OUT/cost-$1l-${2##*,}" --no-progress 2>&1 | tail -3
     cat "$OUT/cost-$1l-${2##*,}/cost.md" ;;

@@ -10,6 +10,7 @@ from ..cache.lambda_cache import LambdaCacheLayer
 from ..kernels.specs import InfLLMSpec, LambdaSpec, StepInfo
 from ..models import ModelStructure
 from .backends import select_backend
+from .infllm_reference import attend_execution_block, form_blocks
 from .infllm_waves import infllm_attention_waves
 from .lambda_attention import lambda_layer_attention
 
@@ -42,6 +43,22 @@ class InfLLMAttention:
         """A fresh, empty block-memory cache for this model (one per batch)."""
         return BlockMemoryCache(self.spec, self.specs, self.method.offload, self.method.max_cached_blocks)
 
+    def make_decode_cache(self) -> BlockMemoryCache:
+        """The same cache, able to run single-token steps at fixed shapes (`lcpatch.generation.fast_decode`)."""
+        spec, rotaries = self.spec, self.structure.rotaries
+
+        def form(index: int, layer: BlockMemoryLayer, targets: list[int]) -> None:
+            form_blocks(layer, targets, spec, rotaries[index])
+
+        return BlockMemoryCache(spec, self.specs, self.method.offload, self.method.max_cached_blocks, form)
+
+    @property
+    def fast_decode_problem(self) -> str | None:
+        """Why this model cannot take the fast decode path under infllm (None: it can)."""
+        if any(isinstance(spec, LambdaSpec) for spec in self.specs):
+            return "this model's sliding-window layers keep a cache that grows with each token under infllm"
+        return None
+
     def cache_sizes(self) -> list[int]:
         """Key/value positions per layer kept on the device when memory blocks are offloaded
         (init + ring + the LRU of cached blocks); with offload 'gpu' the memory blocks add to it."""
@@ -59,6 +76,12 @@ class InfLLMAttention:
             layer = BlockMemoryLayer(spec)
             layer.lazy_initialization(key, value)
             plan, _ = build_plan(step, [0] * key.shape[0], spec)
+        elif cache.in_decode_step:  # one token per row, its memory blocks formed (BlockMemoryCache.begin_decode_step)
+            out = attend_execution_block(
+                layer, query, key, value, step.positions, step.valid, step.valid[:, 0], step.positions[:, 0], spec,
+                rotary, scaling, softcap, dropout, self._block_attention(query, key, value, rotary, dropout),
+            )  # fmt: skip
+            return out.transpose(1, 2).to(query.dtype)
         else:
             plan = cache.plan(step)
         block_attention = self._block_attention(query, key, value, rotary, dropout)

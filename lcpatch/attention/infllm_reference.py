@@ -140,10 +140,61 @@ def execution_block_attention(
     return out, near_attention
 
 
-def _form_blocks(layer: BlockMemoryLayer, targets: list[int], spec: InfLLMSpec, rotary: Rotary) -> None:
+def form_blocks(layer: BlockMemoryLayer, targets: list[int], spec: InfLLMSpec, rotary: Rotary) -> None:
+    """Form each row's memory blocks, oldest first, until it has `targets[row]` of them."""
     while rows := layer.rows_forming(targets):
         keys, values, scores = layer.oldest_recent_block(rows)
         layer.push_blocks(rows, keys, values, representative_key(far_keys(keys, rotary), scores, spec.repr_topk))
+
+
+def attend_execution_block(
+    layer: BlockMemoryLayer,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    positions: torch.Tensor,
+    valid: torch.Tensor,
+    active: torch.Tensor,
+    last: torch.Tensor,
+    spec: InfLLMSpec,
+    rotary: Rotary,
+    scaling: float,
+    softcap: float | None = None,
+    dropout: float = 0.0,
+    block_attention: Callable = execution_block_attention,
+) -> torch.Tensor:
+    """One execution block (queries (B, Hq, X, D), its keys/values (B, Hkv, X, D) at `positions`/`valid`
+    (B, X)) whose memory blocks are formed: store its tokens, select, attend. `active` (B,): rows with
+    a real query here; `last` (B,): each row's last position. Returns (B, Hq, X, D) in fp32.
+
+    No host sync and no shape that depends on the data (with the blocks on the device), so that a
+    decode step of one token per row can be captured as a CUDA graph."""
+    batch, kv_heads = key.shape[0], key.shape[1]
+    layer.write(key, value, positions, valid)
+    query_sum = query_sum_far(query, valid, kv_heads, spec, rotary)
+    scores = block_scores(query_sum, layer.representatives)
+    selected, wanted = select_blocks(scores, layer.block_counts(), active, spec.topk)
+    if selected.shape[1]:
+        memory_keys, memory_values = layer.fetch(selected, wanted)
+    else:
+        memory_keys = key.new_zeros(batch, kv_heads, 0, key.shape[-1])
+        memory_values = value.new_zeros(batch, kv_heads, 0, value.shape[-1])
+    memory = (memory_keys, memory_values, wanted.repeat_interleave(spec.block_size, dim=1))
+
+    init_keys, init_values = layer.init_kv()
+    init_positions = torch.arange(spec.n_init, device=query.device).expand(batch, -1)
+    ring_keys, ring_values, ring_positions, ring_valid = layer.ring_kv(last)
+    near = (
+        torch.cat((init_keys, ring_keys), dim=2),
+        torch.cat((init_values, ring_values), dim=2),
+        torch.cat((init_positions, ring_positions), dim=1),
+        torch.cat((torch.ones_like(init_positions, dtype=torch.bool), ring_valid), dim=1),
+    )
+    out, near_attention = block_attention(
+        query, positions, valid, near, memory, spec, rotary, scaling, softcap, dropout
+    )
+    layer.add_scores(near_attention[..., spec.n_init :], last)
+    return out
 
 
 def infllm_attention_reference(
@@ -165,45 +216,17 @@ def infllm_attention_reference(
     Returns (B, L, Hq, D) in the query's dtype, as transformers' attention functions do.
     `block_attention` computes one execution block (a kernel may stand in for the reference's).
     """
-    batch, q_heads, length, _ = query.shape
-    kv_heads = key.shape[1]
     if plan.order is not None:
         gather = lambda t: t.gather(2, plan.order[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[-1]))  # noqa: E731
         query, key, value = gather(query), gather(key), gather(value)
-    out = torch.zeros(batch, q_heads, length, value.shape[-1], dtype=torch.float32, device=query.device)
-    init_positions = torch.arange(spec.n_init, device=query.device).expand(batch, -1)
-    init_valid = torch.ones_like(init_positions, dtype=torch.bool)
-
+    out = torch.zeros(*query.shape[:3], value.shape[-1], dtype=torch.float32, device=query.device)
     for block in plan.blocks:
-        _form_blocks(layer, block.targets, spec, rotary)
+        form_blocks(layer, block.targets, spec, rotary)
         columns = slice(block.start, block.stop)
-        positions, valid = plan.positions[:, columns], plan.valid[:, columns]
-        layer.write(key[:, :, columns], value[:, :, columns], positions, valid)
-        q = query[:, :, columns]
-
-        query_sum = query_sum_far(q, valid, kv_heads, spec, rotary)
-        scores = block_scores(query_sum, layer.representatives)
-        selected, wanted = select_blocks(scores, layer.block_counts(), block.active, spec.topk)
-        if selected.shape[1]:
-            memory_keys, memory_values = layer.fetch(selected, wanted)
-        else:
-            memory_keys = key.new_zeros(batch, kv_heads, 0, key.shape[-1])
-            memory_values = value.new_zeros(batch, kv_heads, 0, value.shape[-1])
-        memory = (memory_keys, memory_values, wanted.repeat_interleave(spec.block_size, dim=1))
-
-        init_keys, init_values = layer.init_kv()
-        ring_keys, ring_values, ring_positions, ring_valid = layer.ring_kv(block.last)
-        near = (
-            torch.cat((init_keys, ring_keys), dim=2),
-            torch.cat((init_values, ring_values), dim=2),
-            torch.cat((init_positions, ring_positions), dim=1),
-            torch.cat((init_valid, ring_valid), dim=1),
-        )
-        block_out, near_attention = block_attention(
-            q, positions, valid, near, memory, spec, rotary, scaling, softcap, dropout
-        )
-        layer.add_scores(near_attention[..., spec.n_init :], block.last)
-        out[:, :, columns] = block_out
+        out[:, :, columns] = attend_execution_block(
+            layer, query[:, :, columns], key[:, :, columns], value[:, :, columns], plan.positions[:, columns],
+            plan.valid[:, columns], block.active, block.last, spec, rotary, scaling, softcap, dropout, block_attention,
+        )  # fmt: skip
 
     if plan.order is not None:
         out = torch.zeros_like(out).scatter_(2, plan.order[:, None, :, None].expand_as(out), out)

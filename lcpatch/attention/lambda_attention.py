@@ -40,7 +40,9 @@ class LambdaAttention:
     def make_cache(self) -> LambdaCache:
         return LambdaCache(self.specs)
 
-    def make_ring_cache(self) -> RingLambdaCache:
+    fast_decode_problem = None  # every layer has a RingLambdaCache layer
+
+    def make_decode_cache(self) -> RingLambdaCache:
         """The same bounded cache with static shapes, for the fast decode path (`lcpatch.generation.fast_decode`)."""
         backend = select_backend(self.backend, next(self.structure.model.parameters()).device)
         return RingLambdaCache(self.specs, self.structure.rotaries, backend.rotate_stored)

@@ -3,11 +3,12 @@
 from .block_memory import BlockMemoryCache, BlockMemoryLayer
 from .lambda_cache import LambdaCache, LambdaCacheLayer
 from .ring import RingLambdaCache, RingLambdaCacheLayer
-from .step import StepAwareCache
+from .step import FixedShapeDecoding, StepAwareCache
 
 __all__ = [
     "BlockMemoryCache",
     "BlockMemoryLayer",
+    "FixedShapeDecoding",
     "LambdaCache",
     "LambdaCacheLayer",
     "RingLambdaCache",

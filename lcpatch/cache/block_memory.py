@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,7 @@ from transformers.cache_utils import CacheLayerMixin
 from ..errors import CacheError, SequenceLimitError
 from ..kernels.specs import InfLLMSpec, LambdaSpec, StepInfo
 from .lambda_cache import LambdaCacheLayer
-from .step import StepAwareCache
+from .step import FixedShapeDecoding, StepAwareCache
 
 # With offload 'auto', memory blocks move to host memory once growing them on the GPU would leave
 # less than this fraction of its memory free (activations of a prefill chunk need room too).
@@ -304,6 +305,8 @@ class BlockMemoryLayer(CacheLayerMixin):
         self.offload = offload
         self.max_cached_blocks = max_cached_blocks
         self.cumulative_length = 0
+        # Times a tensor that a decode step reads was allocated anew: a captured step must be captured again.
+        self.reallocations = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, _, dim = key_states.shape
@@ -317,6 +320,7 @@ class BlockMemoryLayer(CacheLayerMixin):
         self.ring_scores = torch.zeros(batch, heads, spec.ring_size + 1, device=self.device)
         self.representatives = torch.zeros(batch, 0, heads, dim, device=self.device)
         self.counts = [0] * batch
+        self.count_tensor = torch.zeros(batch, dtype=torch.long, device=self.device)  # `counts`, written in place
         self._likes = (
             key_states.new_zeros(batch, heads, 0, dim),
             value_states.new_zeros(batch, heads, 0, value_states.shape[-1]),
@@ -326,6 +330,7 @@ class BlockMemoryLayer(CacheLayerMixin):
         else:
             self.blocks = _DeviceBlocks(*self._likes, spec.block_size)
         self.is_initialized = True
+        self.reallocations += 1
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -372,7 +377,7 @@ class BlockMemoryLayer(CacheLayerMixin):
         (B, R), and which of them hold tokens not yet in a memory block."""
         positions = self._ring_in_order(last)
         slot = positions % self.spec.ring_size
-        base = self.spec.n_init + self.spec.block_size * on_device(self.counts, last.device)
+        base = self.spec.n_init + self.spec.block_size * self.count_tensor
         keys = self.ring_keys.gather(2, _token_index(slot, self.ring_keys))
         values = self.ring_values.gather(2, _token_index(slot, self.ring_values))
         return keys, values, positions, positions >= base[:, None]
@@ -410,12 +415,20 @@ class BlockMemoryLayer(CacheLayerMixin):
         for row in rows:
             index.append(counts[row])
             counts[row] += 1
+        held = self._grown_tensors()
         self._make_room(max(index) + 1)
         self.representatives = _grow(self.representatives, 1, max(index) + 1)
         r, i = on_device(rows, self.device), on_device(index, self.device)
         self.representatives[r, i] = representative.to(self.representatives.dtype)
         self.blocks.append(rows, index, keys.to(self.dtype), values.to(self.dtype))
         self.counts = counts
+        self.count_tensor.copy_(on_device(counts, self.device), non_blocking=True)
+        if any(a is not b for a, b in zip(held, self._grown_tensors(), strict=True)):
+            self.reallocations += 1
+
+    def _grown_tensors(self) -> tuple:
+        """What pushing blocks may allocate anew: the representative keys, the block store and its tensors."""
+        return (self.representatives, self.blocks, getattr(self.blocks, "keys", None))
 
     def _make_room(self, count: int) -> None:
         blocks = self.blocks
@@ -428,8 +441,8 @@ class BlockMemoryLayer(CacheLayerMixin):
             self.blocks = host.adopt(blocks, max(self.counts))
 
     def block_counts(self) -> torch.Tensor:
-        """(B,) memory blocks per row."""
-        return on_device(self.counts, self.device)
+        """(B,) memory blocks per row, on the device (one tensor, updated in place)."""
+        return self.count_tensor
 
     def fetch(self, selected: torch.Tensor, wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values (B, H, k * block, D) of the selected blocks (B, k); unwanted entries hold any block."""
@@ -527,15 +540,31 @@ class BlockMemoryLayer(CacheLayerMixin):
         self.cumulative_length = 0
 
 
-class BlockMemoryCache(StepAwareCache):
+class BlockMemoryCache(FixedShapeDecoding, StepAwareCache):
     """A transformers `Cache` for InfLLM: a `BlockMemoryLayer` per layer (a bounded Λ layer for layers
-    whose own sliding window is narrower than the local window)."""
+    whose own sliding window is narrower than the local window).
+
+    Given `form_blocks` (layer index, layer, targets per row), single-token steps can run as fixed-shape
+    decode steps (`FixedShapeDecoding`): the blocks due before a token are formed on the host first, and
+    the step itself reads the device state only (`in_decode_step` tells the attention so).
+    """
 
     def __init__(
-        self, spec: InfLLMSpec, layer_specs: list[InfLLMSpec | LambdaSpec], offload: str, max_cached_blocks: int
+        self,
+        spec: InfLLMSpec,
+        layer_specs: list[InfLLMSpec | LambdaSpec],
+        offload: str,
+        max_cached_blocks: int,
+        form_blocks: Callable[[int, BlockMemoryLayer, list[int]], None] | None = None,
     ):
         self.step = None
         self.spec = spec
+        self.form_blocks = form_blocks
+        self.in_decode_step = False
+        # Real tokens per row counted on the device since decode steps began, and the host's counts then:
+        # the host assumes one per step and reads the true count only when a block falls due.
+        self._decoded: torch.Tensor | None = None
+        self._decode_base: list[int] | None = None
         layers = [
             BlockMemoryLayer(s, offload, max_cached_blocks) if isinstance(s, InfLLMSpec) else LambdaCacheLayer(s, self)
             for s in layer_specs
@@ -548,6 +577,7 @@ class BlockMemoryCache(StepAwareCache):
     def plan(self, step: StepInfo) -> ForwardPlan:
         """The layout of the forward pass in progress, computed once and shared by every layer."""
         if self._plan_step is not step:
+            self._count_decoded_tokens()
             batch = step.valid.shape[0]
             seen = self.seen if self.seen is not None else [0] * batch
             if len(seen) != batch:
@@ -575,3 +605,47 @@ class BlockMemoryCache(StepAwareCache):
         super().reset()
         self.seen = None
         self._plan = self._plan_step = None
+        self._decoded = self._decode_base = None
+
+    # -- fixed-shape decode steps (FixedShapeDecoding) -----------------------------------------
+    @property
+    def layout_version(self) -> int:
+        return sum(layer.reallocations for layer in self.layers if isinstance(layer, BlockMemoryLayer))
+
+    def begin_decode_step(self, valid: torch.Tensor) -> None:
+        """Form every memory block due before this token (its first query is each row's `seen`)."""
+        if self.form_blocks is None:
+            raise CacheError(
+                "this InfLLM cache was made without fixed-shape decode steps (make_decode_cache makes one)."
+            )
+        if self.seen is None:
+            self.seen = [0] * valid.shape[0]
+        layers = [(i, layer) for i, layer in enumerate(self.layers) if layer.is_initialized]
+        if layers and any(blocks_formed(s, self.spec) > c for s, c in zip(self.seen, layers[0][1].counts, strict=True)):
+            self._count_decoded_tokens()  # a host sync once per block_size tokens: exact even after padding
+            targets = [blocks_formed(s, self.spec) for s in self.seen]
+            for index, layer in layers:
+                self.form_blocks(index, layer, targets)
+        if self._decoded is None:
+            self._decoded = torch.zeros(valid.shape[0], dtype=torch.long, device=valid.device)
+            self._decode_base = list(self.seen)
+        self._decoded += valid[:, 0]
+        self.seen = [s + 1 for s in self.seen]
+        self.in_decode_step = True
+
+    def end_decode_step(self) -> None:
+        self.in_decode_step = False
+
+    def capture_blocker(self) -> str | None:
+        if self.offloaded_layers():
+            return (
+                "InfLLM's memory blocks are in host memory (offload: cpu, or auto with the GPU nearly full), "
+                "where each step's selection waits for the host"
+            )
+        return None
+
+    def _count_decoded_tokens(self) -> None:
+        """Set `seen` from the device's count of the real tokens that decode steps stored."""
+        if self._decoded is not None:
+            self.seen = [b + n for b, n in zip(self._decode_base, self._decoded.tolist(), strict=True)]
+            self._decoded = self._decode_base = None

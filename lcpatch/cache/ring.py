@@ -20,6 +20,7 @@ import torch
 
 from ..kernels.specs import LambdaSpec, Rotary, StepInfo
 from .lambda_cache import LambdaCache, LambdaCacheLayer
+from .step import FixedShapeDecoding
 
 # (keys, positions, rotary, inverse) -> the keys rotated as `Rotary.rotate_stored` does, in their dtype:
 # an attention backend's `rotate_stored`.
@@ -130,15 +131,13 @@ class RingLambdaCacheLayer(LambdaCacheLayer):
                 self.owner.layout_version += 1
 
 
-class RingLambdaCache(LambdaCache):
+class RingLambdaCache(FixedShapeDecoding, LambdaCache):
     """A LambdaCache whose tensors keep their shapes and addresses from the first token on."""
 
     layer_class = RingLambdaCacheLayer
 
     def __init__(self, specs: list[LambdaSpec], rotaries: list[Rotary], rotate_keys: KeyRotation):
         self.layout_version = 0  # bumped whenever a layer (re)allocates its tensors
-        # Set by lcpatch.generation.fast_decode: the runner of this cache's decode steps (captured as a CUDA graph).
-        self.decode_step = None
         self.rotaries = rotaries  # each layer stores its window's keys rotated by its own
         # The attention backend's: one Triton launch per layer and step on a GPU, not ~15 small PyTorch ops.
         self.rotate_keys = rotate_keys

@@ -1,7 +1,9 @@
-"""The cache base class whose layers need the positions of the tokens they store."""
+"""Cache base classes: the one whose layers need the positions of the tokens they store, and what the fast
+decode path (`lcpatch.generation.fast_decode`) needs of a cache."""
 
 from __future__ import annotations
 
+import torch
 from transformers.cache_utils import Cache
 
 from ..kernels.specs import StepInfo
@@ -11,3 +13,26 @@ class StepAwareCache(Cache):
     """A Cache whose layers need the positions of the tokens they store (set by the runtime each forward)."""
 
     step: StepInfo | None = None
+
+
+class FixedShapeDecoding:
+    """A cache whose single-token steps keep every tensor's shape and address, so that one captured CUDA
+    graph can replay them (`lcpatch.generation.captured_step.DecodeStep`).
+
+    `layout_version` changes whenever a tensor that a step reads is allocated anew (the step is then
+    captured again). Work that must run on the host between tokens goes in `begin_decode_step`, which
+    the step runner calls before every token, outside the graph.
+    """
+
+    decode_step = None  # set by lcpatch.generation.fast_decode: the runner of this cache's decode steps
+    layout_version = 0
+
+    def begin_decode_step(self, valid: torch.Tensor) -> None:
+        """Host-side work due before the next token ((B, 1) `valid`: which rows hold a real one); none here."""
+
+    def end_decode_step(self) -> None:
+        """Called after the token, whether its step ran or failed."""
+
+    def capture_blocker(self) -> str | None:
+        """Why this cache's steps cannot be captured as a CUDA graph now (None: they can)."""
+        return None

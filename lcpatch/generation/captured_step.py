@@ -1,11 +1,14 @@
-"""One decode step of a patched model over its RingLambdaCache, on fixed input buffers, optionally
-captured once as a CUDA graph and replayed for every later token.
+"""One decode step of a patched model over its fixed-shape cache (`FixedShapeDecoding`: RingLambdaCache,
+or InfLLM's BlockMemoryCache), on fixed input buffers, optionally captured once as a CUDA graph and
+replayed for every later token.
 
 The step is the model's own forward (with lcpatch's hooks) called on three (batch, 1) buffers: token
-ids, positions and padding validity. The cache writes in place at addresses that never change, so
-the kernels a step launches are the same each time and one `torch.cuda.CUDAGraph` replays them all:
-a token costs one graph launch instead of hundreds of kernel launches. Without capture (CPU, or
-`generation.decode: static`) the same step runs eagerly, which is how the tests check it.
+ids, positions and padding validity. The cache writes in place at addresses that change only when it
+says so (`layout_version`), so the kernels a step launches are the same each time and one
+`torch.cuda.CUDAGraph` replays them all: a token costs one graph launch instead of hundreds of kernel
+launches. Host-side work between tokens (InfLLM forming a memory block) runs before the replay
+(`begin_decode_step`). Without capture (CPU, or `generation.decode: static`) the same step runs
+eagerly, which is how the tests check it.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 from .._compat import CACHE_ARG
-from ..cache.ring import RingLambdaCache
+from ..cache.step import FixedShapeDecoding
 
 
 class DecodeStep:
@@ -32,7 +35,14 @@ class DecodeStep:
         # itself: it holds the cache, which holds this step (a cycle only the garbage collector frees).
         self.output_type, self.logits = None, None
 
-    def __call__(self, cache: RingLambdaCache, input_ids, position_ids, valid):
+    def __call__(self, cache: FixedShapeDecoding, input_ids, position_ids, valid):
+        cache.begin_decode_step(valid)
+        try:
+            return self._step(cache, input_ids, position_ids, valid)
+        finally:
+            cache.end_decode_step()
+
+    def _step(self, cache: FixedShapeDecoding, input_ids, position_ids, valid):
         if (
             self.inputs is None
             or self.inputs[0].shape != input_ids.shape
@@ -48,6 +58,9 @@ class DecodeStep:
             for layer in cache.layers:  # a replay runs no Python: count its token here
                 layer.cumulative_length += 1
             return self.output_type(logits=self.logits.clone(), **{CACHE_ARG: cache})
+        if self.capture and (reason := cache.capture_blocker()) is not None:
+            self.capture = False
+            self.on_fallback(reason)
         if not self.capture:
             return self._run(cache)
         # Warm up (and run this token) on a side stream, as CUDA graph capture requires; then record.
@@ -59,13 +72,13 @@ class DecodeStep:
         self._capture(cache)
         return output
 
-    def _run(self, cache: RingLambdaCache):
+    def _run(self, cache: FixedShapeDecoding):
         ids, positions, valid = self.inputs
         return self.forward(
             input_ids=ids, attention_mask=valid, position_ids=positions, use_cache=True, **{CACHE_ARG: cache}
         )
 
-    def _capture(self, cache: RingLambdaCache) -> None:
+    def _capture(self, cache: FixedShapeDecoding) -> None:
         lengths = [layer.cumulative_length for layer in cache.layers]
         graph = torch.cuda.CUDAGraph()
         try:

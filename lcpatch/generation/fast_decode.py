@@ -1,14 +1,15 @@
 """`generation.decode`: how `generate()` decodes on a patched model.
 
 - eager: the model's own forward over LambdaCache, step by step.
-- graph: RingLambdaCache (static shapes, written in place) and every single-token step replayed as a
+- graph: a cache of static shapes, written in place (`FixedShapeDecoding`: RingLambdaCache for
+  lm-infinite and streaming-llm, BlockMemoryCache for infllm), and every single-token step replayed as a
   CUDA graph (`DecodeStep`); a token costs one graph launch, whatever the context length.
 - static: the same cache and step without capture (CPU tests, or to rule capture out while debugging).
-- auto (default): graph where it can run (a CUDA device; lm-infinite or streaming-llm), eager elsewhere.
+- auto (default): graph where it can run (a CUDA device), eager elsewhere.
 
 Where graph or static was asked for and cannot run, generate() decodes eagerly and says why, once per
 patched model (a RuntimeWarning). The fast path shadows `forward` on this instance only, and only
-keyword calls of one token per row on a RingLambdaCache go to the step; `lcpatch.remove` restores it.
+keyword calls of one token per row on such a cache go to the step; `lcpatch.remove` restores it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from .._compat import CACHE_ARG
-from ..cache.ring import RingLambdaCache
+from ..cache.step import FixedShapeDecoding
 from ..patching import PatchLog
 from .captured_step import DecodeStep
 
@@ -38,18 +39,18 @@ class DecodePlan:
         self.runtime = runtime
         self.method_name = method_name
         self.forward = forward
-        self.supported = runtime is not None and hasattr(runtime.method, "make_ring_cache")
+        self.supported = runtime is not None and hasattr(runtime.method, "make_decode_cache")
         self.failure: str | None = None  # why capture failed on this model: later calls decode eagerly
         self._said: set[str] = set()
 
     def make_cache(self, device: torch.device) -> Cache | None:
-        """A fresh cache for one generate() call: RingLambdaCache with its DecodeStep, or the eager one."""
+        """A fresh cache for one generate() call: the fixed-shape one with its DecodeStep, or the eager one."""
         mode = self._mode(device)
         if self.runtime is None:  # a dense model: transformers makes its own cache
             return None
         if mode == "eager":
             return self.runtime.make_cache()
-        cache = self.runtime.method.make_ring_cache()
+        cache = self.runtime.method.make_decode_cache()
         cache.decode_step = DecodeStep(self.forward, capture=mode == "graph", on_fallback=self._capture_failed)
         return cache
 
@@ -67,8 +68,10 @@ class DecodePlan:
         if not self.supported:
             return (
                 f"attention method {self.method_name} has no fixed-size cache "
-                "(the fast decode path serves lm-infinite and streaming-llm)"
+                "(the fast decode path serves lm-infinite, streaming-llm and infllm)"
             )
+        if (problem := self.runtime.method.fast_decode_problem) is not None:
+            return problem
         if self.requested != "static" and device.type != "cuda":
             return f"the model is on {device.type}, and CUDA graphs need a CUDA device"
         return self.failure
@@ -92,7 +95,7 @@ class DecodePlan:
 def _decode_step_inputs(kwargs: dict):
     """(ids, positions, valid) of a call that the cache's DecodeStep can run, else None."""
     cache, ids = kwargs.get(CACHE_ARG), kwargs.get("input_ids")
-    if not isinstance(cache, RingLambdaCache) or cache.decode_step is None or torch.is_grad_enabled():
+    if not isinstance(cache, FixedShapeDecoding) or cache.decode_step is None or torch.is_grad_enabled():
         return None
     given = {name for name, value in kwargs.items() if value is not None}  # wrappers (PEFT) pass None for the rest
     if not torch.is_tensor(ids) or ids.ndim != 2 or ids.shape[1] != 1 or not STEP_ARGUMENTS.issuperset(given):
@@ -109,7 +112,7 @@ def _decode_step_inputs(kwargs: dict):
 
 
 def install_fast_decode(model, requested: str, runtime, method_name: str, log: PatchLog) -> DecodePlan:
-    """The model's DecodePlan; shadow `model.forward` so that single-token steps on a RingLambdaCache
+    """The model's DecodePlan; shadow `model.forward` so that single-token steps on a fixed-shape cache
     run through its DecodeStep (only where the plan can ever make one)."""
     original = model.forward
     plan = DecodePlan(requested, runtime, method_name, original)
