@@ -11,6 +11,10 @@ window. The kernel's log-sum-exp then gives, for the few keys of each query's ow
 attention probabilities that representative keys are chosen by: a query's own block lies in the
 block_size slots of the ring that end at the query, so the queries go in groups, each scored against
 one window of the ring's tail.
+
+A decode step (one query per row) goes to the split-KV decode kernel instead, which takes keys in any
+order and spreads them over the GPU's SMs; the prefill kernel would give the step one program per
+query head.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .lambda_decode import lambda_decode
 from .lambda_prefill import prefill_forward
 from .specs import InfLLMSpec, LambdaSpec, Rotary
 
@@ -50,14 +55,20 @@ def execution_block_attention_triton(
     positions = torch.cat((memory_positions, near_positions), dim=1).to(torch.int32)
     valid = torch.cat((memory_valid, near_valid), dim=1)
     rule = LambdaSpec(EVERY_KEY, spec.n_local, spec.n_local)
-    # The last n_local near slots lie within every query's window (the last is the last query): the
-    # kernel's window loop takes them, at their true distance only; the slots before go through its
-    # prefix loop, which scores both distances.
-    far_slots = keys.shape[2] - min(spec.n_local, near_keys.shape[2] - spec.n_init)
-    out, lse, _ = prefill_forward(
-        query.contiguous(), keys, values, query_positions.to(torch.int32).contiguous(), positions, valid,
-        rule, rotary, scaling, softcap, need_lse=True, far_slots=far_slots,
-    )  # fmt: skip
+    if length == 1:
+        out, lse = lambda_decode(
+            query, keys, values, query_positions.to(torch.int32), positions, valid, rule, rotary, scaling, softcap,
+            need_lse=True,
+        )  # fmt: skip
+    else:
+        # The last n_local near slots lie within every query's window (the last is the last query): the
+        # kernel's window loop takes them, at their true distance only; the slots before go through its
+        # prefix loop, which scores both distances.
+        far_slots = keys.shape[2] - min(spec.n_local, near_keys.shape[2] - spec.n_init)
+        out, lse, _ = prefill_forward(
+            query.contiguous(), keys, values, query_positions.to(torch.int32).contiguous(), positions, valid,
+            rule, rotary, scaling, softcap, need_lse=True, far_slots=far_slots,
+        )  # fmt: skip
     lse = lse.view(batch, q_heads, length) * math.log(2.0)  # the kernel's is in base 2
     near_attention = own_block_attention(query, query_positions, query_valid, near, lse, spec, rotary, scaling, softcap)
     return out.transpose(1, 2).to(torch.float32), near_attention

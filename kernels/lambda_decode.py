@@ -62,6 +62,7 @@ def _lambda_decode_split(
     PART_O,
     PART_ML,
     OUT,
+    LSE,
     ARRIVALS,
     QPOS,
     KPOS,
@@ -105,6 +106,7 @@ def _lambda_decode_split(
     DOT_PREC: tl.constexpr,
     MODE: tl.constexpr,
     FIXED_ANGLES: tl.constexpr,
+    NEED_LSE: tl.constexpr,
 ):
     # MODE: 0 writes this split's partial softmax (a second kernel merges them); 1 (one split) writes
     # the output; 2 writes the partial, and the last split program of its (batch, KV head) merges them.
@@ -147,6 +149,8 @@ def _lambda_decode_split(
     if MODE == 1:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         _store_rows(OUT, out, b, hk, rows, so_b, so_l, so_h, Lq, group, 2 * HALF)
+        if NEED_LSE:
+            _store_lse(LSE, m_i, l_i, b, hk, rows, Hkv, Lq, group)
     else:
         splits = tl.num_programs(1)
         offs_d = tl.arange(0, 2 * HALF)
@@ -159,8 +163,10 @@ def _lambda_decode_split(
             tl.debug_barrier()
             arrived = tl.atomic_add(ARRIVALS + pid_bh, 1, sem="acq_rel", scope="gpu")
             if arrived == splits - 1:
-                out = _merge_splits(PART_O, PART_ML, pid_bh, splits, 2 * HALF, BLOCK_M)
+                out, m, total = _merge_splits(PART_O, PART_ML, pid_bh, splits, 2 * HALF, BLOCK_M)
                 _store_rows(OUT, out, b, hk, rows, so_b, so_l, so_h, Lq, group, 2 * HALF)
+                if NEED_LSE:
+                    _store_lse(LSE, m, total, b, hk, rows, Hkv, Lq, group)
                 tl.store(ARRIVALS + pid_bh, 0)  # ready for the next call (and every CUDA graph replay)
 
 
@@ -290,7 +296,7 @@ def _merge_splits(PART_O, PART_ML, pid_bh, splits, D: tl.constexpr, BLOCK_M: tl.
         acc = acc * a[:, None] + o_s * c[:, None]
         total = total * a + l_s * c
         m = m_new
-    return acc / tl.where(total > 0, total, 1.0)[:, None]
+    return acc / tl.where(total > 0, total, 1.0)[:, None], m, total
 
 
 @triton.jit
@@ -305,10 +311,21 @@ def _store_rows(OUT, out, b, hk, rows, so_b, so_l, so_h, Lq, group, D: tl.conste
 
 
 @triton.jit
+def _store_lse(LSE, m, total, b, hk, rows, Hkv, Lq, group):
+    """Store the rows' base-2 log-sum-exp into LSE (B, Hq, Lq); +inf where no key is visible (as the prefill
+    kernel's), so that exp2(score - lse) is 0 there."""
+    qi = rows % Lq
+    h = hk * group + rows // Lq
+    lse = tl.where(total > 0, m + tl.log2(tl.where(total > 0, total, 1.0)), float("inf"))
+    tl.store(LSE + (b * Hkv * group + h) * Lq + qi, lse, mask=rows < group * Lq)
+
+
+@triton.jit
 def _lambda_decode_combine(
     PART_O,
     PART_ML,
     OUT,
+    LSE,
     so_b,
     so_l,
     so_h,
@@ -318,12 +335,16 @@ def _lambda_decode_combine(
     splits,
     D: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    NEED_LSE: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     b = (pid_bh // Hkv).to(tl.int64)
     hk = (pid_bh % Hkv).to(tl.int64)
-    out = _merge_splits(PART_O, PART_ML, pid_bh, splits, D, BLOCK_M)
-    _store_rows(OUT, out, b, hk, tl.arange(0, BLOCK_M), so_b, so_l, so_h, Lq, group, D)
+    rows = tl.arange(0, BLOCK_M)
+    out, m, total = _merge_splits(PART_O, PART_ML, pid_bh, splits, D, BLOCK_M)
+    _store_rows(OUT, out, b, hk, rows, so_b, so_l, so_h, Lq, group, D)
+    if NEED_LSE:
+        _store_lse(LSE, m, total, b, hk, rows, Hkv, Lq, group)
 
 
 def decode_plan(batch: int, kv_heads: int, k_len: int, device: torch.device, config=None) -> tuple[DecodeConfig, int]:
@@ -373,12 +394,14 @@ def lambda_decode(
     softcap: float | None = None,
     rotated_from: int | None = None,
     config: DecodeConfig | None = None,
-) -> torch.Tensor:
+    need_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Λ attention of a few queries (heads per KV head x queries <= DECODE_MAX_ROWS), no autograd.
 
     Key slots from `rotated_from` on hold keys already rotated at their positions, none of them a
     global token (the reference's contract); `config` overrides DECODE_CONFIG (the sweep and the
-    tests run each candidate through it).
+    tests run each candidate through it). With `need_lse`, also the base-2 log-sum-exp (B, Hq, Lq)
+    of the scaled scores, +inf where a query sees no key (the prefill kernel's convention).
     """
     batch, q_heads, q_len, dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
@@ -390,6 +413,7 @@ def lambda_decode(
     split_len = triton.cdiv(triton.cdiv(k_len, config.block_n), splits) * config.block_n
     mode = 1 if splits == 1 else 2 if config.fused else 0
     out = torch.empty(batch, q_len, q_heads, dim, dtype=query.dtype, device=query.device)
+    lse = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=query.device) if need_lse else out
     if mode == 1:
         part_o = part_ml = arrivals = out
     else:
@@ -404,6 +428,7 @@ def lambda_decode(
         part_o,
         part_ml,
         out,
+        lse,
         arrivals,
         query_positions,
         key_positions,
@@ -447,6 +472,7 @@ def lambda_decode(
         DOT_PREC=dot_precision(query.dtype),
         MODE=mode,
         FIXED_ANGLES=config.fixed_angles,
+        NEED_LSE=need_lse,
         num_warps=config.warps,
         num_stages=config.stages,
     )
@@ -455,6 +481,7 @@ def lambda_decode(
             part_o,
             part_ml,
             out,
+            lse,
             out.stride(0),
             out.stride(1),
             out.stride(2),
@@ -464,6 +491,7 @@ def lambda_decode(
             splits,
             D=dim,
             BLOCK_M=block_m,
+            NEED_LSE=need_lse,
             num_warps=4,
         )
-    return out
+    return (out, lse) if need_lse else out

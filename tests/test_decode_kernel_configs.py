@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from lambda_cases import Case, cache_layout, make_qkv, run_both  # noqa: E402
+from lambda_cases import Case, cache_layout, make_qkv, rotary, run_both  # noqa: E402
 from sm90_compile import compile_in_subprocess  # noqa: E402
 
 from lcpatch.kernels import lambda_decode as decode  # noqa: E402
@@ -149,3 +149,23 @@ def test_decode_kernel_compiles_for_hopper():
     """Every launch mode, dtype and rule of the default config compiles for sm_90 (the interpreter does not check
     Triton's typing: a tuple holding the string constexpr DOT_PREC ran here and failed to compile)."""
     compile_in_subprocess("decode_variants()")
+
+
+def test_log_sum_exp_is_the_same_in_every_launch_mode():
+    """`need_lse` (InfLLM's decode reads it): the merged splits give the one-split value, and a query that
+    sees no key gets +inf. The one-split value against the reference: tests/test_infllm_kernels.py."""
+    q_pos, k_pos, valid = cache_layout(CASE, SEEN, 1)
+    case = Case(**{**CASE.__dict__, "q_len": 1, "k_len": k_pos.shape[1], "dtype": torch.float32})
+    q, k, v = make_qkv(case)
+    valid[1] = False
+    args = (q, k, v, q_pos, k_pos, valid, case.spec, rotary(case.dim), case.dim**-0.5)
+    modes = [decode.DecodeConfig(32, 4, 1, 0, splits=1)] + [
+        decode.DecodeConfig(16, 4, 1, 0, splits=3, fused=fused) for fused in (True, False)
+    ]
+    with torch.no_grad():
+        results = [decode.lambda_decode(*args, config=config, need_lse=True) for config in modes]
+    (out, lse), *others = results
+    assert torch.isfinite(lse[0]).all() and torch.isinf(lse[1]).all() and (lse[1] > 0).all()
+    for other_out, other_lse in others:
+        torch.testing.assert_close(other_lse, lse, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(other_out[0], out[0], atol=1e-5, rtol=1e-5)

@@ -79,3 +79,27 @@ def test_kernel_in_half_precision_stays_close(monkeypatch):
     got = run(monkeypatch, kernel=True, dtype=torch.float16)
     assert torch.isfinite(got[0]).all()
     assert (got[0] - reference[0]).abs().max() < 0.1 * reference[0].abs().max()
+
+
+def test_each_call_matches_the_reference_engine(monkeypatch):
+    """Every execution block a model sends, prefill blocks (prefill kernel) and decode steps (decode kernel):
+    the output, and the attention each near token gets from its own block (what block formation reads)."""
+    from lcpatch.attention.infllm_reference import execution_block_attention
+
+    model = tiny_model(hidden_size=128, num_attention_heads=2, num_key_value_heads=1).to(DEVICE)
+    gaps = []
+
+    def both(query, query_positions, query_valid, *args):
+        out, attention = kernels.execution_block_attention_triton(query, query_positions, query_valid, *args)
+        ref, ref_attention = execution_block_attention(query, query_positions, query_valid, *args)
+        real = query_valid[:, None, :, None]
+        gaps.append((query.shape[2], ((out - ref) * real).abs().max().item(), (attention - ref_attention).abs().max()))
+        return ref, ref_attention
+
+    monkeypatch.setattr(InfLLMAttention, "_block_attention", lambda self, *a: both)
+    ids = random_ids(40).to(DEVICE)
+    with torch.no_grad(), lcpatch.patched(model, {"attention": {"method": "infllm", **CFG}}):
+        model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert {1, 8} <= {length for length, _, _ in gaps}
+    assert max(gap for _, gap, _ in gaps) <= 1e-4
+    assert max(gap for _, _, gap in gaps) <= 1e-5
