@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from lambda_cases import Case, cache_layout, make_qkv, rotary, run_both  # noqa: E402
+from lambda_cases import DEVICE, Case, cache_layout, make_qkv, rotary, run_both  # noqa: E402
 from sm90_compile import compile_in_subprocess  # noqa: E402
 
 from lcpatch.kernels import lambda_decode as decode  # noqa: E402
@@ -136,9 +136,9 @@ def test_stored_keys_rotated_in_one_kernel_launch():
     from lcpatch.attention.backends import TRITON
     from lcpatch.kernels.specs import Rotary
 
-    rope = Rotary(1.0 / (10000 ** (torch.arange(0, 64, 2) / 64.0)), 1.3)
-    keys = torch.randn(2, 3, 12, 64)[:, :, 2:]  # a slice, as the ring stores a chunk's last tokens
-    positions = torch.randint(0, 2_000_000, (2, 10))
+    rope = Rotary(1.0 / (10000 ** (torch.arange(0, 64, 2, device=DEVICE) / 64.0)), 1.3)
+    keys = torch.randn(2, 3, 12, 64, device=DEVICE)[:, :, 2:]  # a slice, as the ring stores a chunk's last tokens
+    positions = torch.randint(0, 2_000_000, (2, 10), device=DEVICE)
     assert TRITON.verify("rotate_stored", keys, keys, keys, rope, 0.0)[0]  # the kernel runs, not the fallback
     stored = TRITON.rotate_stored(keys, positions, rope, False)
     assert torch.allclose(stored, rope.rotate_stored(keys, positions), atol=2e-5)
