@@ -116,3 +116,42 @@ def own_block_attention(query, query_positions, query_valid, near, lse, spec, ro
     for g in range(groups):  # overlapping windows, at most exc_block_size / block_size of them
         tail[:, :, g * size : g * size + width] += windows[:, :, g]
     return attention
+
+
+def decode_step_triton(
+    query: torch.Tensor,
+    query_positions: torch.Tensor,
+    slots: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    band: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    spec: InfLLMSpec,
+    rotary: Rotary,
+    scaling: float,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decode step's attention over key slots in any order, by their positions.
+
+    query (B, Hq, 1, D) un-rotated at `query_positions` (B, 1); slots = (keys, values (B, Hkv, S, D),
+    positions, valid (B, S)): everything the step sees, memory blocks at a position outside the window;
+    band = (keys (B, Hkv, X, D), positions, own (B, X)): candidates for the query's own block and which
+    of them are. Returns the output (B, Hq, 1, D) in fp32 and the attention (B, Hkv, X) each band token
+    gets (0 where not `own`): the reference's `execution_block_attention` for one query, whose near
+    tokens' attention is non-zero only in the own block.
+    """
+    keys, values, positions, valid = slots
+    band_keys, band_positions, own = band
+    batch, q_heads = query.shape[:2]
+    kv_heads = band_keys.shape[1]
+    rule = LambdaSpec(EVERY_KEY, spec.n_local, spec.n_local)
+    out, lse = lambda_decode(
+        query, keys, values, query_positions.to(torch.int32), positions, valid, rule, rotary, scaling, softcap,
+        need_lse=True,
+    )  # fmt: skip
+    # An own-block pair lies inside the window: true distance, the query as origin.
+    q = query.float().reshape(batch, kv_heads, q_heads // kv_heads, -1)
+    k = rotary.rotate(band_keys, band_positions - query_positions)
+    scores = torch.einsum("bhgd,bhxd->bhgx", q, k) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    lse = lse.view(batch, kv_heads, q_heads // kv_heads, 1) * math.log(2.0)  # the kernel's is in base 2
+    attention = (scores - lse).exp() * own[:, None, None]
+    return out.transpose(1, 2).to(torch.float32), attention.sum(dim=2)

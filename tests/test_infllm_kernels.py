@@ -103,3 +103,39 @@ def test_each_call_matches_the_reference_engine(monkeypatch):
     assert {1, 8} <= {length for length, _, _ in gaps}
     assert max(gap for _, gap, _ in gaps) <= 1e-4
     assert max(gap for _, _, gap in gaps) <= 1e-5
+
+
+def test_decode_steps_on_the_kernel_equal_the_reference_walk(monkeypatch):
+    """Fixed-shape decode steps (generation.decode: static, what a CUDA graph replays) on the decode kernel over
+    the step buffer (`infllm_decode`), against the eager reference: a left-padded batch whose rows form
+    memory blocks while decoding, so that the own-block scores the kernel path adds pick their representatives."""
+    model = tiny_model(hidden_size=128, num_attention_heads=2, num_key_value_heads=1).to(DEVICE)
+    ids = random_ids(37, batch=2).to(DEVICE)
+    mask = torch.ones_like(ids)
+    mask[1, :11] = 0
+    options = dict(attention_mask=mask, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+    runs, steps = {}, []
+
+    def counted(*args):
+        steps.append(args[0].shape)
+        return kernels.decode_step_triton(*args)
+
+    for decode in ("eager", "static"):
+        if decode == "static":
+            monkeypatch.setattr(
+                InfLLMAttention, "_block_attention", lambda self, *a: kernels.execution_block_attention_triton
+            )
+            monkeypatch.setattr(InfLLMAttention, "_decode_engine", lambda self, *a: counted)
+        recipe = {"attention": {"method": "infllm", **CFG}, "generation": {"decode": decode}}
+        with torch.no_grad(), lcpatch.patched(model, recipe):
+            runs[decode] = model.generate(ids, return_dict_in_generate=True, output_logits=True, **options)
+    monkeypatch.undo()
+    assert len(steps) == 23 * 2  # every decode step of both layers went through the kernel path
+    eager, static = runs["eager"], runs["static"]
+    assert torch.equal(static.sequences, eager.sequences)
+    assert max((a - b).abs().max().item() for a, b in zip(static.logits, eager.logits, strict=True)) <= 1e-4
+    blocks = static.past_key_values.memory_blocks()
+    assert blocks == eager.past_key_values.memory_blocks() and min(blocks[0]) >= 7  # 6 formed while decoding
+    for mine, theirs in zip(static.past_key_values.layers, eager.past_key_values.layers, strict=True):
+        torch.testing.assert_close(mine.ring_scores, theirs.ring_scores, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(mine.representatives, theirs.representatives, atol=1e-5, rtol=1e-5)

@@ -74,6 +74,10 @@ class TorchBackend:
     def block_attention(self, query, key, value, rotary: Rotary, dropout: float) -> Callable:
         return torch_block_attention
 
+    def infllm_decode_step(self, query, key, value, rotary: Rotary, dropout: float) -> Callable | None:
+        """The engine of `infllm_decode.infllm_decode_step`; None: the reference's step runs instead."""
+        return None
+
     def rotate_stored(self, keys, positions, rotary: Rotary, inverse: bool) -> torch.Tensor:
         return rotary.rotate_stored(keys, positions, inverse).to(keys.dtype)
 
@@ -151,6 +155,13 @@ class TritonBackend:
         from ..kernels.infllm import execution_block_attention_triton
 
         return execution_block_attention_triton
+
+    def infllm_decode_step(self, query, key, value, rotary: Rotary, dropout: float) -> Callable | None:
+        if not self.verify("block_attention", query, key, value, rotary, dropout)[0]:
+            return None  # block_attention says why, once
+        from ..kernels.infllm import decode_step_triton
+
+        return decode_step_triton
 
     def rotate_stored(self, keys, positions, rotary: Rotary, inverse: bool) -> torch.Tensor:
         """`Rotary.rotate_stored` in one launch (kernels/rope.py), where the kernels take the keys."""
@@ -232,6 +243,9 @@ class FlashBackend:
 
     def block_attention(self, query, key, value, rotary: Rotary, dropout: float) -> Callable:
         return TRITON.block_attention(query, key, value, rotary, dropout)
+
+    def infllm_decode_step(self, query, key, value, rotary: Rotary, dropout: float) -> Callable | None:
+        return TRITON.infllm_decode_step(query, key, value, rotary, dropout)
 
     def rotate_stored(self, keys, positions, rotary: Rotary, inverse: bool) -> torch.Tensor:
         return TRITON.rotate_stored(keys, positions, rotary, inverse)

@@ -10,6 +10,7 @@ from ..cache.lambda_cache import LambdaCacheLayer
 from ..kernels.specs import InfLLMSpec, LambdaSpec, StepInfo
 from ..models import ModelStructure
 from .backends import select_backend
+from .infllm_decode import infllm_decode_step
 from .infllm_reference import attend_execution_block, form_blocks
 from .infllm_waves import infllm_attention_waves
 from .lambda_attention import lambda_layer_attention
@@ -60,9 +61,10 @@ class InfLLMAttention:
         return None
 
     def cache_sizes(self) -> list[int]:
-        """Key/value positions per layer kept on the device when memory blocks are offloaded
-        (init + ring + the LRU of cached blocks); with offload 'gpu' the memory blocks add to it."""
-        on_device = self.spec.n_init + self.spec.ring_size + self.method.max_cached_blocks * self.spec.block_size
+        """Key/value positions per layer kept on the device when memory blocks are offloaded (init + ring,
+        the blocks a decode step attends, the LRU of cached blocks); with offload 'gpu' the blocks add to it."""
+        blocks = self.method.max_cached_blocks + self.spec.topk
+        on_device = self.spec.n_init + self.spec.ring_size + blocks * self.spec.block_size
         return [on_device if isinstance(spec, InfLLMSpec) else spec.cache_size for spec in self.specs]
 
     def attend(self, module, query, key, value, step: StepInfo, cache, scaling: float, dropout: float, **kwargs):
@@ -77,17 +79,30 @@ class InfLLMAttention:
             layer.lazy_initialization(key, value)
             plan, _ = build_plan(step, [0] * key.shape[0], spec)
         elif cache.in_decode_step:  # one token per row, its memory blocks formed (BlockMemoryCache.begin_decode_step)
-            out = attend_execution_block(
-                layer, query, key, value, step.positions, step.valid, step.valid[:, 0], step.positions[:, 0], spec,
-                rotary, scaling, softcap, dropout, self._block_attention(query, key, value, rotary, dropout),
-            )  # fmt: skip
-            return out.transpose(1, 2).to(query.dtype)
+            return self._decode_step(layer, query, key, value, step, spec, rotary, scaling, softcap, dropout)
         else:
             plan = cache.plan(step)
         block_attention = self._block_attention(query, key, value, rotary, dropout)
         return infllm_attention_waves(
             query, key, value, plan, layer, spec, rotary, scaling, softcap, dropout, block_attention
         )
+
+    def _decode_step(self, layer, query, key, value, step, spec, rotary, scaling, softcap, dropout):
+        engine = self._decode_engine(query, key, value, rotary, dropout)
+        if engine is not None:
+            out = infllm_decode_step(
+                layer, query, key, value, step.positions, step.valid, spec, rotary, scaling, softcap, engine
+            )
+        else:
+            out = attend_execution_block(
+                layer, query, key, value, step.positions, step.valid, step.valid[:, 0], step.positions[:, 0], spec,
+                rotary, scaling, softcap, dropout, self._block_attention(query, key, value, rotary, dropout),
+            )  # fmt: skip
+        return out.transpose(1, 2).to(query.dtype)
+
+    def _decode_engine(self, query, key, value, rotary, dropout):
+        """The kernel of a fixed-shape decode step (`infllm_decode`), or None for the reference's step."""
+        return select_backend(self.method.backend, query.device).infllm_decode_step(query, key, value, rotary, dropout)
 
     def _block_attention(self, query, key, value, rotary, dropout):
         """The function that computes each execution block of this layer's pass (kernel or reference)."""

@@ -147,6 +147,12 @@ def form_blocks(layer: BlockMemoryLayer, targets: list[int], spec: InfLLMSpec, r
         layer.push_blocks(rows, keys, values, representative_key(far_keys(keys, rotary), scores, spec.repr_topk))
 
 
+def choose_blocks(layer: BlockMemoryLayer, query, valid, active, spec: InfLLMSpec, rotary: Rotary):
+    """`select_blocks` for one execution block (queries (B, Hq, X, D), `valid` (B, X)) over `layer`'s formed blocks."""
+    query_sum = query_sum_far(query, valid, layer.init_keys.shape[1], spec, rotary)
+    return select_blocks(block_scores(query_sum, layer.representatives), layer.block_counts(), active, spec.topk)
+
+
 def attend_execution_block(
     layer: BlockMemoryLayer,
     query: torch.Tensor,
@@ -171,9 +177,7 @@ def attend_execution_block(
     decode step of one token per row can be captured as a CUDA graph."""
     batch, kv_heads = key.shape[0], key.shape[1]
     layer.write(key, value, positions, valid)
-    query_sum = query_sum_far(query, valid, kv_heads, spec, rotary)
-    scores = block_scores(query_sum, layer.representatives)
-    selected, wanted = select_blocks(scores, layer.block_counts(), active, spec.topk)
+    selected, wanted = choose_blocks(layer, query, valid, active, spec, rotary)
     if selected.shape[1]:
         memory_keys, memory_values = layer.fetch(selected, wanted)
     else:

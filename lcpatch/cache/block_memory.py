@@ -312,11 +312,13 @@ class BlockMemoryLayer(CacheLayerMixin):
         batch, heads, _, dim = key_states.shape
         spec = self.spec
         self.dtype, self.device = key_states.dtype, key_states.device
-        # One extra slot each: padding tokens are scattered there, which keeps writes free of host syncs.
-        self.init_keys = key_states.new_zeros(batch, heads, spec.n_init + 1, dim)
-        self.init_values = value_states.new_zeros(batch, heads, spec.n_init + 1, value_states.shape[-1])
-        self.ring_keys = key_states.new_zeros(batch, heads, spec.ring_size + 1, dim)
-        self.ring_values = value_states.new_zeros(batch, heads, spec.ring_size + 1, value_states.shape[-1])
+        # One buffer per keys / values holds, in this order, room for the blocks a decode step selects,
+        # the init slots and the ring, so that a step's kernel reads all its keys from one tensor, in
+        # slot order (`step_slots`). Init and ring have one extra slot each: padding tokens are
+        # scattered there, which keeps writes free of host syncs.
+        total = spec.topk * spec.block_size + spec.n_init + 1 + spec.ring_size + 1
+        self.step_keys = key_states.new_zeros(batch, heads, total, dim)
+        self.step_values = value_states.new_zeros(batch, heads, total, value_states.shape[-1])
         self.ring_scores = torch.zeros(batch, heads, spec.ring_size + 1, device=self.device)
         self.representatives = torch.zeros(batch, 0, heads, dim, device=self.device)
         self.counts = [0] * batch
@@ -331,6 +333,24 @@ class BlockMemoryLayer(CacheLayerMixin):
             self.blocks = _DeviceBlocks(*self._likes, spec.block_size)
         self.is_initialized = True
         self.reallocations += 1
+
+    # Views of the step buffer, made where they are used: a view kept from a no_grad pass could not be
+    # written in place under autograd (training with a cache).
+    @property
+    def init_keys(self) -> torch.Tensor:
+        return self.step_keys.narrow(2, self.spec.topk * self.spec.block_size, self.spec.n_init + 1)
+
+    @property
+    def init_values(self) -> torch.Tensor:
+        return self.step_values.narrow(2, self.spec.topk * self.spec.block_size, self.spec.n_init + 1)
+
+    @property
+    def ring_keys(self) -> torch.Tensor:
+        return self.step_keys.narrow(2, self.step_keys.shape[2] - self.spec.ring_size - 1, self.spec.ring_size + 1)
+
+    @property
+    def ring_values(self) -> torch.Tensor:
+        return self.step_values.narrow(2, self.step_values.shape[2] - self.spec.ring_size - 1, self.spec.ring_size + 1)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -381,6 +401,43 @@ class BlockMemoryLayer(CacheLayerMixin):
         keys = self.ring_keys.gather(2, _token_index(slot, self.ring_keys))
         values = self.ring_values.gather(2, _token_index(slot, self.ring_values))
         return keys, values, positions, positions >= base[:, None]
+
+    def step_slots(self, last: torch.Tensor, wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions and validity (B, S) of the step buffer's slots for a decode step whose query is at
+        `last` (B,), after `fetch_into_step` put the blocks `wanted` (B, k) in its head. Memory slots
+        stand n_local before the query (outside its window); a ring slot holds the latest position
+        congruent to it, valid if written and not yet in a memory block."""
+        spec, size = self.spec, self.spec.ring_size
+        memory = spec.topk * spec.block_size
+        held = wanted.repeat_interleave(spec.block_size, dim=1)
+        held = torch.nn.functional.pad(held, (0, memory - held.shape[1]))
+        init = torch.arange(spec.n_init + 1, device=last.device)
+        ring = torch.arange(size + 1, device=last.device)
+        ring_positions = last[:, None] - (last[:, None] - ring) % size
+        base = spec.n_init + spec.block_size * self.count_tensor
+        positions = torch.cat(
+            (
+                (last - spec.n_local)[:, None].expand(-1, memory),
+                init.expand(last.shape[0], -1),
+                ring_positions,
+            ),
+            dim=1,
+        )
+        valid = torch.cat(
+            (held, (init < spec.n_init) & (init <= last[:, None]), (ring < size) & (ring_positions >= base[:, None])),
+            dim=1,
+        )
+        return positions, valid
+
+    def own_block(self, last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The ring's last block_size positions up to `last` (B,): keys (B, H, block, D), positions, whether
+        each is a token of the query's own block (B, block), and their ring slots (B, block)."""
+        spec = self.spec
+        positions = last[:, None] - spec.block_size + 1 + torch.arange(spec.block_size, device=last.device)
+        slots = positions % spec.ring_size
+        block = lambda p: torch.div(p - spec.n_init, spec.block_size, rounding_mode="floor")  # noqa: E731
+        own = (positions >= spec.n_init) & (block(positions) == block(last)[:, None]) & (last[:, None] >= spec.n_init)
+        return self.ring_keys.gather(2, _token_index(slots, self.ring_keys)), positions, own, slots
 
     def add_scores(self, attention: torch.Tensor, last: torch.Tensor) -> None:
         """Accumulate the attention (B, H, R) that the ring's tokens, in `ring_kv(last)`'s order, received
@@ -448,6 +505,15 @@ class BlockMemoryLayer(CacheLayerMixin):
         """Keys/values (B, H, k * block, D) of the selected blocks (B, k); unwanted entries hold any block."""
         keys, values = self.blocks.fetch(selected, wanted)
         return keys.transpose(1, 2).flatten(2, 3), values.transpose(1, 2).flatten(2, 3)
+
+    def fetch_into_step(self, selected: torch.Tensor, wanted: torch.Tensor) -> None:
+        """`fetch`, written into the head of the step buffer (`step_slots` marks which of it is real)."""
+        if not selected.shape[1]:
+            return
+        keys, values = self.blocks.fetch(selected, wanted)
+        width = selected.shape[1] * self.spec.block_size
+        for buffer, blocks in ((self.step_keys, keys), (self.step_values, values)):
+            buffer[:, :, :width].unflatten(2, (selected.shape[1], -1)).copy_(blocks.transpose(1, 2))
 
     @property
     def offloaded(self) -> bool:
