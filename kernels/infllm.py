@@ -121,6 +121,7 @@ def own_block_attention(query, query_positions, query_valid, near, lse, spec, ro
 def decode_step_triton(
     query: torch.Tensor,
     query_positions: torch.Tensor,
+    query_valid: torch.Tensor,
     slots: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
     band: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     spec: InfLLMSpec,
@@ -130,28 +131,20 @@ def decode_step_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A decode step's attention over key slots in any order, by their positions.
 
-    query (B, Hq, 1, D) un-rotated at `query_positions` (B, 1); slots = (keys, values (B, Hkv, S, D),
-    positions, valid (B, S)): everything the step sees, memory blocks at a position outside the window;
-    band = (keys (B, Hkv, X, D), positions, own (B, X)): candidates for the query's own block and which
-    of them are. Returns the output (B, Hq, 1, D) in fp32 and the attention (B, Hkv, X) each band token
-    gets (0 where not `own`): the reference's `execution_block_attention` for one query, whose near
-    tokens' attention is non-zero only in the own block.
+    query (B, Hq, 1, D) un-rotated at `query_positions`, `query_valid` (B, 1); slots = (keys, values
+    (B, Hkv, S, D), positions, valid (B, S)): everything the step sees, memory blocks at a position
+    outside the window; band = (keys (B, Hkv, X, D), positions, valid (B, X)): the X positions ending at
+    the query, in order, among which its own block lies. Returns the output (B, Hq, 1, D) in fp32 and
+    the attention (B, Hkv, X) each band token gets from the query if in its block (`own_block_attention`).
     """
     keys, values, positions, valid = slots
-    band_keys, band_positions, own = band
-    batch, q_heads = query.shape[:2]
-    kv_heads = band_keys.shape[1]
+    band_keys, band_positions, band_valid = band
     rule = LambdaSpec(EVERY_KEY, spec.n_local, spec.n_local)
     out, lse = lambda_decode(
         query, keys, values, query_positions.to(torch.int32), positions, valid, rule, rotary, scaling, softcap,
         need_lse=True,
     )  # fmt: skip
-    # An own-block pair lies inside the window: true distance, the query as origin.
-    q = query.float().reshape(batch, kv_heads, q_heads // kv_heads, -1)
-    k = rotary.rotate(band_keys, band_positions - query_positions)
-    scores = torch.einsum("bhgd,bhxd->bhgx", q, k) * scaling
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    lse = lse.view(batch, kv_heads, q_heads // kv_heads, 1) * math.log(2.0)  # the kernel's is in base 2
-    attention = (scores - lse).exp() * own[:, None, None]
-    return out.transpose(1, 2).to(torch.float32), attention.sum(dim=2)
+    lse = lse.view(*query.shape[:3]) * math.log(2.0)  # the kernel's is in base 2
+    near = (band_keys, None, band_positions, band_valid)
+    attention = own_block_attention(query, query_positions, query_valid, near, lse, spec, rotary, scaling, softcap)
+    return out.transpose(1, 2).to(torch.float32), attention

@@ -6,7 +6,7 @@ concatenates the init slots, the ring and the selected blocks into new key tenso
 ~7k keys per layer and token at the published sizes. Here the selected blocks are copied into the
 head of the buffer that the init slots and the ring live in (`BlockMemoryLayer.step_keys`), and the
 decode kernel reads every slot in place, by its position (`BlockMemoryLayer.step_slots`); the
-representative scores come from the few ring tokens of the query's own block (`own_block`).
+representative scores come from the few ring tokens where the query's own block lies (`ring_tail`).
 """
 
 from __future__ import annotations
@@ -41,10 +41,10 @@ def infllm_decode_step(
     selected, wanted = choose_blocks(layer, query, valid, active, spec, rotary)
     layer.fetch_into_step(selected, wanted)
     slot_positions, slot_valid = layer.step_slots(last, wanted)
-    band_keys, band_positions, own, band_slots = layer.own_block(last)
+    band_keys, band_positions, band_valid, band_slots = layer.ring_tail(last)
     out, attention = engine(
-        query, positions, (layer.step_keys, layer.step_values, slot_positions, slot_valid),
-        (band_keys, band_positions, own & active[:, None]), spec, rotary, scaling, softcap,
+        query, positions, valid, (layer.step_keys, layer.step_values, slot_positions, slot_valid),
+        (band_keys, band_positions, band_valid), spec, rotary, scaling, softcap,
     )  # fmt: skip
     layer.ring_scores.scatter_add_(2, band_slots[:, None].expand_as(attention), attention)
     return out

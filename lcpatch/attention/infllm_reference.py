@@ -149,7 +149,7 @@ def form_blocks(layer: BlockMemoryLayer, targets: list[int], spec: InfLLMSpec, r
 
 def choose_blocks(layer: BlockMemoryLayer, query, valid, active, spec: InfLLMSpec, rotary: Rotary):
     """`select_blocks` for one execution block (queries (B, Hq, X, D), `valid` (B, X)) over `layer`'s formed blocks."""
-    query_sum = query_sum_far(query, valid, layer.init_keys.shape[1], spec, rotary)
+    query_sum = query_sum_far(query, valid, layer.representatives.shape[2], spec, rotary)
     return select_blocks(block_scores(query_sum, layer.representatives), layer.block_counts(), active, spec.topk)
 
 

@@ -316,7 +316,7 @@ class BlockMemoryLayer(CacheLayerMixin):
         # the init slots and the ring, so that a step's kernel reads all its keys from one tensor, in
         # slot order (`step_slots`). Init and ring have one extra slot each: padding tokens are
         # scattered there, which keeps writes free of host syncs.
-        total = spec.topk * spec.block_size + spec.n_init + 1 + spec.ring_size + 1
+        total = self._memory_slots + spec.n_init + 1 + spec.ring_size + 1
         self.step_keys = key_states.new_zeros(batch, heads, total, dim)
         self.step_values = value_states.new_zeros(batch, heads, total, value_states.shape[-1])
         self.ring_scores = torch.zeros(batch, heads, spec.ring_size + 1, device=self.device)
@@ -334,15 +334,20 @@ class BlockMemoryLayer(CacheLayerMixin):
         self.is_initialized = True
         self.reallocations += 1
 
+    @property
+    def _memory_slots(self) -> int:
+        """Slots at the head of the step buffer: the blocks a decode step selects."""
+        return self.spec.topk * self.spec.block_size
+
     # Views of the step buffer, made where they are used: a view kept from a no_grad pass could not be
     # written in place under autograd (training with a cache).
     @property
     def init_keys(self) -> torch.Tensor:
-        return self.step_keys.narrow(2, self.spec.topk * self.spec.block_size, self.spec.n_init + 1)
+        return self.step_keys.narrow(2, self._memory_slots, self.spec.n_init + 1)
 
     @property
     def init_values(self) -> torch.Tensor:
-        return self.step_values.narrow(2, self.spec.topk * self.spec.block_size, self.spec.n_init + 1)
+        return self.step_values.narrow(2, self._memory_slots, self.spec.n_init + 1)
 
     @property
     def ring_keys(self) -> torch.Tensor:
@@ -388,9 +393,11 @@ class BlockMemoryLayer(CacheLayerMixin):
         """Init slots (B, H, n_init, D); slot j holds position j."""
         return self.init_keys[:, :, :-1], self.init_values[:, :, :-1]
 
-    def _ring_in_order(self, last: torch.Tensor) -> torch.Tensor:
-        """Positions last - R + 1 ... last (B, R) that the ring holds, given each row's last written position."""
-        return last[:, None] - self.spec.ring_size + 1 + torch.arange(self.spec.ring_size, device=last.device)
+    def _ring_in_order(self, last: torch.Tensor, count: int | None = None) -> torch.Tensor:
+        """Positions last - count + 1 ... last (B, count) that the ring holds, given each row's last written
+        position; all of them (count = ring_size) by default."""
+        count = count or self.spec.ring_size
+        return last[:, None] - count + 1 + torch.arange(count, device=last.device)
 
     def ring_kv(self, last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The ring in position order (`_ring_in_order(last)`): keys/values (B, H, R, D), their positions
@@ -407,8 +414,7 @@ class BlockMemoryLayer(CacheLayerMixin):
         `last` (B,), after `fetch_into_step` put the blocks `wanted` (B, k) in its head. Memory slots
         stand n_local before the query (outside its window); a ring slot holds the latest position
         congruent to it, valid if written and not yet in a memory block."""
-        spec, size = self.spec, self.spec.ring_size
-        memory = spec.topk * spec.block_size
+        spec, size, memory = self.spec, self.spec.ring_size, self._memory_slots
         held = wanted.repeat_interleave(spec.block_size, dim=1)
         held = torch.nn.functional.pad(held, (0, memory - held.shape[1]))
         init = torch.arange(spec.n_init + 1, device=last.device)
@@ -429,15 +435,13 @@ class BlockMemoryLayer(CacheLayerMixin):
         )
         return positions, valid
 
-    def own_block(self, last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The ring's last block_size positions up to `last` (B,): keys (B, H, block, D), positions, whether
-        each is a token of the query's own block (B, block), and their ring slots (B, block)."""
-        spec = self.spec
-        positions = last[:, None] - spec.block_size + 1 + torch.arange(spec.block_size, device=last.device)
-        slots = positions % spec.ring_size
-        block = lambda p: torch.div(p - spec.n_init, spec.block_size, rounding_mode="floor")  # noqa: E731
-        own = (positions >= spec.n_init) & (block(positions) == block(last)[:, None]) & (last[:, None] >= spec.n_init)
-        return self.ring_keys.gather(2, _token_index(slots, self.ring_keys)), positions, own, slots
+    def ring_tail(self, last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The ring's last block_size positions up to `last` (B,), where a query at `last` finds its own
+        block: keys (B, H, block, D), positions, which are ring tokens (B, block), and their ring slots."""
+        positions = self._ring_in_order(last, self.spec.block_size)
+        slots = positions % self.spec.ring_size
+        keys = self.ring_keys.gather(2, _token_index(slots, self.ring_keys))
+        return keys, positions, positions >= self.spec.n_init, slots
 
     def add_scores(self, attention: torch.Tensor, last: torch.Tensor) -> None:
         """Accumulate the attention (B, H, R) that the ring's tokens, in `ring_kv(last)`'s order, received
