@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 
 import torch
+from profile_prefill import report  # beside this script
 from torch.profiler import ProfilerActivity, profile
 
 import lcpatch
@@ -24,8 +26,8 @@ def recipe(decode: str) -> dict:
     return {"attention": {"method": "infllm", "offload": "gpu"}, "generation": {"decode": decode}}
 
 
-def steps(model, ids: torch.Tensor, count: int) -> tuple[float, list]:
-    """Prefill `ids`, then time `count` single-token steps; returns seconds per step."""
+def steps(model, ids: torch.Tensor, count: int) -> tuple[float, Callable[[], None]]:
+    """Prefill `ids`, then time `count` single-token steps; returns seconds per step and the step."""
     out = model.generate(ids, max_new_tokens=1, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
     cache, token = out.past_key_values, out.sequences[:, -1:]
     position = ids.shape[1]
@@ -67,10 +69,7 @@ def main() -> None:
                             step()
                         torch.cuda.synchronize()
     lines.append(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
-    text = "\n".join(lines)
-    print(text)
-    with open(args.out, "w") as handle:
-        handle.write(text + "\n")
+    report(lines, args.out)
 
 
 if __name__ == "__main__":

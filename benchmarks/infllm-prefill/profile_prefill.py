@@ -49,9 +49,14 @@ def main() -> None:
     averages = prof.key_averages()
     lines.append(averages.table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
     lines.append(averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
+    report(lines, args.out)
+
+
+def report(lines: list[str], out: str) -> None:
+    """Print the lines and write them to `out`."""
     text = "\n".join(lines)
     print(text)
-    with open(args.out, "w") as handle:
+    with open(out, "w") as handle:
         handle.write(text + "\n")
 
 
