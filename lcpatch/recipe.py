@@ -24,18 +24,24 @@ DECODE_MODES = ("auto", "eager", "graph", "static")
 @dataclass(frozen=True)
 class GenerationOptions(SectionConfig):
     """How `generate()` feeds long prompts (`prefill_chunk` tokens per forward pass, a progress bar
-    with `progress`) and how it decodes (`decode`, see `lcpatch.generation.fast_decode`)."""
+    with `progress`) and how it decodes (`decode`, see `lcpatch.generation.fast_decode`; `compile`: whether
+    the fast path's step goes through torch.compile first — auto: where it is captured as a CUDA graph)."""
 
     section: ClassVar[str] = "generation"
 
     prefill_chunk: int = 4096
     decode: str = "auto"
     progress: bool = False
+    compile: bool | str = AUTO
 
     def __post_init__(self) -> None:
         check_int("generation", "prefill_chunk", self.prefill_chunk, minimum=1)
         check_choice("generation", "decode", self.decode, DECODE_MODES)
         check_bool("generation", "progress", self.progress)
+        if self.compile != AUTO and not isinstance(self.compile, bool):
+            raise RecipeError(
+                f"generation.compile must be auto, true or false; got {self.compile!r} ({type(self.compile).__name__})."
+            )
 
 
 SECTIONS = ("name", "attention", "rope", "generation", "training")

@@ -15,7 +15,10 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 import lcpatch
 from lcpatch.attention.backends import TORCH
+from lcpatch.bench.presets import load_model
 from lcpatch.cache import LambdaCache, RingLambdaCache
+from lcpatch.errors import RecipeError
+from lcpatch.generation.compiled_forward import CompiledForward
 from lcpatch.kernels.lambda_reference import lambda_attention_reference
 from lcpatch.kernels.specs import LambdaSpec, Rotary, StepInfo
 
@@ -33,10 +36,10 @@ def recipe(decode, method="lm-infinite", prefill_chunk=5, **generation):
     }
 
 
-def generate(model, decode, ids, method="lm-infinite", **kwargs):
+def generate(model, decode, ids, method="lm-infinite", compile="auto", **kwargs):
     """Greedy by default; returns generate's output with raw logits and the cache it used."""
     options = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, return_dict_in_generate=True)
-    with lcpatch.patched(model, recipe(decode, method)):
+    with lcpatch.patched(model, recipe(decode, method, compile=compile)):
         return model.generate(ids, output_logits=True, **{**options, **kwargs})
 
 
@@ -307,10 +310,68 @@ def test_graph_is_captured_and_replays_the_static_step():
     ids, mask = ids.cuda(), mask.cuda()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        graph = generate(model, "graph", ids, attention_mask=mask)
+        graph = generate(model, "graph", ids, attention_mask=mask, compile=False)
     assert not [w for w in caught if "lcpatch" in str(w.message)]
     assert graph.past_key_values.decode_step.graph is not None
     static = generate(model, "static", ids, attention_mask=mask)
     assert torch.equal(graph.sequences, static.sequences)
     assert all(torch.equal(a, b) for a, b in zip(graph.logits, static.logits, strict=True))
     assert_same_run(graph, generate(model, "eager", ids, attention_mask=mask))
+
+
+@torch.no_grad()
+def test_compiled_step_decodes_the_eager_tokens():
+    """generation.compile: true runs the step through torch.compile (inductor's CPU code here); tokens and
+    logits are eager's, over ring wraparounds and a left-padded batch, and a second generate() reuses the
+    compiled code."""
+    model = tiny_model(num_hidden_layers=3)
+    _, ids, mask = left_padded([3, 17, 40])
+    eager = generate(model, "eager", ids, attention_mask=mask)
+    with lcpatch.patched(model, recipe("static", compile=True)):
+        options = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, return_dict_in_generate=True)
+        runs = [model.generate(ids, attention_mask=mask, output_logits=True, **options) for _ in range(2)]
+    for run in runs:
+        assert isinstance(run.past_key_values.decode_step.forward, CompiledForward)
+        assert_same_run(run, eager)
+    assert runs[0].past_key_values.decode_step.forward is runs[1].past_key_values.decode_step.forward
+
+
+@pytest.mark.parametrize(("decode", "compile", "compiled"), [("static", "auto", False), ("static", False, False)])
+def test_compile_auto_compiles_only_captured_steps(decode, compile, compiled):
+    model = tiny_model()
+    with torch.no_grad(), lcpatch.patched(model, recipe(decode, compile=compile)):
+        out = model.generate(random_ids(5), max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    assert isinstance(out.past_key_values.decode_step.forward, CompiledForward) is compiled
+
+
+def test_bad_compile_setting_names_the_choices():
+    with pytest.raises(RecipeError, match=r"generation.compile must be auto, true or false; got 'yes'"):
+        lcpatch.load_recipe(recipe("graph", compile="yes"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@torch.no_grad()
+def test_compiled_graph_decodes_the_eager_tokens_at_real_size():
+    """The captured, compiled step (decode: graph, compile: auto) on Llama-3-8B's layer shape in bf16, Triton
+    kernels: the tokens of eager decoding, for a left-padded batch."""
+    model, _, _ = load_model("llama3-8b", 4, torch.device("cuda"), torch.bfloat16)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (2, 300), generator=generator).cuda()
+    mask = torch.ones_like(ids)
+    mask[1, :100] = 0
+    spec = {"attention": {"method": "lm-infinite", "n_global": 10, "window": 128}}
+    runs = {}
+    for decode in ("eager", "graph"):
+        with lcpatch.patched(model, spec | {"generation": {"decode": decode}}):
+            runs[decode] = model.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=40,
+                do_sample=False,
+                pad_token_id=0,
+                return_dict_in_generate=True,
+            )
+    step = runs["graph"].past_key_values.decode_step
+    assert step.graph is not None and isinstance(step.forward, CompiledForward)
+    assert torch.equal(runs["graph"].sequences, runs["eager"].sequences)

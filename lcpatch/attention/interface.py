@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import weakref
 
+import torch
 from transformers import AttentionInterface
 
 from ..errors import PatchStateError
@@ -15,6 +16,9 @@ from ..errors import PatchStateError
 RUNTIMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+# Not traced by torch.compile (`generation.compile`): the methods' attention launches lcpatch's own kernels
+# and reads the cache's host-side state; the compiled graphs run around it.
+@torch.compiler.disable
 def lcpatch_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     runtime = RUNTIMES.get(module)
     if runtime is None:

@@ -113,3 +113,24 @@ def measure(model, recipe, ids: torch.Tensor, new_tokens: int, **generate_kwargs
     if step is not None:
         row["cuda_graph"] = step.graph is not None
     return row
+
+
+def copy_bandwidth(device: torch.device, gib: float = 2.0, repeats: int = 20) -> float:
+    """Measured device memory bandwidth in bytes/s: a device-to-device copy of `gib` GiB, counted as bytes
+    read plus bytes written (how copy bandwidth is usually quoted), best of `repeats`. The decode rate's limit
+    is this over the bytes a step must read."""
+    if device.type != "cuda":
+        raise LcpatchError(f"copy_bandwidth measures a CUDA device; got {device}.")
+    source = torch.empty(int(gib * 2**30), dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)  # first touch
+    best = float("inf")
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        target.copy_(source)
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1000)
+    del source, target
+    return 2 * gib * 2**30 / best

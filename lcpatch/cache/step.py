@@ -14,6 +14,13 @@ class StepAwareCache(Cache):
 
     step: StepInfo | None = None
 
+    # A compiled decode step (`generation.compile`) runs the cache's writes eagerly, between its compiled
+    # graphs: they keep host-side counts (ints that change every token) that dynamo would guard on and
+    # recompile for; on a GPU the writes go to lcpatch's own kernels anyway.
+    @torch.compiler.disable
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
 
 class FixedShapeDecoding:
     """A cache whose single-token steps keep every tensor's shape and address, so that one captured CUDA

@@ -32,7 +32,9 @@ def install_generate(model: PreTrainedModel, recipe: Recipe, runtime, log: Patch
     original = model.generate
     dropped_up_to = family_of(model.config.model_type).drops_cache_up_to
     keep_past_above = getattr(model.config, dropped_up_to, None) if dropped_up_to else None
-    plan = install_fast_decode(model, recipe.generation.decode, runtime, recipe.attention.method, log)
+    plan = install_fast_decode(
+        model, recipe.generation.decode, runtime, recipe.attention.method, log, recipe.generation.compile
+    )
 
     label = recipe.name or recipe.attention.method
 

@@ -7,6 +7,9 @@
 - static: the same cache and step without capture (CPU tests, or to rule capture out while debugging).
 - auto (default): graph where it can run (a CUDA device), eager elsewhere.
 
+`generation.compile` (auto: wherever the step is captured) runs the step's forward through torch.compile
+first (`compiled_forward`), which fuses the small kernels around attention; the graph records the result.
+
 Where graph or static was asked for and cannot run, generate() decodes eagerly and says why, once per
 patched model (a RuntimeWarning). The fast path shadows `forward` on this instance only, and only
 keyword calls of one token per row on such a cache go to the step; `lcpatch.remove` restores it.
@@ -24,6 +27,7 @@ from .._compat import CACHE_ARG
 from ..cache.step import FixedShapeDecoding
 from ..patching import PatchLog
 from .captured_step import DecodeStep
+from .compiled_forward import CompiledForward
 
 # What generate() passes to a decode step; any other argument (output_attentions, ...) runs eagerly.
 STEP_ARGUMENTS = frozenset(
@@ -34,11 +38,13 @@ STEP_ARGUMENTS = frozenset(
 class DecodePlan:
     """The decode path of one patched model: which cache generate() gets, and the one-time fall-back notes."""
 
-    def __init__(self, requested: str, runtime, method_name: str, forward):
+    def __init__(self, requested: str, runtime, method_name: str, forward, compile: bool | str):
         self.requested = requested
         self.runtime = runtime
         self.method_name = method_name
         self.forward = forward
+        self.compile = compile
+        self._compiled: CompiledForward | None = None  # one per model: its compiled code serves every call
         self.supported = runtime is not None and hasattr(runtime.method, "make_decode_cache")
         self.failure: str | None = None  # why capture failed on this model: later calls decode eagerly
         self._said: set[str] = set()
@@ -51,8 +57,19 @@ class DecodePlan:
         if mode == "eager":
             return self.runtime.make_cache()
         cache = self.runtime.method.make_decode_cache()
-        cache.decode_step = DecodeStep(self.forward, capture=mode == "graph", on_fallback=self._capture_failed)
+        cache.decode_step = DecodeStep(
+            self._step_forward(mode), capture=mode == "graph", on_fallback=self._capture_failed
+        )
         return cache
+
+    def _step_forward(self, mode: str):
+        """The forward a decode step runs: compiled where generation.compile asks for it (auto: when captured)."""
+        if self.compile is False or (self.compile == "auto" and mode != "graph"):
+            return self.forward
+        if self._compiled is None:
+            layers = len(self.runtime.structure.attentions)
+            self._compiled = CompiledForward(self.forward, layers, strict=self.compile is True)
+        return self._compiled
 
     def _mode(self, device: torch.device) -> str:
         if self.requested == "eager":
@@ -111,11 +128,13 @@ def _decode_step_inputs(kwargs: dict):
     return ids, positions.expand_as(ids), valid
 
 
-def install_fast_decode(model, requested: str, runtime, method_name: str, log: PatchLog) -> DecodePlan:
+def install_fast_decode(
+    model, requested: str, runtime, method_name: str, log: PatchLog, compile: bool | str
+) -> DecodePlan:
     """The model's DecodePlan; shadow `model.forward` so that single-token steps on a fixed-shape cache
     run through its DecodeStep (only where the plan can ever make one)."""
     original = model.forward
-    plan = DecodePlan(requested, runtime, method_name, original)
+    plan = DecodePlan(requested, runtime, method_name, original, compile)
     if not plan.supported or requested == "eager":
         return plan
 
