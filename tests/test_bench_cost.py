@@ -41,8 +41,10 @@ def test_clock_counts_one_time_per_generated_token():
     ids = torch.randint(3, VOCAB, (2, 20))
     cell = bench_cost.measure(model, "vanilla", ids, new_tokens=5)
     clock = Clock(ids.device)
+    clock.start()
     model.generate(ids, max_new_tokens=6, min_new_tokens=6, logits_processor=[clock], do_sample=False, pad_token_id=0)
-    assert len(clock.times) == 6 and clock.times == sorted(clock.times)
+    times = clock.seconds()
+    assert len(times) == 6 and times == sorted(times) and times[0] > 0
     assert cell["decode_tokens_per_s"] > 0
 
 
@@ -96,3 +98,30 @@ def test_bad_arguments_name_the_value(argv, message, tmp_path, capsys):
 def test_layers_refused_for_a_model_with_weights(tiny_model_dir, tmp_path, capsys):
     assert _bench("--model", str(tiny_model_dir), "--layers", "1", "--out", str(tmp_path)) == 2
     assert "random-weight models only" in capsys.readouterr().err
+
+
+def test_decode_bench_end_to_end(tmp_path):
+    """`lcpatch bench decode --tiny`: every method at every cell (hf-compile skipped on a CPU, saying why)."""
+    assert main(["bench", "decode", "--tiny", "--lengths", "64,256", "--batch", "1,2", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "decode.json").read_text())
+    assert result["args"]["compile_cells"] == []  # --tiny's default; the GPU default is "all"
+    cells = {(c["method"], c["batch"], c["length"]): c for c in result["runs"]}
+    assert len(cells) == 4 * 2 * 2
+    for (method, _, _), cell in cells.items():
+        if method == "hf-compile":
+            assert "CUDA" in cell["skipped"]
+        else:
+            assert cell["decode_tokens_per_s"] > 0 and "limit_ratio" not in cell  # no bandwidth limit on a CPU
+    assert "| 2 | 256 |" in (tmp_path / "decode.md").read_text()
+
+
+@pytest.mark.parametrize(("spec", "expected"), [("all", None), ("4k:1, 32k:8", {(4096, 1), (32768, 8)})])
+def test_decode_bench_compile_cells(spec, expected):
+    from lcpatch.bench.decode import _cells
+
+    assert _cells(spec) == expected
+
+
+def test_decode_bench_refuses_a_bad_compile_cell(tmp_path, capsys):
+    assert main(["bench", "decode", "--tiny", "--compile-cells", "4k", "--out", str(tmp_path)]) != 0
+    assert "--compile-cells: '4k' is not LENGTH:BATCH" in capsys.readouterr().err

@@ -7,12 +7,14 @@
 Methods, each a plain greedy `model.generate()` of 1 + --new-tokens tokens on random prompt ids:
 - vanilla: transformers' DynamicCache and SDPA; skipped where its KV cache would not fit in device memory;
 - hf-compile: transformers' static cache, whose decode step generate() compiles (torch.compile,
-  reduce-overhead); only at --compile-cells, since every new shape compiles anew; its error is recorded;
+  reduce-overhead); at every cell whose cache fits (or only at --compile-cells; every new shape compiles
+  anew); its error is recorded;
 - lcpatch-eager: --recipe (default lm-infinite: 10 sinks, window = training length), generation.decode eager;
 - lcpatch-fast: the same recipe with generation.decode graph (static on a CPU, which has no CUDA graphs).
 lcpatch prefills its prompts in chunks (generation.prefill_chunk). Decode tokens/s is per sequence, over
 the steps after the first decode step (which captures the graph or compiles: `first_step_s`); ×batch for
-the aggregate. Peak memory: its growth over the weights during the call (CUDA max_memory_allocated;
+the aggregate; on a GPU also as a share of the bandwidth limit: a step reads every weight, so it takes at
+least the parameter bytes over the device's measured copy bandwidth (`limit_ratio`). Peak memory: its growth over the weights during the call (CUDA max_memory_allocated;
 the resident set on a CPU). Cells past --max-tokens (batch × length) or started after --budget-s are recorded
 as skipped. Writes DIR/decode.json (after every cell), DIR/decode.md and DIR/decode.png.
 """
@@ -34,19 +36,22 @@ from ..errors import LcpatchError, run_reporting_errors
 from ..recipe import load_recipe
 from .presets import load_model
 from .report import report, run_environment
-from .timing import measure
+from .timing import copy_bandwidth, measure
 
 logger = logging.getLogger(__name__)
 
 RESULTS = "decode.json"
 
 
-def _cells(spec: str) -> set[tuple[int, int]]:
+def _cells(spec: str) -> set[tuple[int, int]] | None:
+    """The LENGTH:BATCH cells where hf-compile runs; None for all."""
+    if spec.strip() == "all":
+        return None
     cells = set()
     for part in filter(None, (p.strip() for p in spec.split(","))):
         length, _, batch = part.partition(":")
         if not batch.isdigit():
-            raise LcpatchError(f"--compile-cells: {part!r} is not LENGTH:BATCH; give e.g. '4k:1,32k:1'.")
+            raise LcpatchError(f"--compile-cells: {part!r} is not LENGTH:BATCH; give e.g. '4k:1,32k:1', or 'all'.")
         cells.add((parse_lengths(length)[0], int(batch)))
     return cells
 
@@ -79,7 +84,7 @@ def _skip_reason(method, length, batch, args, model, dtype, device) -> str | Non
     if method == "hf-compile":
         if device.type != "cuda":
             return "transformers compiles generate() on CUDA devices only"
-        if (length, batch) not in args.compile_cells:
+        if args.compile_cells is not None and (length, batch) not in args.compile_cells:
             return "not in --compile-cells"
     if method in ("vanilla", "hf-compile") and device.type == "cuda":
         kv = kv_cache_gib(model.config, batch, length + args.new_tokens + 1, dtype)
@@ -135,11 +140,14 @@ def run(args: argparse.Namespace) -> dict:
             "methods": methods,
             "new_tokens": args.new_tokens,
             "recipe": lcpatch_recipe(args.recipe, fast_mode).to_dict(),
-            "compile_cells": sorted(args.compile_cells),
+            "compile_cells": "all" if args.compile_cells is None else sorted(args.compile_cells),
             "max_tokens": args.max_tokens,
         },
         "runs": [],
     }
+    if device.type == "cuda":
+        bandwidth = copy_bandwidth(device)
+        result["environment"] |= {"copy_bandwidth_tb_s": bandwidth / 1e12, "limit_tokens_per_s": bandwidth / weights}
     args.out.mkdir(parents=True, exist_ok=True)
     prompt = torch.randint(3, model.config.vocab_size, (max(batches), max(lengths)), generator=torch.Generator())
     # Untimed: kernel compilation and allocator growth are one-off costs, not decode speed.
@@ -158,6 +166,9 @@ def run(args: argparse.Namespace) -> dict:
                 else:
                     try:
                         cell |= run_method(method, model, prompt[:batch, -length:].to(device), args, fast_mode)
+                        if "limit_tokens_per_s" in result["environment"]:
+                            limit = result["environment"]["limit_tokens_per_s"]
+                            cell["limit_ratio"] = cell["decode_tokens_per_s"] / limit
                     except Exception as exc:  # one method failing (OOM, compile error) must not end the run
                         cell["error"] = _error(exc)
                     gc.collect()
@@ -178,7 +189,8 @@ def _format(cell: dict | None) -> str:
         return "OOM (skipped)" if cell["skipped"].startswith("OOM") else "skipped"
     if "error" in cell:
         return cell["error"] if cell["error"] == "OOM" else "error"
-    return f"{cell['decode_tokens_per_s']:.1f} tok/s, {cell['peak_memory_mib'] / 1024:.2f} GiB"
+    share = f" ({cell['limit_ratio']:.0%})" if "limit_ratio" in cell else ""
+    return f"{cell['decode_tokens_per_s']:.1f} tok/s{share}, {cell['peak_memory_mib'] / 1024:.2f} GiB"
 
 
 def markdown(result: dict) -> str:
@@ -198,6 +210,11 @@ def markdown(result: dict) -> str:
             row = " | ".join(_format(cells.get(m)) for m in methods)
             lines.append(f"| {batch} | {length_label(length)} | {row} |")
     lines += ["", "cells: decode tokens/s per sequence (after the first decode step), peak memory over the weights"]
+    if "limit_tokens_per_s" in env:
+        lines[-1] += (
+            f"; in brackets, the share of the bandwidth limit: {env['limit_tokens_per_s']:.0f} steps/s "
+            f"({env['weights_mib'] / 1024:.2f} GiB of weights at a measured {env['copy_bandwidth_tb_s']:.2f} TB/s)"
+        )
     return "\n".join(lines)
 
 

@@ -24,7 +24,7 @@ DECODE_DEFAULTS = {
     "lengths": "4k,32k,128k,1M",
     "batch": "1,8",
     "new_tokens": 64,
-    "compile_cells": "4k:1",
+    "compile_cells": "all",
     "max_tokens": 2**20,
 }
 DECODE_TINY_DEFAULTS = {
@@ -123,7 +123,8 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", default=",".join(DECODE_METHODS), help=f"a subset of {','.join(DECODE_METHODS)}")
     parser.add_argument("--recipe", default="lm-infinite", help="lcpatch recipe (its generation.decode is set here)")
     parser.add_argument(
-        "--compile-cells", help=f"LENGTH:BATCH cells where hf-compile runs; default {DECODE_DEFAULTS['compile_cells']}"
+        "--compile-cells",
+        help=f"LENGTH:BATCH cells where hf-compile runs, or all; default {DECODE_DEFAULTS['compile_cells']}",
     )
     parser.add_argument("--max-tokens", type=int, help="skip cells with batch × length above this; default 1M")
     parser.add_argument("--budget-s", type=float, default=420.0, help="start no cell after this many seconds")
