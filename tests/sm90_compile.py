@@ -28,14 +28,16 @@ def compile_in_subprocess(call: str) -> None:
     assert run.returncode == 0, run.stderr[-3000:]
 
 
-def compile_for_sm90(fn, flags: dict, pointers: dict[str, str], floats: tuple[str, ...], **options) -> None:
-    """triton.compile `fn` for sm_90: `flags` as constexprs, the arguments before `sq_b` as pointers
+def compile_for_sm90(
+    fn, flags: dict, pointers: dict[str, str], floats: tuple[str, ...], first_stride: str = "sq_b", **options
+) -> None:
+    """triton.compile `fn` for sm_90: `flags` as constexprs, the arguments before `first_stride` as pointers
     (`pointers` names their types, else *fp32), `floats` as fp32 and every other argument as i32."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    tensors = fn.arg_names[: fn.arg_names.index("sq_b")]  # the kernels take tensors first, then strides and sizes
+    tensors = fn.arg_names[: fn.arg_names.index(first_stride)]  # the kernels take tensors first, then strides and sizes
     signature = {}
     for name in fn.arg_names:
         if name in flags:
@@ -85,3 +87,16 @@ def decode_variants() -> None:
             )  # fmt: skip
         except Exception as exc:
             raise AssertionError(f"decode with {flags}") from exc
+
+
+def ring_write_variants() -> None:
+    from lcpatch.kernels import ring_write
+
+    pointers = dict(POS="*i64", VALID="*u8", TURNS="*fp64", SLOT_POS="*i64", SLOT_VALID="*u8", WRITTEN="*i64")
+    for half, heads, dtype in ((32, 8, "*bf16"), (64, 8, "*fp16"), (64, 1, "*fp32"), (64, 4, "*bf16")):
+        types = {**pointers, "K": dtype, "V": dtype, "KBUF": dtype, "VBUF": dtype}
+        flags = dict(HALF=half, BLOCK_H=heads)
+        try:
+            compile_for_sm90(ring_write._ring_write_kernel, flags, types, ("scale",), first_stride="sk_b", num_warps=4)
+        except Exception as exc:
+            raise AssertionError(f"ring write with {flags}, {dtype}") from exc

@@ -353,9 +353,11 @@ def test_bad_compile_setting_names_the_choices():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @torch.no_grad()
 def test_compiled_graph_decodes_the_eager_tokens_at_real_size():
-    """The captured, compiled step (decode: graph, compile: auto) on Llama-3-8B's layer shape in bf16, Triton
-    kernels: the tokens of eager decoding, for a left-padded batch."""
-    model, _, _ = load_model("llama3-8b", 4, torch.device("cuda"), torch.bfloat16)
+    """The captured, compiled step (decode: graph, compile: auto; Triton kernels, the fused ring write) on
+    Llama-3-8B's layer shape: eager decoding's tokens for a left-padded batch. In float32, so that the
+    paths' rounding differences (~1e-6) cannot decide a greedy choice; a step where eager's two best logits
+    are closer than that ends the comparison of its row (a tie either way is right), and most steps count."""
+    model, _, _ = load_model("llama3-8b", 2, torch.device("cuda"), torch.float32)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(3, model.config.vocab_size, (2, 300), generator=generator).cuda()
     mask = torch.ones_like(ids)
@@ -370,8 +372,17 @@ def test_compiled_graph_decodes_the_eager_tokens_at_real_size():
                 max_new_tokens=40,
                 do_sample=False,
                 pad_token_id=0,
+                output_logits=True,
                 return_dict_in_generate=True,
             )
     step = runs["graph"].past_key_values.decode_step
     assert step.graph is not None and isinstance(step.forward, CompiledForward)
-    assert torch.equal(runs["graph"].sequences, runs["eager"].sequences)
+    compared = 0
+    for row in range(2):
+        for t, logits in enumerate(runs["eager"].logits):
+            top = logits[row].topk(2).values
+            if top[0] - top[1] < 1e-4:
+                break
+            assert runs["graph"].sequences[row, 300 + t] == runs["eager"].sequences[row, 300 + t], (row, t)
+            compared += 1
+    assert compared >= 60

@@ -12,6 +12,8 @@ warning that says why. Decode steps under 'flash' run the Triton decode kernel, 
 The ops (each backend has them under these names, with the reference's arguments):
 - `lambda_attention`: Λ attention, see `kernels/lambda_reference.py`;
 - `rotate_stored`: keys rotated for a cache that stores them so (or back), see `Rotary.rotate_stored`;
+- `write_ring_token`: one decode token per row stored in RingLambdaCache's buffers, see
+  `RingLambdaCacheLayer._write` (False: the backend leaves it to that PyTorch code);
 - `block_attention`: the function InfLLM computes each execution block with, see
   `infllm_reference.execution_block_attention`.
 """
@@ -80,6 +82,9 @@ class TorchBackend:
 
     def rotate_stored(self, keys, positions, rotary: Rotary, inverse: bool) -> torch.Tensor:
         return rotary.rotate_stored(keys, positions, inverse).to(keys.dtype)
+
+    def write_ring_token(self, *args) -> bool:
+        return False  # the cache's own PyTorch write runs
 
 
 class TritonBackend:
@@ -174,6 +179,23 @@ class TritonBackend:
         scale = 1.0 / rotary.scale if inverse else rotary.scale
         return rope(keys, positions, turns, scale, inverse=inverse)[0]
 
+    def write_ring_token(
+        self, key, value, positions, valid, key_buffer, value_buffer, slot_positions, slot_valid, written,
+        n_global: int, rotary: Rotary,
+    ) -> bool:  # fmt: skip
+        """The ring cache's write of one token per row in one launch (kernels/ring_write.py): the bits its
+        PyTorch write stores with `rotate_stored` above. False, nothing written, where the kernels do not take
+        the keys."""
+        if not self.verify("write_ring_token", key, key, value, rotary, 0.0)[0]:
+            return False
+        from ..kernels.ring_write import write_ring_token
+        from ..kernels.rope import frequency_turns
+
+        buffers = (key_buffer, value_buffer, slot_positions, slot_valid, written)
+        turns = frequency_turns(rotary.inv_freq, key.device)
+        write_ring_token(key, value, positions, valid, *buffers, n_global, turns, rotary.scale)
+        return True
+
 
 class FlashBackend:
     """flash-attn-4 for Λ prefill and training (`kernels/lambda_flash.py`): the window part in one
@@ -249,6 +271,9 @@ class FlashBackend:
 
     def rotate_stored(self, keys, positions, rotary: Rotary, inverse: bool) -> torch.Tensor:
         return TRITON.rotate_stored(keys, positions, rotary, inverse)
+
+    def write_ring_token(self, *args) -> bool:
+        return TRITON.write_ring_token(*args)
 
 
 def torch_block_attention(query, query_positions, query_valid, near, memory, spec, rotary, scaling, softcap, dropout):

@@ -45,7 +45,7 @@ class LambdaAttention:
     def make_decode_cache(self) -> RingLambdaCache:
         """The same bounded cache with static shapes, for the fast decode path (`lcpatch.generation.fast_decode`)."""
         backend = select_backend(self.backend, next(self.structure.model.parameters()).device)
-        return RingLambdaCache(self.specs, self.structure.rotaries, backend.rotate_stored)
+        return RingLambdaCache(self.specs, self.structure.rotaries, backend.rotate_stored, backend.write_ring_token)
 
     def cache_sizes(self) -> list[int]:
         return [spec.cache_size for spec in self.specs]

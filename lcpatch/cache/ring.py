@@ -25,6 +25,10 @@ from .step import FixedShapeDecoding
 # (keys, positions, rotary, inverse) -> the keys rotated as `Rotary.rotate_stored` does, in their dtype:
 # an attention backend's `rotate_stored`.
 KeyRotation = Callable[[torch.Tensor, torch.Tensor, Rotary, bool], torch.Tensor]
+# (key, value, positions, valid, key_buffer, value_buffer, slot_positions, slot_valid, written, n_global, rotary)
+# -> whether it stored one new token per row as `_write` does, `written` left as it is (False: nothing
+# written): an attention backend's `write_ring_token`.
+TokenWrite = Callable[..., bool]
 
 
 class RingLambdaCacheLayer(LambdaCacheLayer):
@@ -83,9 +87,15 @@ class RingLambdaCacheLayer(LambdaCacheLayer):
         return keys, values
 
     def _write(self, key_states: torch.Tensor, value_states: torch.Tensor, step: StepInfo) -> None:
-        """Store the new tokens in place: sinks in their slots, the last `window` of them in the ring."""
+        """Store the new tokens in place: sinks in their slots, the last `window` of them in the ring.
+
+        A decode step (one token per row) goes to the backend's `write_token` where it takes the tensors: one
+        launch, the same bits; the code below is its spec."""
         g, w = self.spec.n_global, self.spec.window
         length = key_states.shape[-2]
+        if length == 1 and self._write_token(key_states, value_states, step):
+            self.written += 1
+            return
         is_sink = step.valid & (step.positions < g)
         if g:
             self._write_sinks(key_states, value_states, step)
@@ -98,6 +108,14 @@ class RingLambdaCacheLayer(LambdaCacheLayer):
         # A sink lives in its own slot; valid in the ring too, it would be counted twice.
         self.slot_valid.index_copy_(1, slots, (step.valid & ~is_sink)[:, -kept:])
         self.written += length
+
+    def _write_token(self, key_states: torch.Tensor, value_states: torch.Tensor, step: StepInfo) -> bool:
+        """The backend's write of one token per row (one launch), if it has one and takes these tensors."""
+        if self.owner.write_token is None:
+            return False
+        stored = (self.key_buffer, self.value_buffer, self.slot_positions, self.slot_valid, self.written)
+        args = (key_states, value_states, step.positions, step.valid, *stored, self.spec.n_global, self.rotary)
+        return self.owner.write_token(*args)
 
     def _write_sinks(self, key_states: torch.Tensor, value_states: torch.Tensor, step: StepInfo) -> None:
         # Without a host sync: each sink slot takes the chunk's token at its position, if there is one.
@@ -136,11 +154,19 @@ class RingLambdaCache(FixedShapeDecoding, LambdaCache):
 
     layer_class = RingLambdaCacheLayer
 
-    def __init__(self, specs: list[LambdaSpec], rotaries: list[Rotary], rotate_keys: KeyRotation):
+    def __init__(
+        self,
+        specs: list[LambdaSpec],
+        rotaries: list[Rotary],
+        rotate_keys: KeyRotation,
+        write_token: TokenWrite | None = None,
+    ):
         self.layout_version = 0  # bumped whenever a layer (re)allocates its tensors
         self.rotaries = rotaries  # each layer stores its window's keys rotated by its own
         # The attention backend's: one Triton launch per layer and step on a GPU, not ~15 small PyTorch ops.
         self.rotate_keys = rotate_keys
+        # Also the backend's (None: `_write`'s PyTorch code): a decode step's whole write in one launch, not ~27.
+        self.write_token = write_token
         super().__init__(specs)
 
     def make_layers(self, specs: list[LambdaSpec]) -> list[RingLambdaCacheLayer]:
