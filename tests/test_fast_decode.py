@@ -336,6 +336,21 @@ def test_compiled_step_decodes_the_eager_tokens():
     assert runs[0].past_key_values.decode_step.forward is runs[1].past_key_values.decode_step.forward
 
 
+@torch.no_grad()
+def test_compiled_step_serves_every_batch_size_without_recompiling_each():
+    """The second batch size compiles a step for any batch; later sizes reuse it (a compile per size and
+    layer would exhaust dynamo's recompile limit by the fourth size and leave the layers past it eager)."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model(num_hidden_layers=3)
+    graphs = []
+    with lcpatch.patched(model, recipe("static", compile=True)):
+        for batch in (1, 2, 3, 4, 5):
+            model.generate(random_ids(9, batch=batch), max_new_tokens=3, do_sample=False)
+            graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1] > graphs[0] and graphs[2] == graphs[3] == graphs[4] == graphs[1]
+
+
 @pytest.mark.parametrize(("decode", "compile", "compiled"), [("static", "auto", False), ("static", False, False)])
 def test_compile_auto_compiles_only_captured_steps(decode, compile, compiled):
     model = tiny_model()

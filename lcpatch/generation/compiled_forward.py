@@ -32,8 +32,10 @@ class CompiledForward:
     """
 
     def __init__(self, forward: Callable, layers: int, strict: bool):
-        # Rounded to the dtype wherever eager rounds, so that fused kernels give eager's tokens.
-        self.compiled = torch.compile(forward, dynamic=False, options={"emulate_precision_casts": True})
+        # Rounded to the dtype wherever eager rounds, so that fused kernels give eager's tokens. Shapes are
+        # dynamo's default: static at first, the batch size symbolic from the second one on (static for
+        # every size would recompile every layer per size and soon hit the recompile limit).
+        self.compiled = torch.compile(forward, options={"emulate_precision_casts": True})
         self.settings = _dynamo_settings(layers, strict)
 
     def __call__(self, **kwargs):
