@@ -319,15 +319,16 @@ def test_graph_is_captured_and_replays_the_static_step():
     assert_same_run(graph, generate(model, "eager", ids, attention_mask=mask))
 
 
+@pytest.mark.parametrize("method", ["lm-infinite", "streaming-llm"])
 @torch.no_grad()
-def test_compiled_step_decodes_the_eager_tokens():
+def test_compiled_step_decodes_the_eager_tokens(method):
     """generation.compile: true runs the step through torch.compile (inductor's CPU code here); tokens and
     logits are eager's, over ring wraparounds and a left-padded batch, and a second generate() reuses the
     compiled code."""
     model = tiny_model(num_hidden_layers=3)
     _, ids, mask = left_padded([3, 17, 40])
-    eager = generate(model, "eager", ids, attention_mask=mask)
-    with lcpatch.patched(model, recipe("static", compile=True)):
+    eager = generate(model, "eager", ids, method, attention_mask=mask)
+    with lcpatch.patched(model, recipe("static", method, compile=True)):
         options = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, return_dict_in_generate=True)
         runs = [model.generate(ids, attention_mask=mask, output_logits=True, **options) for _ in range(2)]
     for run in runs:

@@ -24,13 +24,16 @@ CFG = dict(
 NEW = 30
 
 
-def recipe(decode, **overrides):
-    return {"attention": {"method": "infllm", **{**CFG, **overrides}}, "generation": {"decode": decode}}
+def recipe(decode, compile="auto", **overrides):
+    return {
+        "attention": {"method": "infllm", **{**CFG, **overrides}},
+        "generation": {"decode": decode, "compile": compile},
+    }
 
 
-def generate(model, decode, ids, new_tokens=NEW, **kwargs):
+def generate(model, decode, ids, new_tokens=NEW, compile="auto", **kwargs):
     options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    with lcpatch.patched(model, recipe(decode, **kwargs.pop("attention", {}))):
+    with lcpatch.patched(model, recipe(decode, compile, **kwargs.pop("attention", {}))):
         return model.generate(ids, return_dict_in_generate=True, output_logits=True, **options, **kwargs)
 
 
@@ -62,6 +65,16 @@ def test_static_steps_equal_the_eager_walk(length):
     assert isinstance(fast.past_key_values, BlockMemoryCache)
     assert fast.past_key_values.memory_blocks()[0][0] >= (length + NEW - 16 - 4) // 4 - 1  # formed while decoding
     assert_same_run(fast, eager)
+
+
+@torch.no_grad()
+def test_compiled_static_steps_equal_the_eager_walk():
+    """generation.compile: true over InfLLM's step (blocks formed between steps, a left-padded batch)."""
+    model = tiny_model()
+    _, ids, mask = left_padded([2, 19, 33])
+    fast = generate(model, "static", ids, compile=True, attention_mask=mask)
+    assert type(fast.past_key_values.decode_step.forward).__name__ == "CompiledForward"
+    assert_same_run(fast, generate(model, "eager", ids, attention_mask=mask))
 
 
 @torch.no_grad()
@@ -130,13 +143,17 @@ def test_graph_is_captured_and_replays_the_static_step():
     ids, mask = ids.cuda(), mask.cuda()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        graph = generate(model, "graph", ids, attention_mask=mask, new_tokens=60)
+        graph = generate(model, "graph", ids, compile=False, attention_mask=mask, new_tokens=60)
+        compiled = generate(model, "graph", ids, attention_mask=mask, new_tokens=60)  # compile: auto
     assert not [w for w in caught if "lcpatch" in str(w.message)]
     assert graph.past_key_values.decode_step.graph is not None
     static = generate(model, "static", ids, attention_mask=mask, new_tokens=60)
     assert torch.equal(graph.sequences, static.sequences)
     assert all((a - b).abs().max() <= 1e-5 for a, b in zip(graph.logits, static.logits, strict=True))
-    assert_same_run(graph, generate(model, "eager", ids, attention_mask=mask, new_tokens=60))
+    eager = generate(model, "eager", ids, attention_mask=mask, new_tokens=60)
+    assert_same_run(graph, eager)
+    assert type(compiled.past_key_values.decode_step.forward).__name__ == "CompiledForward"
+    assert_same_run(compiled, eager)
 
 
 @pytest.mark.gpu
