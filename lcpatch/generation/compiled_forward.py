@@ -18,8 +18,8 @@ import torch
 
 
 def _dynamo_settings(layers: int, strict: bool) -> dict:
-    # Each layer's attention forward is compiled apart (dynamo keeps its layer index a constant): one
-    # entry per layer, more than dynamo's default of 8 recompiles per function.
+    # Each layer's attention forward is compiled apart (dynamo keeps its layer index a constant): an entry
+    # per layer for the first batch size and one for any later size, past dynamo's default of 8 per function.
     limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     return {limit: 2 * layers + 8, "suppress_errors": not strict}
 
