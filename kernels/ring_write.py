@@ -1,6 +1,6 @@
 """One decode token per row stored in the ring cache's buffers, in one launch.
 
-Spec: `RingLambdaCacheLayer._write` (lcpatch/cache/ring.py) for one new token per row, with the window's
+Spec: the ring cache's PyTorch write (`RingLambdaCacheLayer._write`) for one new token per row, with the window's
 keys rotated as `rope` rotates them: a token among the first n_global goes to its sink slot un-rotated,
 and every token to ring slot n_global + written % window, rotated at its position, with its position
 and validity. The PyTorch write takes ~27 small launches per layer and token for this.
