@@ -6,7 +6,7 @@
 #   bash benchmarks/infllm-prefill/gpu_run.sh profile LAYERS LENGTH
 #   bash benchmarks/infllm-prefill/gpu_run.sh passkey GGUF BOOK    # lcpatch eval's seconds per 64k prompt
 #   bash benchmarks/infllm-prefill/gpu_run.sh smollm2 [TIMEOUT]    # the same prompt's cost, random weights
-#   bash benchmarks/infllm-prefill/gpu_run.sh decode-profile LAYERS LENGTH  # graph ms/token + static kernels
+#   bash benchmarks/infllm-prefill/gpu_run.sh decode-profile LAYERS LENGTH  # benchmarks/decode/profile_step.py on infllm (blocks on the GPU)
 #   bash benchmarks/infllm-prefill/gpu_run.sh decode-tests [TIMEOUT]  # graph decode (infllm, lm-infinite) == eager
 #   bash benchmarks/infllm-prefill/gpu_run.sh all-1                 # decode tests, 32 layers 32k/128k, exactness; ~8 min
 #   bash benchmarks/infllm-prefill/gpu_run.sh all-2                 # 8 layers to 1M, profile, SmolLM2's 64k; ~7 min
@@ -27,8 +27,8 @@ case $what in
     bash "$here/gpu_run.sh" smollm2 60
     rm -f "$OUT"/*/cost.png "$OUT"/smollm2-64k/cost.md ;;
   decode-profile)  # LAYERS LENGTH
-    timeout 240 python benchmarks/infllm-prefill/profile_decode.py --layers "$1" --length "$2" \
-      --out "$OUT/profile-decode-$1l-$2.txt" > /dev/null && head -3 "$OUT/profile-decode-$1l-$2.txt" ;;
+    timeout 240 python benchmarks/decode/profile_step.py --recipe benchmarks/cost/infllm-gpu.yaml --layers "$1" \
+      --length "$2" --batch 1 --out "$OUT" > /dev/null && head -8 "$OUT/profile-infllm-gpu-$2.txt" ;;
   decode-tests)
     timeout "${1:-120}" python -m pytest -q -m gpu tests/test_infllm_fast_decode.py tests/test_fast_decode.py \
       2>&1 | tail -15 | tee "$OUT/tests-decode.txt" ;;
