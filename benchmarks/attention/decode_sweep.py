@@ -1,9 +1,10 @@
 """Sweep the Λ decode kernel's configs over the bounded cache, batch 1 and 8, in CUDA graphs (GPU, ~2 minutes).
 
     python benchmarks/attention/decode_sweep.py --out decode_sweep.json
+    python benchmarks/attention/decode_sweep.py --n-global 10 --window 8192 --out decode_sweep.json  # lm-infinite on Llama-3-8B
 
 Llama-3-8B attention (32 query heads, 8 KV heads, D=128, bf16), one new token over the bounded cache
-of n_global=4 + window=4096 + 1 slots, after 32k tokens, laid out as RingLambdaCache holds it for the
+of n_global=4 + window=4096 + 1 slots (--n-global, --window), after 32k tokens, laid out as RingLambdaCache holds it for the
 fast decode path: the sinks un-rotated, the window stored rotated at its positions (`rotated_from`).
 Every candidate `DecodeConfig` (keys per tile, warps, stages, split count, one launch or split + combine)
 is checked against the PyTorch reference and timed with `triton.testing.do_bench_cudagraph`; TB/s = K and
@@ -30,7 +31,7 @@ from lcpatch.kernels.lambda_reference import lambda_attention_reference, rotate_
 from lcpatch.kernels.specs import LambdaSpec, Rotary
 
 Q_HEADS, KV_HEADS, DIM, DTYPE = 32, 8, 128, torch.bfloat16
-N_GLOBAL, WINDOW, SEEN = 4, 4096, 32768
+SEEN = 32768
 BATCHES = (1, 8)
 # Kernel variants (keys per tile, warps, stages): each is one compilation per launch mode.
 VARIANTS = [(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 4, 2), (128, 8, 2)]
@@ -51,9 +52,9 @@ def candidates(batch: int) -> list[DecodeConfig]:
     return configs
 
 
-def bounded_cache(batch: int):
-    """The cache after SEEN tokens (sinks, the last WINDOW tokens, the new token) and random q/k/v; k un-rotated."""
-    positions = torch.cat((torch.arange(N_GLOBAL), torch.arange(SEEN - WINDOW, SEEN), torch.tensor([SEEN])))
+def bounded_cache(batch: int, n_global: int, window: int):
+    """The cache after SEEN tokens (sinks, the last `window` tokens, the new token) and random q/k/v; k un-rotated."""
+    positions = torch.cat((torch.arange(n_global), torch.arange(SEEN - window, SEEN), torch.tensor([SEEN])))
     k_pos = positions.cuda().expand(batch, -1)
     valid = torch.ones_like(k_pos, dtype=torch.bool)
     gen = torch.Generator(device="cuda").manual_seed(batch)
@@ -83,6 +84,8 @@ def main() -> None:
         "--budget", type=float, default=100.0, help="seconds after which the remaining configs are skipped"
     )
     parser.add_argument("--rep", type=int, default=20, help="ms of graph replays per timing")
+    parser.add_argument("--n-global", type=int, default=4, help="sink slots of the bounded cache")
+    parser.add_argument("--window", type=int, default=4096, help="window slots of the bounded cache")
     args = parser.parse_args()
     started = time.perf_counter()
     try:
@@ -100,10 +103,12 @@ def main() -> None:
     torch.cuda.empty_cache()
     print(f"copy bandwidth (1 GiB, read + write): {copy_tbs:.2f} TB/s; 80% = {0.8 * copy_tbs:.2f} TB/s", flush=True)
 
-    spec = LambdaSpec(N_GLOBAL, WINDOW, WINDOW)
+    spec = LambdaSpec(args.n_global, args.window, args.window)
     rotary = Rotary(1.0 / (500000.0 ** (torch.arange(0, DIM, 2, dtype=torch.float32) / DIM)).cuda(), 1.0)
-    inputs = {batch: bounded_cache(batch) for batch in BATCHES}
-    stored_keys = {batch: rotate_slots(k, k_pos, rotary, N_GLOBAL) for batch, (_, k, _, _, k_pos, _) in inputs.items()}
+    inputs = {batch: bounded_cache(batch, args.n_global, args.window) for batch in BATCHES}
+    stored_keys = {
+        batch: rotate_slots(k, k_pos, rotary, args.n_global) for batch, (_, k, _, _, k_pos, _) in inputs.items()
+    }
     rows, bounds = [], {}
 
     def time_config(batch: int, config: DecodeConfig, reference: torch.Tensor) -> dict:
@@ -117,7 +122,7 @@ def main() -> None:
 
                 def fn():
                     args = (q_pos, k_pos, valid, spec, rotary, DIM**-0.5)
-                    return lambda_decode(q, stored, v, *args, rotated_from=N_GLOBAL, config=config)
+                    return lambda_decode(q, stored, v, *args, rotated_from=args.n_global, config=config)
 
                 row["error_ratio"] = error_ratio(reference, fn())
                 if not row["error_ratio"] <= TOLERANCE:
@@ -179,7 +184,7 @@ def main() -> None:
             "kv_heads": KV_HEADS,
             "dim": DIM,
             "dtype": str(DTYPE),
-            "slots": N_GLOBAL + WINDOW + 1,
+            "slots": args.n_global + args.window + 1,
         },
         "copy_tb_per_s": copy_tbs,
         "bounds": bounds,
