@@ -24,8 +24,9 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench, do_bench_cudagraph
+from triton.testing import do_bench_cudagraph
 
+from lcpatch.bench.timing import copy_bandwidth
 from lcpatch.kernels.lambda_decode import DECODE_CONFIG, DecodeConfig, decode_plan, lambda_decode
 from lcpatch.kernels.lambda_reference import lambda_attention_reference, rotate_slots
 from lcpatch.kernels.specs import LambdaSpec, Rotary
@@ -69,14 +70,6 @@ def error_ratio(reference: torch.Tensor, other: torch.Tensor) -> float:
     return ((reference - other).pow(2).mean().sqrt() / reference.pow(2).mean().sqrt()).item()
 
 
-def copy_bandwidth() -> float:
-    """TB/s of a 1 GiB device-to-device copy, bytes read + written."""
-    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = do_bench(partial(dst.copy_, src), warmup=25, rep=200, return_mode="median")
-    return 2 * 2**30 / (ms * 1e-3) / 1e12
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="decode_sweep.json", help="JSON file to write")
@@ -99,7 +92,7 @@ def main() -> None:
     env.update(triton=triton.__version__, command=" ".join([sys.executable, *sys.argv]))
     env["sms"] = torch.cuda.get_device_properties(0).multi_processor_count
     print(f"{env['device']} ({env['sms']} SMs), torch {env['torch']}, triton {env['triton']}", flush=True)
-    copy_tbs = copy_bandwidth()
+    copy_tbs = copy_bandwidth(torch.device("cuda"), gib=1.0) / 1e12
     torch.cuda.empty_cache()
     print(f"copy bandwidth (1 GiB, read + write): {copy_tbs:.2f} TB/s; 80% = {0.8 * copy_tbs:.2f} TB/s", flush=True)
 
