@@ -275,7 +275,7 @@ def test_ring_stores_the_window_rotated_and_gives_chunks_it_back():
     keys un-rotated, as LambdaCache gives them."""
     torch.manual_seed(0)
     spec, rotary = LambdaSpec(G, W, 12), Rotary(1.0 / (10000 ** (torch.arange(0, 16, 2) / 16.0)), 1.2)
-    ring, eager = RingLambdaCache([spec], [rotary], TORCH.rotate_stored), LambdaCache([spec])
+    ring, eager = RingLambdaCache([spec], [rotary], TORCH.rotate_stored, TORCH.write_ring_token), LambdaCache([spec])
 
     def update(cache, start, length):
         positions = torch.arange(start, start + length)[None]

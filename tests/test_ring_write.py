@@ -57,7 +57,7 @@ def run_both(spec: LambdaSpec, rotary: Rotary, updates, fused_expected: bool = T
         taken.append(TRITON.write_ring_token(*args))
         return taken[-1]
 
-    reference = RingLambdaCache([spec], [rotary], TRITON.rotate_stored)
+    reference = RingLambdaCache([spec], [rotary], TRITON.rotate_stored, TORCH.write_ring_token)
     fused = RingLambdaCache([spec], [rotary], TRITON.rotate_stored, fused_write)
     with torch.no_grad():
         for k, v, step in updates:

@@ -27,7 +27,7 @@ from .step import FixedShapeDecoding
 KeyRotation = Callable[[torch.Tensor, torch.Tensor, Rotary, bool], torch.Tensor]
 # (key, value, positions, valid, key_buffer, value_buffer, slot_positions, slot_valid, written, n_global, rotary)
 # -> whether it stored one new token per row as `_write` does, `written` left as it is (False: nothing
-# written): an attention backend's `write_ring_token`.
+# written, `_write`'s PyTorch code runs): an attention backend's `write_ring_token`.
 TokenWrite = Callable[..., bool]
 
 
@@ -110,9 +110,7 @@ class RingLambdaCacheLayer(LambdaCacheLayer):
         self.written += length
 
     def _write_token(self, key_states: torch.Tensor, value_states: torch.Tensor, step: StepInfo) -> bool:
-        """The backend's write of one token per row (one launch), if it has one and takes these tensors."""
-        if self.owner.write_token is None:
-            return False
+        """The backend's write of one token per row (one launch), where it takes these tensors."""
         stored = (self.key_buffer, self.value_buffer, self.slot_positions, self.slot_valid, self.written)
         args = (key_states, value_states, step.positions, step.valid, *stored, self.spec.n_global, self.rotary)
         return self.owner.write_token(*args)
@@ -155,17 +153,13 @@ class RingLambdaCache(FixedShapeDecoding, LambdaCache):
     layer_class = RingLambdaCacheLayer
 
     def __init__(
-        self,
-        specs: list[LambdaSpec],
-        rotaries: list[Rotary],
-        rotate_keys: KeyRotation,
-        write_token: TokenWrite | None = None,
+        self, specs: list[LambdaSpec], rotaries: list[Rotary], rotate_keys: KeyRotation, write_token: TokenWrite
     ):
         self.layout_version = 0  # bumped whenever a layer (re)allocates its tensors
         self.rotaries = rotaries  # each layer stores its window's keys rotated by its own
         # The attention backend's: one Triton launch per layer and step on a GPU, not ~15 small PyTorch ops.
         self.rotate_keys = rotate_keys
-        # Also the backend's (None: `_write`'s PyTorch code): a decode step's whole write in one launch, not ~27.
+        # Also the backend's: a decode step's whole write in one launch, not ~27 (the torch backend declines).
         self.write_token = write_token
         super().__init__(specs)
 
