@@ -114,8 +114,8 @@ def main() -> None:
             with torch.no_grad():
 
                 def fn():
-                    args = (q_pos, k_pos, valid, spec, rotary, DIM**-0.5)
-                    return lambda_decode(q, stored, v, *args, rotated_from=args.n_global, config=config)
+                    positions = (q_pos, k_pos, valid, spec, rotary, DIM**-0.5)
+                    return lambda_decode(q, stored, v, *positions, rotated_from=spec.n_global, config=config)
 
                 row["error_ratio"] = error_ratio(reference, fn())
                 if not row["error_ratio"] <= TOLERANCE:
