@@ -333,8 +333,25 @@ def test_compiled_step_decodes_the_eager_tokens(method):
         runs = [model.generate(ids, attention_mask=mask, output_logits=True, **options) for _ in range(2)]
     for run in runs:
         assert isinstance(run.past_key_values.decode_step.forward, CompiledForward)
+        assert isinstance(run.past_key_values.prefill_forward, CompiledForward)  # 7 chunks of 5 streamed
         assert_same_run(run, eager)
     assert runs[0].past_key_values.decode_step.forward is runs[1].past_key_values.decode_step.forward
+    assert runs[0].past_key_values.prefill_forward is runs[1].past_key_values.prefill_forward
+
+
+@torch.no_grad()
+def test_compiled_prefill_serves_every_prompt_length_without_recompiling_each():
+    """The prefill's chunks go through the compiled decoder: a second prompt length (another first chunk,
+    another mask length per chunk) compiles code for any length, which later lengths reuse."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model(num_hidden_layers=3)
+    graphs = [counters["stats"]["unique_graphs"]]
+    with lcpatch.patched(model, recipe("static", compile=True)):
+        for length in (23, 31, 44, 58):
+            model.generate(random_ids(length), max_new_tokens=2, do_sample=False)
+            graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] < graphs[1] < graphs[2] == graphs[3] == graphs[4], graphs
 
 
 @torch.no_grad()
@@ -402,3 +419,18 @@ def test_compiled_graph_decodes_the_eager_tokens_at_real_size():
             assert runs["graph"].sequences[row, 300 + t] == runs["eager"].sequences[row, 300 + t], (row, t)
             compared += 1
     assert compared >= 60
+
+
+@torch.no_grad()
+def test_prefill_chunk_positions_are_shared_by_the_layers_of_a_spec():
+    """Every layer of one Λ rule attends a prefill chunk's keys at the same positions: one tensor for all of
+    them (flash-attention's layout, read on the host, is then found once per chunk), and eager's values."""
+    model = tiny_model(num_hidden_layers=3)
+    ids = random_ids(23)
+    fast, eager = (generate(model, decode, ids, max_new_tokens=1, min_new_tokens=1) for decode in ("static", "eager"))
+    layers = fast.past_key_values.layers
+    assert layers[0].key_positions is layers[1].key_positions is layers[2].key_positions
+    assert layers[0].key_valid is layers[2].key_valid
+    # The last chunk's keys (generate's own pass over the prompt's last 5 tokens), as LambdaCache lays them out.
+    assert torch.equal(layers[1].key_positions, eager.past_key_values.layers[1].key_positions)
+    assert torch.equal(layers[1].key_valid, eager.past_key_values.layers[1].key_valid)

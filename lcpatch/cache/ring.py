@@ -68,23 +68,38 @@ class RingLambdaCacheLayer(LambdaCacheLayer):
         else:
             # A prefill chunk's first queries see tokens that its later tokens evict: attend over the
             # window unrolled into stream order plus the chunk (LambdaCache's layout), then store.
-            order = torch.cat(
-                (self.sink_slots, self.spec.n_global + (self.written + self.ring_offsets) % self.spec.window)
-            )
+            order, cached_positions, self.key_positions, self.key_valid = self._unrolled(step)
             g = self.spec.n_global
-            cached_positions = self.slot_positions.index_select(1, order)
             cached = self.key_buffer.index_select(2, order)
             window = self.owner.rotate_keys(cached[:, :, g:], cached_positions[:, g:], self.rotary, True)
             keys = torch.cat((cached[:, :, :g], window, key_states), dim=-2)
             values = torch.cat((self.value_buffer.index_select(2, order), value_states), dim=-2)
-            self.key_positions = torch.cat((cached_positions, step.positions), dim=1)
-            self.key_valid = torch.cat((self.slot_valid.index_select(1, order), step.valid), dim=1)
             self.keys_in_stream_order = True
             self.rotated_from = None
             self._write(key_states, value_states, step)
         self.key_step = step
         self.cumulative_length += key_states.shape[-2]
         return keys, values
+
+    def _unrolled(self, step: StepInfo) -> tuple[torch.Tensor, ...]:
+        """The slots in stream order, their positions, and the positions and validity of the keys a prefill chunk
+        attends to. Layers of one spec that have stored the same steps hold the same positions: they share
+        these tensors, so that an attention backend that reads positions on the host (flash-attention's
+        layout) does so once per chunk, not once per layer."""
+        shared = self.owner.unrolled.get(self.spec)
+        if shared is not None and shared[0] is step and shared[1] == self.cumulative_length:
+            return shared[2]
+        ring = self.spec.n_global + (self.written + self.ring_offsets) % self.spec.window
+        order = torch.cat((self.sink_slots, ring))
+        cached_positions = self.slot_positions.index_select(1, order)
+        found = (
+            order,
+            cached_positions,
+            torch.cat((cached_positions, step.positions), dim=1),
+            torch.cat((self.slot_valid.index_select(1, order), step.valid), dim=1),
+        )
+        self.owner.unrolled[self.spec] = (step, self.cumulative_length, found)
+        return found
 
     def _write(self, key_states: torch.Tensor, value_states: torch.Tensor, step: StepInfo) -> None:
         """Store the new tokens in place: sinks in their slots, the last `window` of them in the ring.
@@ -161,6 +176,8 @@ class RingLambdaCache(FixedShapeDecoding, LambdaCache):
         self.rotate_keys = rotate_keys
         # Also the backend's: a decode step's whole write in one launch, not ~27 (the torch backend declines).
         self.write_token = write_token
+        # Per spec: the step, tokens stored before it, and `RingLambdaCacheLayer._unrolled`'s tensors for it.
+        self.unrolled: dict[LambdaSpec, tuple] = {}
         super().__init__(specs)
 
     def make_layers(self, specs: list[LambdaSpec]) -> list[RingLambdaCacheLayer]:

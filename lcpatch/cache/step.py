@@ -32,6 +32,9 @@ class FixedShapeDecoding:
     """
 
     decode_step = None  # set by lcpatch.generation.fast_decode: the runner of this cache's decode steps
+    # Also set there, where the step is compiled: what the chunked prefill streams the prompt through
+    # (None: the model's decoder as it is).
+    prefill_forward = None
     layout_version = 0
 
     def begin_decode_step(self, valid: torch.Tensor) -> None:

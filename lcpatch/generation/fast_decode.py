@@ -9,6 +9,8 @@
 
 `generation.compile` (auto: wherever the step is captured) runs the step's forward through torch.compile
 first (`compiled_forward`), which fuses the small kernels around attention; the graph records the result.
+The chunks of the prompt's prefill then stream through the decoder compiled the same way
+(`FixedShapeDecoding.prefill_forward`): the same fusions, at a chunk's size.
 
 Where graph or static was asked for and cannot run, generate() decodes eagerly and says why, once per
 patched model (a RuntimeWarning). The fast path shadows `forward` on this instance only, and only
@@ -38,13 +40,15 @@ STEP_ARGUMENTS = frozenset(
 class DecodePlan:
     """The decode path of one patched model: which cache generate() gets, and the one-time fall-back notes."""
 
-    def __init__(self, requested: str, runtime, method_name: str, forward, compile: bool | str):
+    def __init__(self, requested: str, runtime, method_name: str, forward, decoder_forward, compile: bool | str):
         self.requested = requested
         self.runtime = runtime
         self.method_name = method_name
         self.forward = forward
+        self.decoder_forward = decoder_forward  # what the chunked prefill streams all but the last chunk through
         self.compile = compile
-        self._compiled: CompiledForward | None = None  # one per model: its compiled code serves every call
+        # One per model and use: their compiled code serves every later call.
+        self._compiled: dict[str, CompiledForward] = {}
         self.supported = runtime is not None and hasattr(runtime.method, "make_decode_cache")
         self.failure: str | None = None  # why capture failed on this model: later calls decode eagerly
         self._said: set[str] = set()
@@ -57,19 +61,20 @@ class DecodePlan:
         if mode == "eager":
             return self.runtime.make_cache()
         cache = self.runtime.method.make_decode_cache()
-        cache.decode_step = DecodeStep(
-            self._step_forward(mode), capture=mode == "graph", on_fallback=self._capture_failed
-        )
+        compiles = self.compile is True or (self.compile == "auto" and mode == "graph")
+        step_forward = self._compiled_forward("step") if compiles else self.forward
+        cache.decode_step = DecodeStep(step_forward, capture=mode == "graph", on_fallback=self._capture_failed)
+        if compiles:
+            cache.prefill_forward = self._compiled_forward("prefill")
         return cache
 
-    def _step_forward(self, mode: str):
-        """The forward a decode step runs: compiled where generation.compile asks for it (auto: when captured)."""
-        if self.compile is False or (self.compile == "auto" and mode != "graph"):
-            return self.forward
-        if self._compiled is None:
+    def _compiled_forward(self, use: str) -> CompiledForward:
+        """The decode step's forward ('step') or the prefill's decoder ('prefill') through torch.compile."""
+        if use not in self._compiled:
             layers = len(self.runtime.structure.attentions)
-            self._compiled = CompiledForward(self.forward, layers, strict=self.compile is True)
-        return self._compiled
+            forward = self.forward if use == "step" else self.decoder_forward
+            self._compiled[use] = CompiledForward(forward, layers, strict=self.compile is True)
+        return self._compiled[use]
 
     def _mode(self, device: torch.device) -> str:
         if self.requested == "eager":
@@ -134,7 +139,12 @@ def install_fast_decode(
     """The model's DecodePlan; shadow `model.forward` so that single-token steps on a fixed-shape cache
     run through its DecodeStep (only where the plan can ever make one)."""
     original = model.forward
-    plan = DecodePlan(requested, runtime, method_name, original, compile)
+    decoder = model.get_decoder()
+
+    def decoder_call(**kwargs):  # a module call, not `decoder.forward`: the runtime's hooks record the positions
+        return decoder(**kwargs)
+
+    plan = DecodePlan(requested, runtime, method_name, original, decoder_call, compile)
     if not plan.supported or requested == "eager":
         return plan
 

@@ -53,6 +53,7 @@ def prefill_all_but_last_chunk(
     `progress(done, total)` follows the tokens streamed here (all but the last chunk), after each chunk.
     With `keep_past_above` (see `Family.drops_cache_up_to`), a prompt longer than it leaves generate() a
     cache holding more than that many tokens (a shorter last chunk), or none at all.
+    The chunks go through the cache's `prefill_forward` where it has one (the decoder, compiled).
     """
     ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
     if not torch.is_tensor(ids) or ids.ndim != 2 or ids.is_floating_point():
@@ -81,7 +82,7 @@ def prefill_all_but_last_chunk(
             return False
     positions = (mask.long().cumsum(-1) - 1).clamp_min(0)  # as generate() derives them
     stops = range(ids.shape[1] - last, past, -chunk)
-    decoder = model.get_decoder()
+    decoder = getattr(cache, "prefill_forward", None) or model.get_decoder()
     for start, stop in zip((past, *reversed(stops)), reversed(stops), strict=False):
         decoder(
             input_ids=ids[:, start:stop],
