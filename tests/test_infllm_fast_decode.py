@@ -69,11 +69,12 @@ def test_static_steps_equal_the_eager_walk(length):
 
 @torch.no_grad()
 def test_compiled_static_steps_equal_the_eager_walk():
-    """generation.compile: true over InfLLM's step (blocks formed between steps, a left-padded batch)."""
+    """generation.compile: true over InfLLM's prefill chunks and step (blocks formed between steps, a left-padded batch)."""
     model = tiny_model()
     _, ids, mask = left_padded([2, 19, 33])
     fast = generate(model, "static", ids, compile=True, attention_mask=mask)
     assert type(fast.past_key_values.decode_step.forward).__name__ == "CompiledForward"
+    assert type(fast.past_key_values.prefill_forward).__name__ == "CompiledForward"  # the 33-token prompt's first chunk
     assert_same_run(fast, generate(model, "eager", ids, attention_mask=mask))
 
 
