@@ -26,17 +26,10 @@ from profile_step import graph_seconds
 
 import lcpatch
 from lcpatch.bench.presets import load_model
+from lcpatch.bench.timing import prefill_seconds
 from lcpatch.cli.common import environment
 
 COMPILE = {"auto": "auto", "true": True, "false": False}
-
-
-def prefill_seconds(model, ids: torch.Tensor) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False, pad_token_id=0)
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def linear_floor(model, length: int, chunk: int) -> float:

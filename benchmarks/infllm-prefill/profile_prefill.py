@@ -10,23 +10,15 @@ operators that take the most time, to --out (and stdout).
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 import lcpatch
 from lcpatch.bench.presets import load_model
+from lcpatch.bench.timing import prefill_seconds
 
 RECIPE = {"attention": {"method": "infllm", "offload": "gpu"}}
-
-
-def prefill(model, ids: torch.Tensor) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False, pad_token_id=0)
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -41,11 +33,11 @@ def main() -> None:
     ids = torch.randint(0, model.config.vocab_size, (1, args.length), device="cuda")
     lines = [f"{described}; {args.length} tokens; {torch.cuda.get_device_name()}; torch {torch.__version__}"]
     with torch.no_grad(), lcpatch.patched(model, args.recipe or RECIPE):
-        prefill(model, ids[:, :8192])  # compile kernels, grow the allocator
-        seconds = prefill(model, ids)
+        prefill_seconds(model, ids[:, :8192])  # compile kernels, grow the allocator
+        seconds = prefill_seconds(model, ids)
         lines.append(f"prefill {seconds:.3f} s, {seconds / args.layers * 1000:.1f} ms per layer (MLP included)")
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-            prefill(model, ids)
+            prefill_seconds(model, ids)
     averages = prof.key_averages()
     lines.append(averages.table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
     lines.append(averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))

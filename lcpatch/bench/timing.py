@@ -153,3 +153,13 @@ def copy_bandwidth(device: torch.device, gib: float = 2.0, repeats: int = 20) ->
         best = min(best, start.elapsed_time(end) / 1000)
     del source, target
     return 2 * gib * 2**30 / best
+
+
+def prefill_seconds(model, ids: torch.Tensor) -> float:
+    """Wall seconds of `generate()` reading `ids` (no padding) and choosing one token: the prefill, on a CUDA
+    device (synchronised before and after)."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False, pad_token_id=0)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
