@@ -434,3 +434,30 @@ def test_prefill_chunk_positions_are_shared_by_the_layers_of_a_spec():
     # The last chunk's keys (generate's own pass over the prompt's last 5 tokens), as LambdaCache lays them out.
     assert torch.equal(layers[1].key_positions, eager.past_key_values.layers[1].key_positions)
     assert torch.equal(layers[1].key_valid, eager.past_key_values.layers[1].key_valid)
+
+
+@torch.no_grad()
+def test_a_first_chunk_longer_than_the_window_finds_its_globals_next_to_the_sinks():
+    """The ring's empty slots are left out of a prefill chunk's keys (LambdaCache's layout), so a first chunk
+    longer than the window has its global tokens right after the sink slots: flash-attention's global part
+    scores every slot up to the last global in one tile (P_PAD), which 8,212 slots on Llama-3-8B's lm-infinite
+    made too large to compile on an H100."""
+    from lcpatch.kernels.lambda_flash import find_layout
+
+    model = tiny_model(num_hidden_layers=2)
+    ids = random_ids(3 * W + 3)
+    with lcpatch.patched(model, recipe("static", prefill_chunk=2 * W + 1)):
+        out = model.generate(ids, max_new_tokens=1, do_sample=False, return_dict_in_generate=True)
+    layer = out.past_key_values.layers[0]
+    assert layer.key_positions.shape[1] == G + W + 2 * W + 1  # the second chunk: sinks, the full ring, itself
+    positions, valid = torch.arange(2 * W + 2)[None], torch.ones(1, 2 * W + 2, dtype=torch.bool)
+    step = StepInfo(positions, valid)
+    ring = RingLambdaCache(
+        [LambdaSpec(G, W, W)], [Rotary(torch.ones(8), 1.0)], TORCH.rotate_stored, TORCH.write_ring_token
+    )
+    ring.step = step
+    keys = torch.zeros(1, 1, 2 * W + 2, 16)
+    ring.layers[0].update(keys, keys)  # the first chunk, into an empty ring
+    first = ring.layers[0]
+    assert torch.equal(first.key_positions[0, G:], positions[0])
+    assert find_layout(positions, first.key_positions, first.key_valid, LambdaSpec(G, W, W)).prefix == 2 * G

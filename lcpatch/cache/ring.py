@@ -89,7 +89,11 @@ class RingLambdaCacheLayer(LambdaCacheLayer):
         shared = self.owner.unrolled.get(self.spec)
         if shared is not None and shared[0] is step and shared[1] == self.cumulative_length:
             return shared[2]
-        ring = self.spec.n_global + (self.written + self.ring_offsets) % self.spec.window
+        # Only the ring slots written so far (all once it has wrapped): LambdaCache's layout, and no run of
+        # empty slots between the sinks and a first chunk longer than the window, whose global tokens
+        # would then sit ~window slots in (the flash engine scores every slot up to the last global at once).
+        held = min(self.cumulative_length, self.spec.window)
+        ring = self.spec.n_global + (self.written + self.ring_offsets[self.spec.window - held :]) % self.spec.window
         order = torch.cat((self.sink_slots, ring))
         cached_positions = self.slot_positions.index_select(1, order)
         found = (
