@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Callable
 
 import torch
 from transformers.cache_utils import Cache
@@ -47,8 +48,8 @@ class DecodePlan:
         self.forward = forward
         self.decoder_forward = decoder_forward  # what the chunked prefill streams all but the last chunk through
         self.compile = compile
-        # One per model and use: their compiled code serves every later call.
-        self._compiled: dict[str, CompiledForward] = {}
+        # Per forward (the step's, the prefill's), one per model: its compiled code serves every later call.
+        self._compiled: dict[Callable, CompiledForward] = {}
         self.supported = runtime is not None and hasattr(runtime.method, "make_decode_cache")
         self.failure: str | None = None  # why capture failed on this model: later calls decode eagerly
         self._said: set[str] = set()
@@ -62,19 +63,18 @@ class DecodePlan:
             return self.runtime.make_cache()
         cache = self.runtime.method.make_decode_cache()
         compiles = self.compile is True or (self.compile == "auto" and mode == "graph")
-        step_forward = self._compiled_forward("step") if compiles else self.forward
+        step_forward = self._compiled_forward(self.forward) if compiles else self.forward
         cache.decode_step = DecodeStep(step_forward, capture=mode == "graph", on_fallback=self._capture_failed)
         if compiles:
-            cache.prefill_forward = self._compiled_forward("prefill")
+            cache.prefill_forward = self._compiled_forward(self.decoder_forward)
         return cache
 
-    def _compiled_forward(self, use: str) -> CompiledForward:
-        """The decode step's forward ('step') or the prefill's decoder ('prefill') through torch.compile."""
-        if use not in self._compiled:
+    def _compiled_forward(self, forward: Callable) -> CompiledForward:
+        """`forward` (the decode step's, or the prefill's decoder call) through torch.compile."""
+        if forward not in self._compiled:
             layers = len(self.runtime.structure.attentions)
-            forward = self.forward if use == "step" else self.decoder_forward
-            self._compiled[use] = CompiledForward(forward, layers, strict=self.compile is True)
-        return self._compiled[use]
+            self._compiled[forward] = CompiledForward(forward, layers, strict=self.compile is True)
+        return self._compiled[forward]
 
     def _mode(self, device: torch.device) -> str:
         if self.requested == "eager":
