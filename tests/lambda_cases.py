@@ -8,16 +8,14 @@ Errors are compared as RMSE(engine - reference) / RMSE(reference), as flash-line
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
+from kernel_mode import DEVICE, FULL
 
 from lcpatch.kernels.lambda_reference import lambda_attention_reference
 from lcpatch.kernels.specs import LambdaSpec, Rotary
 
-FULL = os.environ.get("LCPATCH_TEST_FULL") == "1"
-DEVICE = "cuda" if FULL else "cpu"
 # Error ratios (RMSE ratio), ~3x over what the kernels measured (H100: bfloat16 <= 5.7e-3, float16
 # <= 5e-4, float32 max abs error < 1e-5). The interpreter truncates float32 -> bfloat16 instead of
 # rounding, which about doubles the bfloat16 error on CPU.

@@ -6,30 +6,22 @@ reference's output; the split plan follows the config. Runs under TRITON_INTERPR
 from __future__ import annotations
 
 import importlib.util
-import os
 from functools import partial
 from pathlib import Path
 
-FULL = os.environ.get("LCPATCH_TEST_FULL") == "1"
-if not FULL:
-    # Must be set before the kernels are defined: @triton.jit reads it at decoration time.
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
+from kernel_mode import DEVICE, skip_module_unless_runnable  # first: sets TRITON_INTERPRET
 
 pytest.importorskip("triton")
 
-from lambda_cases import DEVICE, Case, cache_layout, make_qkv, rotary, run_both  # noqa: E402
-from sm90_compile import compile_in_subprocess  # noqa: E402
+from lambda_cases import Case, cache_layout, make_qkv, rotary, run_both
+from sm90_compile import compile_in_subprocess
 
-from lcpatch.kernels import lambda_decode as decode  # noqa: E402
-from lcpatch.kernels.lambda_reference import rotate_slots  # noqa: E402
+from lcpatch.kernels import lambda_decode as decode
+from lcpatch.kernels.lambda_reference import rotate_slots
 
-if FULL and not torch.cuda.is_available():
-    pytest.skip("LCPATCH_TEST_FULL=1 needs a CUDA device", allow_module_level=True)
-if not FULL and not hasattr(decode._lambda_decode_split, "rewrite"):
-    pytest.skip("lcpatch.kernels was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+skip_module_unless_runnable(decode._lambda_decode_split)
 
 # 4 sinks + a window of 120 + 1 new token = 125 slots: 4 tiles of 32, 1 of 128.
 CASE = Case("decode-configs", 1, 0, 120, batch=2, kv_heads=2, group=4, dtype=torch.float16)

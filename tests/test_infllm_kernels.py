@@ -7,15 +7,10 @@ machine the same checks run compiled:  LCPATCH_TEST_FULL=1 python -m pytest test
 from __future__ import annotations
 
 import importlib
-import os
 
-FULL = os.environ.get("LCPATCH_TEST_FULL") == "1"
-if not FULL:
-    # Must be set before the kernels are defined: @triton.jit reads it at decoration time.
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
+from kernel_mode import DEVICE, skip_module_unless_runnable  # first: sets TRITON_INTERPRET
 
 pytest.importorskip("triton")
 kernels = pytest.importorskip("lcpatch.kernels.infllm")
@@ -25,12 +20,8 @@ from lcpatch.attention.infllm_attention import InfLLMAttention  # noqa: E402
 
 from tiny_models import random_ids, tiny_model  # noqa: E402
 
-if FULL and not torch.cuda.is_available():
-    pytest.skip("LCPATCH_TEST_FULL=1 needs a CUDA device", allow_module_level=True)
-if not FULL and not hasattr(importlib.import_module("lcpatch.kernels.lambda_prefill")._lambda_fwd, "rewrite"):
-    pytest.skip("lcpatch.kernels was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+skip_module_unless_runnable(importlib.import_module("lcpatch.kernels.lambda_prefill")._lambda_fwd)
 
-DEVICE = "cuda" if FULL else "cpu"
 CFG = dict(
     n_init=4, n_local=16, block_size=4, topk=2, repr_topk=2, exc_block_size=8, chunk_size=16, max_cached_blocks=3
 )

@@ -12,25 +12,17 @@ LCPATCH_TEST_FULL=1 python -m pytest tests/test_infllm_waves.py
 
 from __future__ import annotations
 
-import os
+import pytest
+import torch
+from kernel_mode import DEVICE, FULL, skip_module_unless_runnable  # first: sets TRITON_INTERPRET
 
-FULL = os.environ.get("LCPATCH_TEST_FULL") == "1"
-if not FULL:
-    # Must be set before the kernels are defined: @triton.jit reads it at decoration time.
-    os.environ["TRITON_INTERPRET"] = "1"
+from lcpatch.attention.infllm_reference import execution_block_attention, infllm_attention_reference
+from lcpatch.attention.infllm_waves import infllm_attention_waves, waves
+from lcpatch.cache.block_memory import BlockMemoryLayer, build_plan
+from lcpatch.kernels.infllm_split import execution_block_attention_split
+from lcpatch.kernels.specs import InfLLMSpec, Rotary, StepInfo
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from lcpatch.attention.infllm_reference import execution_block_attention, infllm_attention_reference  # noqa: E402
-from lcpatch.attention.infllm_waves import infllm_attention_waves, waves  # noqa: E402
-from lcpatch.cache.block_memory import BlockMemoryLayer, build_plan  # noqa: E402
-from lcpatch.kernels.infllm_split import execution_block_attention_split  # noqa: E402
-from lcpatch.kernels.specs import InfLLMSpec, Rotary, StepInfo  # noqa: E402
-
-if FULL and not torch.cuda.is_available():
-    pytest.skip("LCPATCH_TEST_FULL=1 needs a CUDA device", allow_module_level=True)
-DEVICE = "cuda" if FULL else "cpu"
+skip_module_unless_runnable()
 
 SPEC = InfLLMSpec(n_init=4, n_local=24, block_size=4, repr_topk=2, topk=3, exc_block_size=8)
 HQ, HKV, DIM = (8, 2, 128) if FULL else (4, 2, 16)

@@ -9,21 +9,16 @@ The cases and the comparison are `lambda_cases`'s, shared with the other engines
 from __future__ import annotations
 
 import importlib
-import os
 import warnings
 from dataclasses import replace
 
-FULL = os.environ.get("LCPATCH_TEST_FULL") == "1"
-if not FULL:
-    # Must be set before the kernels are defined: @triton.jit reads it at decoration time.
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
+from kernel_mode import FULL, skip_module_unless_runnable  # first: sets TRITON_INTERPRET
 
 pytest.importorskip("triton")
 
-from lambda_cases import (  # noqa: E402
+from lambda_cases import (
     CASES,
     DECODE,
     DECODE_FULL,
@@ -36,16 +31,12 @@ from lambda_cases import (  # noqa: E402
     stream_positions,
 )
 
-from lcpatch.attention.backends import TRITON as kernels  # noqa: E402
-from lcpatch.kernels.lambda_reference import lambda_attention_reference  # noqa: E402
+from lcpatch.attention.backends import TRITON as kernels
+from lcpatch.kernels.lambda_reference import lambda_attention_reference
 
-pytest.importorskip("triton")
 DECODE_MAX_ROWS = importlib.import_module("lcpatch.kernels.dispatch").DECODE_MAX_ROWS
 
-if FULL and not torch.cuda.is_available():
-    pytest.skip("LCPATCH_TEST_FULL=1 needs a CUDA device", allow_module_level=True)
-if not FULL and not hasattr(importlib.import_module("lcpatch.kernels.lambda_prefill")._lambda_fwd, "rewrite"):
-    pytest.skip("lcpatch.kernels was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+skip_module_unless_runnable(importlib.import_module("lcpatch.kernels.lambda_prefill")._lambda_fwd)
 
 
 def _interpreter_bf16_dot() -> None:

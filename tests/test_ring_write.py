@@ -7,31 +7,20 @@ compiled, and the GPU-marked one at a real model's size:  LCPATCH_TEST_FULL=1 py
 
 from __future__ import annotations
 
-import os
-
-FULL = os.environ.get("LCPATCH_TEST_FULL") == "1"
-if not FULL:
-    # Must be set before the kernels are defined: @triton.jit reads it at decoration time.
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
+from kernel_mode import DEVICE, FULL, skip_module_unless_runnable  # first: sets TRITON_INTERPRET
 
 pytest.importorskip("triton")
 
-from sm90_compile import compile_in_subprocess  # noqa: E402
+from sm90_compile import compile_in_subprocess
 
-from lcpatch.attention.backends import TORCH, TRITON  # noqa: E402
-from lcpatch.cache import RingLambdaCache  # noqa: E402
-from lcpatch.kernels import ring_write  # noqa: E402
-from lcpatch.kernels.specs import LambdaSpec, Rotary, StepInfo  # noqa: E402
+from lcpatch.attention.backends import TORCH, TRITON
+from lcpatch.cache import RingLambdaCache
+from lcpatch.kernels import ring_write
+from lcpatch.kernels.specs import LambdaSpec, Rotary, StepInfo
 
-if FULL and not torch.cuda.is_available():
-    pytest.skip("LCPATCH_TEST_FULL=1 needs a CUDA device", allow_module_level=True)
-if not FULL and not hasattr(ring_write._ring_write_kernel, "rewrite"):
-    pytest.skip("lcpatch.kernels was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
-
-DEVICE = "cuda" if FULL else "cpu"
+skip_module_unless_runnable(ring_write._ring_write_kernel)
 
 
 def rope(dim: int, scale: float = 1.0, rotated: int | None = None) -> Rotary:
