@@ -83,6 +83,12 @@ def main() -> None:
     parser.add_argument("--recipe", default="lm-infinite")
     parser.add_argument("--cells", default="triton:4096:false,triton:4096:auto,flash:4096:auto,flash:8192:auto")
     args = parser.parse_args()
+    for cell in args.cells.split(","):
+        parts = cell.split(":")
+        if len(parts) != 3 or not parts[1].isdigit() or parts[2] not in COMPILE:
+            parser.error(
+                f"--cells: {cell!r} is not BACKEND:CHUNK:COMPILE (e.g. flash:8192:auto; COMPILE auto|true|false)"
+            )
     model, described, _ = load_model("llama3-8b", args.layers, torch.device("cuda"), torch.bfloat16)
     ids = torch.randint(0, model.config.vocab_size, (1, args.length), device="cuda")
     result = {
