@@ -43,6 +43,7 @@ class DecodeConfig(NamedTuple):
     splits: int = 0  # > 0: exactly this many splits (capped by the key tiles), overriding the heuristic
     fused: bool = True  # the last split program merges the splits (one launch), else a second kernel
     fixed_angles: bool = True  # key angles reduced in 64-bit fixed point (integer ops), else in float64
+    merge: int = 0  # partials the merge loads at once (a power of 2); 0: up to MERGE_ELEMENTS floats' worth
 
 
 # benchmarks/attention/decode_sweep.py on an H100, 2026-12-06 (ring layout): 64 x 4 warps x 3 stages holds
@@ -50,6 +51,8 @@ class DecodeConfig(NamedTuple):
 # against 1.98 for the 9 splits of a second partial wave), at batch 1 min_tiles keeps 13 (merging more
 # partials costs more than it spreads). A plain 4-tuple (BLOCK_N, warps, stages, programs per SM) is taken too.
 DECODE_CONFIG = DecodeConfig(64, 4, 3, 2, min_tiles=5)
+# The merge's default load: partial outputs of MERGE_ELEMENTS floats in all (64 registers per thread of 4 warps).
+MERGE_ELEMENTS = 8192
 # Each (batch, KV head)'s count of finished split programs, per (device, stream); back at 0 after every call.
 _ARRIVALS: dict[tuple[str, int], list[torch.Tensor]] = {}
 
@@ -100,6 +103,8 @@ def _lambda_decode_split(
     softcap,
     HALF: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    ROWS: tl.constexpr,
+    MERGE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     CAPPED: tl.constexpr,
     SOFTCAP: tl.constexpr,
@@ -163,10 +168,11 @@ def _lambda_decode_split(
             tl.debug_barrier()
             arrived = tl.atomic_add(ARRIVALS + pid_bh, 1, sem="acq_rel", scope="gpu")
             if arrived == splits - 1:
-                out, m, total = _merge_splits(PART_O, PART_ML, pid_bh, splits, 2 * HALF, BLOCK_M)
-                _store_rows(OUT, out, b, hk, rows, so_b, so_l, so_h, Lq, group, 2 * HALF)
+                out, m, total = _merge_splits(PART_O, PART_ML, pid_bh, splits, 2 * HALF, BLOCK_M, ROWS, MERGE)
+                out_rows = tl.arange(0, ROWS)
+                _store_rows(OUT, out, b, hk, out_rows, so_b, so_l, so_h, Lq, group, 2 * HALF)
                 if NEED_LSE:
-                    _store_lse(LSE, m, total, b, hk, rows, Hkv, Lq, group)
+                    _store_lse(LSE, m, total, b, hk, out_rows, Hkv, Lq, group)
                 tl.store(ARRIVALS + pid_bh, 0)  # ready for the next call (and every CUDA graph replay)
 
 
@@ -277,24 +283,35 @@ def _cos_sin_fixed(pos, turns_fixed):
 
 
 @triton.jit
-def _merge_splits(PART_O, PART_ML, pid_bh, splits, D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """The output rows (BLOCK_M, D), float32, of one (batch, KV head)'s partial softmaxes."""
-    rows = tl.arange(0, BLOCK_M)
+def _merge_splits(PART_O, PART_ML, pid_bh, splits, D: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr,
+                  MERGE: tl.constexpr):
+    """The first ROWS output rows (ROWS, D), float32, of one (batch, KV head)'s partial softmaxes.
+
+    MERGE partials per load: their loads do not wait on each other, so the merge waits on L2 once per
+    MERGE splits, where a loop of one split per load waits once per split."""
+    rows = tl.arange(0, ROWS)
     offs_d = tl.arange(0, D)
-    acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
-    m = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
-    total = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for split in range(splits):
+    acc = tl.zeros((ROWS, D), dtype=tl.float32)
+    m = tl.full((ROWS,), -1.0e30, dtype=tl.float32)
+    total = tl.zeros((ROWS,), dtype=tl.float32)
+    for first in range(0, splits, MERGE):
+        split = first + tl.arange(0, MERGE)
+        split_ok = split < splits
         part = pid_bh.to(tl.int64) * splits + split
+        ml = PART_ML + part[:, None] * 2 * BLOCK_M + rows[None, :]
         # .cg: other SMs wrote these; read them from L2, never from a stale L1 line.
-        m_s = tl.load(PART_ML + part * 2 * BLOCK_M + rows, cache_modifier=".cg")
-        l_s = tl.load(PART_ML + part * 2 * BLOCK_M + BLOCK_M + rows, cache_modifier=".cg")
-        o_s = tl.load(PART_O + (part * BLOCK_M + rows)[:, None] * D + offs_d[None, :], cache_modifier=".cg")
-        m_new = tl.maximum(m, m_s)
+        m_s = tl.load(ml, mask=split_ok[:, None], other=-1.0e30, cache_modifier=".cg")
+        l_s = tl.load(ml + BLOCK_M, mask=split_ok[:, None], other=0.0, cache_modifier=".cg")
+        o_rows = (part[:, None] * BLOCK_M + rows[None, :]) * D
+        o_s = tl.load(
+            PART_O + o_rows[:, :, None] + offs_d[None, None, :], mask=split_ok[:, None, None], other=0.0,
+            cache_modifier=".cg",
+        )
+        m_new = tl.maximum(m, tl.max(m_s, 0))
         a = tl.exp2(m - m_new)
-        c = tl.exp2(m_s - m_new)
-        acc = acc * a[:, None] + o_s * c[:, None]
-        total = total * a + l_s * c
+        c = tl.exp2(m_s - m_new[None, :])
+        acc = acc * a[:, None] + tl.sum(o_s * c[:, :, None], 0)
+        total = total * a + tl.sum(l_s * c, 0)
         m = m_new
     return acc / tl.where(total > 0, total, 1.0)[:, None], m, total
 
@@ -335,13 +352,15 @@ def _lambda_decode_combine(
     splits,
     D: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    ROWS: tl.constexpr,
+    MERGE: tl.constexpr,
     NEED_LSE: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     b = (pid_bh // Hkv).to(tl.int64)
     hk = (pid_bh % Hkv).to(tl.int64)
-    rows = tl.arange(0, BLOCK_M)
-    out, m, total = _merge_splits(PART_O, PART_ML, pid_bh, splits, D, BLOCK_M)
+    rows = tl.arange(0, ROWS)
+    out, m, total = _merge_splits(PART_O, PART_ML, pid_bh, splits, D, BLOCK_M, ROWS, MERGE)
     _store_rows(OUT, out, b, hk, rows, so_b, so_l, so_h, Lq, group, D)
     if NEED_LSE:
         _store_lse(LSE, m, total, b, hk, rows, Hkv, Lq, group)
@@ -353,6 +372,8 @@ def decode_plan(batch: int, kv_heads: int, k_len: int, device: torch.device, con
     if config is None:
         config = DecodeConfig(32, 4, 1, 1, splits=3) if interpreting() else DECODE_CONFIG
     config = DecodeConfig(*config)
+    if config.merge < 0 or config.merge & (config.merge - 1):
+        raise ValueError(f"DecodeConfig.merge={config.merge}: the merge loads a power of 2 of partials, or 0 (automatic)")
     tiles = triton.cdiv(k_len, config.block_n)
     if config.splits > 0:
         splits = min(config.splits, tiles)
@@ -409,7 +430,11 @@ def lambda_decode(
     capped, far_pos = far_rule(spec)
     turns = frequency_turns(rotary.inv_freq, query.device)
     block_m = max(16, triton.next_power_of_2(group * q_len))
+    # The rows that hold a query (tl.dot pads to 16), at least 4: the merge's tiles are no smaller.
+    rows = min(block_m, max(4, triton.next_power_of_2(group * q_len)))
     config, splits = decode_plan(batch, kv_heads, k_len, query.device, config)
+    merge = config.merge or max(1, MERGE_ELEMENTS // (rows * dim))
+    merge = min(merge, triton.next_power_of_2(splits))
     split_len = triton.cdiv(triton.cdiv(k_len, config.block_n), splits) * config.block_n
     mode = 1 if splits == 1 else 2 if config.fused else 0
     out = torch.empty(batch, q_len, q_heads, dim, dtype=query.dtype, device=query.device)
@@ -466,6 +491,8 @@ def lambda_decode(
         softcap or 0.0,
         HALF=dim // 2,
         BLOCK_M=block_m,
+        ROWS=rows,
+        MERGE=merge,
         BLOCK_N=config.block_n,
         CAPPED=capped,
         SOFTCAP=softcap is not None,
@@ -491,6 +518,8 @@ def lambda_decode(
             splits,
             D=dim,
             BLOCK_M=block_m,
+            ROWS=rows,
+            MERGE=merge,
             NEED_LSE=need_lse,
             num_warps=4,
         )

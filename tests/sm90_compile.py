@@ -76,7 +76,8 @@ def decode_variants() -> None:
     variants = [(True, True, False, 2, True), (True, False, True, 0, False), (False, True, True, 1, True)]
     variants.append((False, False, False, 2, False))
     for low, capped, softcap, mode, fixed in variants:
-        flags = dict(HALF=64, BLOCK_M=16, BLOCK_N=config.block_n, CAPPED=capped, SOFTCAP=softcap, MODE=mode)
+        flags = dict(HALF=64, BLOCK_M=16, ROWS=4, MERGE=16, BLOCK_N=config.block_n, CAPPED=capped, SOFTCAP=softcap)
+        flags.update(MODE=mode)
         flags.update(DOT_PREC="tf32" if low else "ieee", FIXED_ANGLES=fixed)
         half = "*bf16" if low else "*fp32"
         types = {**pointers, "Q": half, "K": half, "V": half, "OUT": half}

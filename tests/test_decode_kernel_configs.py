@@ -45,8 +45,11 @@ def run(config, case: Case = CASE, seen: list[int] = SEEN, engine=None) -> None:
         decode.DecodeConfig(16, 4, 1, 0, splits=3, fused=True),  # the last split program merges
         decode.DecodeConfig(16, 4, 1, 0, splits=3, fused=False),  # a second kernel merges
         decode.DecodeConfig(16, 4, 1, 3, min_tiles=2),  # the heuristic
+        # 5 partials merged 2 at a time: three loads, the last one half past the splits
+        decode.DecodeConfig(16, 4, 1, 0, splits=5, merge=2),
+        decode.DecodeConfig(16, 4, 1, 0, splits=5, fused=False, merge=2),
     ],
-    ids=["one-split", "fused", "two-launch", "heuristic"],
+    ids=["one-split", "fused", "two-launch", "heuristic", "fused-merge-by-2", "two-launch-merge-by-2"],
 )
 def test_launch_modes_match_reference(config):
     run(config)
@@ -82,6 +85,11 @@ def test_window_stored_rotated_matches_reference(config):
     run(config, engine=stored_rotated(config))
     streaming = Case(**{**CASE.__dict__, "capped": False, "softcap": 2.0, "dtype": torch.float32})
     run(config, streaming, seen=[1_000_003, 130], engine=stored_rotated(config))
+
+
+def test_merge_must_be_a_power_of_two():
+    with pytest.raises(ValueError, match=r"DecodeConfig.merge=3"):
+        decode.decode_plan(1, 8, 320, torch.device(DEVICE), decode.DecodeConfig(32, 4, 1, 0, splits=4, merge=3))
 
 
 def test_fused_merge_leaves_counters_at_zero():

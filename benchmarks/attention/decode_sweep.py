@@ -6,7 +6,8 @@
 Llama-3-8B attention (32 query heads, 8 KV heads, D=128, bf16), one new token over the bounded cache
 of n_global=4 + window=4096 + 1 slots (--n-global, --window), after 32k tokens, laid out as RingLambdaCache holds it for the
 fast decode path: the sinks un-rotated, the window stored rotated at its positions (`rotated_from`).
-Every candidate `DecodeConfig` (keys per tile, warps, stages, split count, one launch or split + combine)
+Every candidate `DecodeConfig` (keys per tile, warps, stages, split count, one launch or split + combine,
+partials per merge load)
 is checked against the PyTorch reference and timed with `triton.testing.do_bench_cudagraph`; TB/s = K and
 V bytes / graph time. Next to them: the device's copy bandwidth (a 1 GiB copy, bytes read + written /
 time), SDPA over the same cache (no Λ, no RoPE: the bound of an attention that only reads), and the
@@ -45,11 +46,13 @@ TOLERANCE = 1.5e-2  # RMSE(kernel - reference) / RMSE(reference), the GPU tests'
 
 def candidates(batch: int) -> list[DecodeConfig]:
     """The configs timed at `batch`, most informative first (the time budget cuts the tail)."""
-    configs = [DECODE_CONFIG, DECODE_CONFIG._replace(fused=False)]
+    configs = [DECODE_CONFIG, DECODE_CONFIG._replace(fused=False), DECODE_CONFIG._replace(merge=1)]
     for fused, variants in ((True, VARIANTS), (False, TWO_LAUNCH)):
         for block_n, warps, stages in variants:
             for splits in SPLITS[batch]:
                 configs.append(DecodeConfig(block_n, warps, stages, 0, splits=splits, fused=fused))
+    # One partial per load (the merge before 2026-12-07), against the default's many.
+    configs += [DecodeConfig(64, 4, 3, 0, splits=splits, merge=1) for splits in SPLITS[batch]]
     return configs
 
 
@@ -199,6 +202,7 @@ def sdpa(q, k, v):
 def describe(row: dict) -> str:
     c = row["config"]
     angles = "" if c["fixed_angles"] else " f64-angles"
+    angles += " merge=1" if c.get("merge") == 1 else ""
     knobs = f"BLOCK_N={c['block_n']:3d} w={c['warps']} s={c['stages']} splits={row['splits_run']:3d}{angles}"
     launch = "1 launch " if c["fused"] or row["splits_run"] == 1 else "2 launches"
     if c["splits"] == 0:
