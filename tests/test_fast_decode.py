@@ -437,6 +437,21 @@ def test_prefill_chunk_positions_are_shared_by_the_layers_of_a_spec():
 
 
 @torch.no_grad()
+def test_ring_layers_of_a_spec_count_their_tokens_once():
+    """Layers of one Λ rule store the same tokens: they share one count on the device, which the last of them
+    advances, once per chunk and decode step rather than once per layer (a launch each)."""
+    model = tiny_model(num_hidden_layers=4)
+    layers = generate(model, "static", random_ids(23)).past_key_values.layers
+    assert all(layer.written is layers[0].written for layer in layers)
+    assert [layer.last_of_spec for layer in layers] == [False, False, False, True]
+    assert layers[0].written.item() == layers[0].cumulative_length == 23 + NEW - 1
+    # Interleaved rules (a local layer between two global ones): a count per rule.
+    specs = [LambdaSpec(G, W, W), LambdaSpec(0, 4, 4), LambdaSpec(G, W, W)]
+    ring = RingLambdaCache(specs, [Rotary(torch.ones(8), 1.0)] * 3, TORCH.rotate_stored, TORCH.write_ring_token)
+    assert [(layer.first_of_spec, layer.last_of_spec) for layer in ring.layers] == [(1, 0), (1, 1), (0, 1)]
+
+
+@torch.no_grad()
 def test_a_first_chunk_longer_than_the_window_finds_its_globals_next_to_the_sinks():
     """The ring's empty slots are left out of a prefill chunk's keys (LambdaCache's layout), so a first chunk
     longer than the window has its global tokens right after the sink slots: flash-attention's global part

@@ -37,6 +37,9 @@ class RingLambdaCacheLayer(LambdaCacheLayer):
     def __init__(self, spec: LambdaSpec, owner: RingLambdaCache, rotary: Rotary):
         super().__init__(spec, owner)
         self.rotary = rotary
+        # Layers of one spec store the same tokens, so they share one count of them (`written`): the first
+        # of them makes it, the last advances it, once per step rather than once per layer.
+        self.first_of_spec = self.last_of_spec = True
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, _, dim = key_states.shape
@@ -47,7 +50,9 @@ class RingLambdaCacheLayer(LambdaCacheLayer):
         self.slot_positions = torch.arange(g + w, device=self.device).repeat(batch, 1)  # ring slots: set when written
         self.slot_valid = torch.zeros(batch, g + w, dtype=torch.bool, device=self.device)
         # Tokens written so far, on the device: a captured step reads and advances it without the host.
-        self.written = torch.zeros((), dtype=torch.long, device=self.device)
+        if self.first_of_spec or self.spec not in self.owner.written:
+            self.owner.written[self.spec] = torch.zeros((), dtype=torch.long, device=self.device)
+        self.written = self.owner.written[self.spec]
         self.sink_slots = torch.arange(g, device=self.device)
         self.ring_offsets = torch.arange(w, device=self.device)
         self.is_initialized = True
@@ -113,7 +118,7 @@ class RingLambdaCacheLayer(LambdaCacheLayer):
         g, w = self.spec.n_global, self.spec.window
         length = key_states.shape[-2]
         if length == 1 and self._write_token(key_states, value_states, step):
-            self.written += 1
+            self._advance(1)
             return
         is_sink = step.valid & (step.positions < g)
         if g:
@@ -126,7 +131,13 @@ class RingLambdaCacheLayer(LambdaCacheLayer):
         self.slot_positions.index_copy_(1, slots, step.positions[:, -kept:])
         # A sink lives in its own slot; valid in the ring too, it would be counted twice.
         self.slot_valid.index_copy_(1, slots, (step.valid & ~is_sink)[:, -kept:])
-        self.written += length
+        self._advance(length)
+
+    def _advance(self, length: int) -> None:
+        """Count `length` stored tokens, once for the layers of this spec: the layers before this one have
+        stored them at the count before."""
+        if self.last_of_spec:
+            self.written += length
 
     def _write_token(self, key_states: torch.Tensor, value_states: torch.Tensor, step: StepInfo) -> bool:
         """The backend's write of one token per row (one launch), where it takes these tensors."""
@@ -182,7 +193,13 @@ class RingLambdaCache(FixedShapeDecoding, LambdaCache):
         self.write_token = write_token
         # Per spec: the step, tokens stored before it, and `RingLambdaCacheLayer._unrolled`'s tensors for it.
         self.unrolled: dict[LambdaSpec, tuple] = {}
+        # Per spec: the tokens its layers have stored (`RingLambdaCacheLayer.written`), on the device.
+        self.written: dict[LambdaSpec, torch.Tensor] = {}
         super().__init__(specs)
 
     def make_layers(self, specs: list[LambdaSpec]) -> list[RingLambdaCacheLayer]:
-        return [self.layer_class(spec, self, rotary) for spec, rotary in zip(specs, self.rotaries, strict=True)]
+        layers = [self.layer_class(spec, self, rotary) for spec, rotary in zip(specs, self.rotaries, strict=True)]
+        for index, layer in enumerate(layers):
+            layer.first_of_spec = all(other.spec != layer.spec for other in layers[:index])
+            layer.last_of_spec = all(other.spec != layer.spec for other in layers[index + 1 :])
+        return layers
