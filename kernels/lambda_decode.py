@@ -106,6 +106,7 @@ def _lambda_decode_split(
     ROWS: tl.constexpr,
     MERGE: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr,
     CAPPED: tl.constexpr,
     SOFTCAP: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -146,7 +147,7 @@ def _lambda_decode_split(
     # fmt: off
     acc, m_i, l_i = _decode_tiles(acc, m_i, l_i, lo, split_at, K, V, KPOS, KVALID, sk_l, sv_l, skp_l, skv_l, TURNS,
                                   qp, q1, q2, qf1, qf2, n_global, window, rot_scale, scaling, softcap,
-                                  HALF, BLOCK_N, CAPPED, SOFTCAP, DOT_PREC, FIXED_ANGLES, False)
+                                  HALF, BLOCK_S, CAPPED, SOFTCAP, DOT_PREC, FIXED_ANGLES, False)
     acc, m_i, l_i = _decode_tiles(acc, m_i, l_i, split_at, hi, K, V, KPOS, KVALID, sk_l, sv_l, skp_l, skv_l, TURNS,
                                   qp, q1, q2, qf1, qf2, n_global, window, rot_scale, scaling, softcap,
                                   HALF, BLOCK_N, CAPPED, SOFTCAP, DOT_PREC, FIXED_ANGLES, True)
@@ -283,8 +284,9 @@ def _cos_sin_fixed(pos, turns_fixed):
 
 
 @triton.jit
-def _merge_splits(PART_O, PART_ML, pid_bh, splits, D: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr,
-                  MERGE: tl.constexpr):
+def _merge_splits(
+    PART_O, PART_ML, pid_bh, splits, D: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr, MERGE: tl.constexpr
+):
     """The first ROWS output rows (ROWS, D), float32, of one (batch, KV head)'s partial softmaxes.
 
     MERGE partials per load: their loads do not wait on each other, so the merge waits on L2 once per
@@ -304,7 +306,9 @@ def _merge_splits(PART_O, PART_ML, pid_bh, splits, D: tl.constexpr, BLOCK_M: tl.
         l_s = tl.load(ml + BLOCK_M, mask=split_ok[:, None], other=0.0, cache_modifier=".cg")
         o_rows = (part[:, None] * BLOCK_M + rows[None, :]) * D
         o_s = tl.load(
-            PART_O + o_rows[:, :, None] + offs_d[None, None, :], mask=split_ok[:, None, None], other=0.0,
+            PART_O + o_rows[:, :, None] + offs_d[None, None, :],
+            mask=split_ok[:, None, None],
+            other=0.0,
             cache_modifier=".cg",
         )
         m_new = tl.maximum(m, tl.max(m_s, 0))
@@ -373,7 +377,9 @@ def decode_plan(batch: int, kv_heads: int, k_len: int, device: torch.device, con
         config = DecodeConfig(32, 4, 1, 1, splits=3) if interpreting() else DECODE_CONFIG
     config = DecodeConfig(*config)
     if config.merge < 0 or config.merge & (config.merge - 1):
-        raise ValueError(f"DecodeConfig.merge={config.merge}: the merge loads a power of 2 of partials, or 0 (automatic)")
+        raise ValueError(
+            f"DecodeConfig.merge={config.merge}: the merge loads a power of 2 of partials, or 0 (automatic)"
+        )
     tiles = triton.cdiv(k_len, config.block_n)
     if config.splits > 0:
         splits = min(config.splits, tiles)
@@ -385,6 +391,13 @@ def decode_plan(batch: int, kv_heads: int, k_len: int, device: torch.device, con
         splits = max(1, min(wanted, triton.cdiv(tiles, config.min_tiles)))
     # Whole tiles per split; rounding up may leave fewer splits than asked for.
     return config, triton.cdiv(tiles, triton.cdiv(tiles, splits))
+
+
+def sink_block(block_n: int, rotated_from: int) -> int:
+    """Keys per tile of the un-rotated slots before `rotated_from` (a ring cache's sinks): about their count.
+    Rotating a full tile holds more values live than the rest of the kernel: at 64 keys ptxas spilled 464 bytes
+    of stack per thread (sm_90, Triton 3.9), at 16 none."""
+    return min(block_n, max(16, triton.next_power_of_2(rotated_from)))
 
 
 def _arrivals(device: torch.device, programs: int) -> torch.Tensor:
@@ -435,6 +448,7 @@ def lambda_decode(
     config, splits = decode_plan(batch, kv_heads, k_len, query.device, config)
     merge = config.merge or max(1, MERGE_ELEMENTS // (rows * dim))
     merge = min(merge, triton.next_power_of_2(splits))
+    block_s = config.block_n if rotated_from is None else sink_block(config.block_n, rotated_from)
     split_len = triton.cdiv(triton.cdiv(k_len, config.block_n), splits) * config.block_n
     mode = 1 if splits == 1 else 2 if config.fused else 0
     out = torch.empty(batch, q_len, q_heads, dim, dtype=query.dtype, device=query.device)
@@ -494,6 +508,7 @@ def lambda_decode(
         ROWS=rows,
         MERGE=merge,
         BLOCK_N=config.block_n,
+        BLOCK_S=block_s,
         CAPPED=capped,
         SOFTCAP=softcap is not None,
         DOT_PREC=dot_precision(query.dtype),

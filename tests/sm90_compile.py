@@ -30,7 +30,7 @@ def compile_in_subprocess(call: str) -> None:
 
 def compile_for_sm90(
     fn, flags: dict, pointers: dict[str, str], floats: tuple[str, ...], first_stride: str = "sq_b", **options
-) -> None:
+):
     """triton.compile `fn` for sm_90: `flags` as constexprs, the arguments before `first_stride` as pointers
     (`pointers` names their types, else *fp32), `floats` as fp32 and every other argument as i32."""
     import triton
@@ -47,7 +47,25 @@ def compile_for_sm90(
         else:
             signature[name] = "fp32" if name in floats else "i32"
     constants = {(fn.arg_names.index(name),): value for name, value in flags.items()}
-    triton.compile(ASTSource(fn, signature, constexprs=constants), target=GPUTarget("cuda", 90, 32), options=options)
+    return triton.compile(
+        ASTSource(fn, signature, constexprs=constants), target=GPUTarget("cuda", 90, 32), options=options
+    )
+
+
+def stack_bytes(compiled) -> int:
+    """The per-thread stack a compiled kernel's cubin reserves (where ptxas puts spilled registers), read by
+    Triton's own cuobjdump."""
+    import re
+    import tempfile
+
+    import triton
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        tool = Path(triton.backends.nvidia.__path__[0]) / "bin" / "cuobjdump"
+        usage = subprocess.run([str(tool), "-res-usage", cubin.name], capture_output=True, text=True, check=True)
+    return int(re.search(r"STACK:(\d+)", usage.stdout).group(1))
 
 
 def merge_variants(kernel: str) -> None:
@@ -76,18 +94,21 @@ def decode_variants() -> None:
     variants = [(True, True, False, 2, True), (True, False, True, 0, False), (False, True, True, 1, True)]
     variants.append((False, False, False, 2, False))
     for low, capped, softcap, mode, fixed in variants:
-        flags = dict(HALF=64, BLOCK_M=16, ROWS=4, MERGE=16, BLOCK_N=config.block_n, CAPPED=capped, SOFTCAP=softcap)
-        flags.update(MODE=mode)
-        flags.update(DOT_PREC="tf32" if low else "ieee", FIXED_ANGLES=fixed)
+        flags = dict(HALF=64, BLOCK_M=16, ROWS=4, MERGE=16, BLOCK_N=config.block_n)
+        flags["BLOCK_S"] = lambda_decode.sink_block(config.block_n, 10)  # lm-infinite's 10 sinks
+        flags.update(CAPPED=capped, SOFTCAP=softcap, MODE=mode, DOT_PREC="tf32" if low else "ieee", FIXED_ANGLES=fixed)
         half = "*bf16" if low else "*fp32"
         types = {**pointers, "Q": half, "K": half, "V": half, "OUT": half}
         try:
-            compile_for_sm90(
+            compiled = compile_for_sm90(
                 lambda_decode._lambda_decode_split, flags, types, ("rot_scale", "scaling", "softcap"),
                 num_warps=config.warps, num_stages=config.stages,
             )  # fmt: skip
         except Exception as exc:
             raise AssertionError(f"decode with {flags}") from exc
+        if (low, capped, softcap, mode, fixed) == variants[0]:
+            # The step's kernel runs from registers alone: the sinks' own tiles (BLOCK_S) keep ptxas from spilling.
+            assert stack_bytes(compiled) == 0, f"decode with {flags} spills: {stack_bytes(compiled)} bytes of stack"
 
 
 def ring_write_variants() -> None:
