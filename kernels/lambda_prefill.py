@@ -150,8 +150,8 @@ def _lambda_fwd(
     Q, KN, KF, V, OUT, LSE, QPOS, KPOS, KVALID, BOUNDS, PREFIX, TURNS,
     sq_b, sq_h, sq_l, skf_b, skf_h, skf_l, sv_b, sv_h, sv_l, sqp_b, skp_b, skv_b,
     Hq, Lq, Lk, group, n_global, window, far_pos, rot_scale, scaling, softcap,
-    HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAPPED: tl.constexpr, SOFTCAP: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, CAPPED: tl.constexpr,
+    SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -186,7 +186,7 @@ def _lambda_fwd(
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc, m_i, l_i = _fwd_blocks(
         acc, m_i, l_i, q1, q2, qf1, qf2, qp, q_slot, q_lo, q_hi, KN, KF, V, KPOS, KVALID, BOUNDS, skf_l, sv_l,
-        0, tl.minimum(prefix, s1), n_global, window, scaling, softcap, HALF, BLOCK_N, True, CAPPED, SOFTCAP, DOT_PREC,
+        0, tl.minimum(prefix, s1), n_global, window, scaling, softcap, HALF, BLOCK_P, True, CAPPED, SOFTCAP, DOT_PREC,
     )  # fmt: skip
     acc, m_i, l_i = _fwd_blocks(
         acc, m_i, l_i, q1, q2, qf1, qf2, qp, q_slot, q_lo, q_hi, KN, KF, V, KPOS, KVALID, BOUNDS, skf_l, sv_l,
@@ -570,6 +570,14 @@ def kernel_config(name: str, dim: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
 
 
+def prefix_block(block_n: int, prefix: int) -> int:
+    """Keys per tile of the forward's prefix loop over the slots that hold global keys (`prefix` expected:
+    n_global, unless padding or the caller puts them further in; a longer prefix takes more tiles).
+    Scoring a full tile at both distances holds more values live than the window's loop: at 64 keys ptxas
+    spilled 200 bytes of stack per thread (sm_90, Triton 3.9, bf16, head dim 128), at 16 none."""
+    return min(block_n, max(16, triton.next_power_of_2(prefix)))
+
+
 def prefill_forward(q, k, v, qpos, kpos, kvalid, spec, rotary, scaling, softcap, need_lse, far_slots=None):
     """The forward kernel: output (B, Lq, Hq, D), its base-2 log-sum-exp (B, Hq, Lq) if need_lse, and P.
 
@@ -590,12 +598,13 @@ def prefill_forward(q, k, v, qpos, kpos, kvalid, spec, rotary, scaling, softcap,
     lse = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=q.device) if need_lse else None
     config = kernel_config("fwd", dim, q.dtype)
     bounds = block_bounds(kpos, kvalid, config["BLOCK_N"])
+    block_p = prefix_block(config["BLOCK_N"], spec.n_global if far_slots is None else far_slots)
     _lambda_fwd[(triton.cdiv(q_len, config["BLOCK_M"]), batch * q_heads)](
         q, kn, k, v, out, lse, qpos, kpos, kvalid.view(torch.uint8), bounds, prefix, turns,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], qpos.stride(0), kpos.stride(0), kvalid.stride(0),
         q_heads, q_len, k.shape[2], q_heads // k.shape[1], spec.n_global, spec.window, far_pos, rotary.scale, scaling,
-        softcap or 0.0, HALF=dim // 2, CAPPED=capped, SOFTCAP=softcap is not None, DOT_PREC=dot_precision(q.dtype),
-        **config,
+        softcap or 0.0, HALF=dim // 2, BLOCK_P=block_p, CAPPED=capped, SOFTCAP=softcap is not None,
+        DOT_PREC=dot_precision(q.dtype), **config,
     )  # fmt: skip
     return out, lse, prefix
 

@@ -111,6 +111,30 @@ def decode_variants() -> None:
             assert stack_bytes(compiled) == 0, f"decode with {flags} spills: {stack_bytes(compiled)} bytes of stack"
 
 
+def prefill_forward_variants() -> None:
+    """The prefill's forward kernel as a bf16 prefill of head dim 128 launches it, both far rules: it compiles,
+    and runs from registers alone (its prefix tiles, BLOCK_P, sized to lm-infinite's 10 global tokens)."""
+    import torch
+
+    from lcpatch.kernels import lambda_prefill
+
+    config = lambda_prefill.kernel_config("fwd", 128, torch.bfloat16)
+    warps, stages = config.pop("num_warps"), config.pop("num_stages")
+    pointers = {"QPOS": "*i64", "KPOS": "*i64", "KVALID": "*u8", "BOUNDS": "*i32", "PREFIX": "*i32", "TURNS": "*fp64"}
+    pointers.update({name: "*bf16" for name in ("Q", "KN", "KF", "V", "OUT")})
+    for capped in (True, False):
+        flags = dict(HALF=64, BLOCK_P=lambda_prefill.prefix_block(config["BLOCK_N"], 10), CAPPED=capped, **config)
+        flags.update(SOFTCAP=False, DOT_PREC="tf32")
+        try:
+            compiled = compile_for_sm90(
+                lambda_prefill._lambda_fwd, flags, pointers, ("far_pos", "rot_scale", "scaling", "softcap"),
+                num_warps=warps, num_stages=stages,
+            )  # fmt: skip
+        except Exception as exc:
+            raise AssertionError(f"prefill forward with {flags}") from exc
+        assert stack_bytes(compiled) == 0, f"prefill forward with {flags} spills: {stack_bytes(compiled)} bytes"
+
+
 def ring_write_variants() -> None:
     from lcpatch.kernels import ring_write
 

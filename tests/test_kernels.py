@@ -30,6 +30,7 @@ from lambda_cases import (
     run_prefill,
     stream_positions,
 )
+from sm90_compile import compile_in_subprocess
 
 from lcpatch.attention.backends import TRITON as kernels
 from lcpatch.kernels.lambda_reference import lambda_attention_reference
@@ -100,3 +101,7 @@ def test_unsupported_falls_back_with_one_warning():
     assert sum("head dims" in str(w.message) for w in caught) == 1
     ref = lambda_attention_reference(q, k, v, k_pos, k_pos, valid, case.spec, rotary(96), 96**-0.5)
     torch.testing.assert_close(out, ref)
+
+
+def test_prefill_forward_compiles_for_hopper_without_spilling():
+    compile_in_subprocess("prefill_forward_variants()")
