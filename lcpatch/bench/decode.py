@@ -101,6 +101,9 @@ def run_method(method: str, model, ids: torch.Tensor, args, fast_mode: str) -> d
         from transformers import CompileConfig
 
         kwargs = dict(cache_implementation="static", compile_config=CompileConfig(mode="reduce-overhead"))
+        # Each cell compiles for its own shapes, as in a fresh process: after another batch size dynamo gives
+        # shape-generic code, which halved hf-compile's speed at batch 1 after batch 8 (H100, 2026-12-07).
+        torch._dynamo.reset()
         start = time.perf_counter()
         measure(model, None, ids, args.new_tokens, **kwargs)  # compiles for these shapes
         return {"compile_call_s": time.perf_counter() - start} | measure(model, None, ids, args.new_tokens, **kwargs)
