@@ -570,12 +570,13 @@ def kernel_config(name: str, dim: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
 
 
-def prefix_block(block_n: int, prefix: int) -> int:
-    """Keys per tile of the forward's prefix loop over the slots that hold global keys (`prefix` expected:
-    n_global, unless padding or the caller puts them further in; a longer prefix takes more tiles).
-    Scoring a full tile at both distances holds more values live than the window's loop: at 64 keys ptxas
-    spilled 200 bytes of stack per thread (sm_90, Triton 3.9, bf16, head dim 128), at 16 none."""
-    return min(block_n, max(16, triton.next_power_of_2(prefix)))
+def leading_block(block_n: int, slots: int) -> int:
+    """Keys per tile for a short leading run of `slots` key slots scored under the whole Λ rule (both distances,
+    keys rotated in the kernel): the prefill's prefix of global keys, the decode kernel's un-rotated sinks. About
+    their count, so a run longer than expected (padding before the globals) takes more tiles. Scoring a full tile
+    so holds more values live than the rest of either kernel: at 64 keys ptxas spilled 200 (prefill) and 464
+    (decode) bytes of stack per thread (sm_90, Triton 3.9, bf16, head dim 128), at 16 none."""
+    return min(block_n, max(16, triton.next_power_of_2(slots)))
 
 
 def prefill_forward(q, k, v, qpos, kpos, kvalid, spec, rotary, scaling, softcap, need_lse, far_slots=None):
@@ -598,7 +599,7 @@ def prefill_forward(q, k, v, qpos, kpos, kvalid, spec, rotary, scaling, softcap,
     lse = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=q.device) if need_lse else None
     config = kernel_config("fwd", dim, q.dtype)
     bounds = block_bounds(kpos, kvalid, config["BLOCK_N"])
-    block_p = prefix_block(config["BLOCK_N"], spec.n_global if far_slots is None else far_slots)
+    block_p = leading_block(config["BLOCK_N"], spec.n_global if far_slots is None else far_slots)
     _lambda_fwd[(triton.cdiv(q_len, config["BLOCK_M"]), batch * q_heads)](
         q, kn, k, v, out, lse, qpos, kpos, kvalid.view(torch.uint8), bounds, prefix, turns,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], qpos.stride(0), kpos.stride(0), kvalid.stride(0),

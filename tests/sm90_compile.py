@@ -85,7 +85,7 @@ def merge_variants(kernel: str) -> None:
 
 
 def decode_variants() -> None:
-    from lcpatch.kernels import lambda_decode
+    from lcpatch.kernels import lambda_decode, lambda_prefill
 
     config = lambda_decode.DECODE_CONFIG
     pointers = {"QPOS": "*i64", "KPOS": "*i64", "KVALID": "*u8", "TURNS": "*fp64", "ARRIVALS": "*i32"}
@@ -95,7 +95,7 @@ def decode_variants() -> None:
     variants.append((False, False, False, 2, False))
     for low, capped, softcap, mode, fixed in variants:
         flags = dict(HALF=64, BLOCK_M=16, ROWS=4, MERGE=16, BLOCK_N=config.block_n)
-        flags["BLOCK_S"] = lambda_decode.sink_block(config.block_n, 10)  # lm-infinite's 10 sinks
+        flags["BLOCK_S"] = lambda_prefill.leading_block(config.block_n, 10)  # lm-infinite's 10 sinks
         flags.update(CAPPED=capped, SOFTCAP=softcap, MODE=mode, DOT_PREC="tf32" if low else "ieee", FIXED_ANGLES=fixed)
         half = "*bf16" if low else "*fp32"
         types = {**pointers, "Q": half, "K": half, "V": half, "OUT": half}
@@ -123,7 +123,7 @@ def prefill_forward_variants() -> None:
     pointers = {"QPOS": "*i64", "KPOS": "*i64", "KVALID": "*u8", "BOUNDS": "*i32", "PREFIX": "*i32", "TURNS": "*fp64"}
     pointers.update({name: "*bf16" for name in ("Q", "KN", "KF", "V", "OUT")})
     for capped in (True, False):
-        flags = dict(HALF=64, BLOCK_P=lambda_prefill.prefix_block(config["BLOCK_N"], 10), CAPPED=capped, **config)
+        flags = dict(HALF=64, BLOCK_P=lambda_prefill.leading_block(config["BLOCK_N"], 10), CAPPED=capped, **config)
         flags.update(SOFTCAP=False, DOT_PREC="tf32")
         try:
             compiled = compile_for_sm90(

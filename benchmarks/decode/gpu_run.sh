@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Issue 19's figures in two device calls, from a copy of the repository (without lcpatch/ and kernels/) with
-# the lcpatch wheel on PYTHONPATH, as benchmarks/infllm-prefill/README.md sets it up. Writes under $OUT, at
-# most 8 files a call (what a device call brings back).
+# Issue 19's figures in device calls of under ten minutes each, from a copy of the repository (without
+# lcpatch/ and kernels/) with the lcpatch wheel on PYTHONPATH, as benchmarks/infllm-prefill/README.md sets it
+# up. Writes under $OUT, at most 8 files a call (what a device call brings back).
 #   bash benchmarks/decode/gpu_run.sh kernels  # the Λ decode kernel's sweep, one step's profile, the Triton prefill; ~9 min
 #   bash benchmarks/decode/gpu_run.sh flash    # with flash-attn-4 on PYTHONPATH: lcpatch bench decode (backend auto,
 #                                              # so flash prefill), streaming-llm, the flash prefill cells; ~9 min
