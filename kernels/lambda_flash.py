@@ -288,14 +288,57 @@ def _block_sees_globals(QPOS, qp_row, start, Lq, window, first_global, last_outs
 
 
 @triton.jit
-def _merge_fwd(
-    Q, QPOS, TURNS, OUT, LSE, GK, GKN, GV, GPOS, GNEAR,
-    sq_b, sq_h, sq_l, sqp_b, so_b, so_l, so_h, sg_b, sg_h, sgp_b,
-    Hq, group, Lq, P, window, far_pos, first_global, last_outside, q_scale,
+def _score_fwd(
+    Q, QPOS, TURNS, QROT, S, GK, GKN, GV, GPOS, GNEAR,
+    sq_b, sq_h, sq_l, sqp_b, sr_b, sr_l, sr_h, sg_b, sg_h, sgp_b,
+    Hq, group, Lq, P, window, far_pos, first_global, last_outside, q_scale, rot_scale,
     HALF: tl.constexpr, BLOCK_M: tl.constexpr, CAPPED: tl.constexpr, HAS_NEAR: tl.constexpr,
     P_PAD: tl.constexpr, LOW: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """OUT and LSE hold the window part and become the merged attention: each program reads its rows first."""
+    """Before flash-attention: q rotated at its positions (QROT, what flash-attention reads) and, on blocks
+    that see a global key, the global part's scores S (B·Hq, Lq, P), -inf where a row does not see a key.
+    Scoring here, where q is read anyway, leaves the merge only flash-attention's output to read."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    hk = h // group
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ok = rows < Lq
+    offs_h = tl.arange(0, HALF)
+    qpos = tl.load(QPOS + b.to(tl.int64) * sqp_b + rows, mask=ok, other=0)
+    q_rows = b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h + rows.to(tl.int64) * sq_l
+    r1, r2, r_cos, r_sin = _rotated_query(Q, TURNS, q_rows, ok, qpos, rot_scale, HALF, False)
+    r_off = b.to(tl.int64) * sr_b + rows[:, None].to(tl.int64) * sr_l + h.to(tl.int64) * sr_h + offs_h[None, :]
+    tl.store(QROT + r_off, r1.to(QROT.dtype.element_ty), mask=ok[:, None])
+    tl.store(QROT + r_off + HALF, r2.to(QROT.dtype.element_ty), mask=ok[:, None])
+    if _block_sees_globals(
+        QPOS, b.to(tl.int64) * sqp_b, pid_m * BLOCK_M, Lq, window, first_global, last_outside, BLOCK_M
+    ):
+        if CAPPED:  # one far position for every row: one cos/sin per frequency
+            fpos = tl.full([1], far_pos, tl.int32)
+        else:
+            fpos = tl.minimum(qpos, far_pos)
+        part = _global_part(
+            Q, TURNS, GK, GKN, GV, GPOS, GNEAR, q_rows, ok, qpos, fpos, b.to(tl.int64) * sg_b + hk.to(tl.int64) * sg_h,
+            b.to(tl.int64) * sgp_b, P, window, q_scale, HALF, P_PAD, HAS_NEAR, LOW, PRECISION,
+        )  # fmt: skip
+        s_far = part[6]
+        if HAS_NEAR:  # a key is seen far or near, never both: one score per key
+            s_far = tl.where(s_far == float("-inf"), part[13], s_far)
+        offs_p = tl.arange(0, P_PAD)
+        s_ptr = S + (pid_bh.to(tl.int64) * Lq + rows[:, None]) * P + offs_p[None, :]
+        tl.store(s_ptr, s_far, mask=ok[:, None] & (offs_p < P)[None, :])
+
+
+@triton.jit
+def _merge_fwd(
+    S, QPOS, OUT, LSE, GV, sqp_b, so_b, so_l, so_h, sg_b, sg_h,
+    Hq, group, Lq, P, window, first_global, last_outside,
+    HALF: tl.constexpr, BLOCK_M: tl.constexpr, P_PAD: tl.constexpr, LOW: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """OUT and LSE hold the window part and become the merged attention, with the global part's scores S
+    (`_score_fwd`) and values: each program reads its rows first."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hq
@@ -307,29 +350,21 @@ def _merge_fwd(
         QPOS, b.to(tl.int64) * sqp_b, pid_m * BLOCK_M, Lq, window, first_global, last_outside, BLOCK_M
     ):
         offs_d = tl.arange(0, 2 * HALF)
+        offs_p = tl.arange(0, P_PAD)
         row_off = b.to(tl.int64) * so_b + rows[:, None].to(tl.int64) * so_l + h.to(tl.int64) * so_h + offs_d[None, :]
         lse_ptr = pid_bh.to(tl.int64) * Lq + rows
         lse_w = tl.load(LSE + lse_ptr, mask=ok, other=0.0)
-        qpos = tl.load(QPOS + b.to(tl.int64) * sqp_b + rows, mask=ok, other=0)
-        q_rows = b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h + rows.to(tl.int64) * sq_l
-        if CAPPED:  # one far position for every row: one cos/sin per frequency
-            fpos = tl.full([1], far_pos, tl.int32)
-        else:
-            fpos = tl.minimum(qpos, far_pos)
-        _, _, _, _, _, _, s_far, _, _, _, _, _, _, s_near, v = _global_part(
-            Q, TURNS, GK, GKN, GV, GPOS, GNEAR, q_rows, ok, qpos, fpos, b.to(tl.int64) * sg_b + hk.to(tl.int64) * sg_h,
-            b.to(tl.int64) * sgp_b, P, window, q_scale, HALF, P_PAD, HAS_NEAR, LOW, PRECISION,
-        )  # fmt: skip
-        m = tl.maximum(lse_w, tl.max(s_far, 1))
-        if HAS_NEAR:
-            m = tl.maximum(m, tl.max(s_near, 1))
-        p = tl.exp(s_far - m[:, None])
+        live = (offs_p < P)[None, :]
+        s_ptr = S + (pid_bh.to(tl.int64) * Lq + rows[:, None]) * P + offs_p[None, :]
+        s = tl.load(s_ptr, mask=ok[:, None] & live, other=float("-inf"))
+        g_base = b.to(tl.int64) * sg_b + hk.to(tl.int64) * sg_h
+        v = tl.load(GV + g_base + offs_p[:, None] * (2 * HALF) + offs_d[None, :], mask=tl.trans(live), other=0.0)
+        if LOW:
+            v = v.to(OUT.dtype.element_ty)
+        m = tl.maximum(lse_w, tl.max(s, 1))
+        p = tl.exp(s - m[:, None])
         window_weight = tl.exp(lse_w - m)
         total = window_weight + tl.sum(p, 1)
-        if HAS_NEAR:
-            p_near = tl.exp(s_near - m[:, None])
-            total += tl.sum(p_near, 1)
-            p += p_near  # a key is seen far or near, never both: one weight per key
         acc = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         o_w = tl.load(OUT + row_off, mask=ok[:, None], other=0.0).to(tl.float32)
         out = (window_weight[:, None] * o_w + acc) / total[:, None]
@@ -339,13 +374,18 @@ def _merge_fwd(
 
 @triton.jit
 def _merge_bwd(
-    Q, QPOS, TURNS, OUT, LSE, DOUT, GK, GKN, GV, GPOS, GNEAR, DQ, DGK, DGKN, DGV,
-    sq_b, sq_h, sq_l, sqp_b, so_b, so_l, so_h, sdo_b, sdo_l, sdo_h, sdq_b, sdq_h, sdq_l, sg_b, sg_h, sgp_b,
-    Hq, group, Lq, P, window, far_pos, first_global, last_outside, q_scale, n_blocks, blocks_per_program,
+    Q, QPOS, TURNS, OUT, LSE, DOUT, DQW, GK, GKN, GV, GPOS, GNEAR, DQ, DGK, DGKN, DGV,
+    sq_b, sq_h, sq_l, sqp_b, so_b, so_l, so_h, sdo_b, sdo_l, sdo_h, sdw_b, sdw_l, sdw_h, sdq_b, sdq_h, sdq_l,
+    sg_b, sg_h, sgp_b,
+    Hq, group, Lq, P, window, far_pos, first_global, last_outside, q_scale, rot_scale, n_blocks, blocks_per_program,
     HALF: tl.constexpr, BLOCK_M: tl.constexpr, CAPPED: tl.constexpr, HAS_NEAR: tl.constexpr,
     P_PAD: tl.constexpr, LOW: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """The global part's gradients: dq (zero on rows that see no global key) and the keys' and values'.
+    """The un-rotated query's whole gradient DQ: flash-attention's DQW (the rotated query's, the window part)
+    rotated back, plus the global part's; and the global keys' and values' gradients.
+
+    Reading DQW here, rather than rotating it back in a kernel of its own that adds this one's dq, saves
+    writing and reading a query-sized tensor.
 
     A program takes `blocks_per_program` consecutive row blocks of one (b, h) and adds the keys' gradients
     over them in registers; DGK/DGKN/DGV are each program's sums (n_programs, B·Hq, P, D), reduced on the
@@ -369,6 +409,17 @@ def _merge_bwd(
         rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)
         ok = rows < Lq
         dq_off = b.to(tl.int64) * sdq_b + h.to(tl.int64) * sdq_h + rows[:, None].to(tl.int64) * sdq_l + offs_h[None, :]
+        dw_off = b.to(tl.int64) * sdw_b + rows[:, None].to(tl.int64) * sdw_l + h.to(tl.int64) * sdw_h + offs_h[None, :]
+        qpos = tl.load(QPOS + b.to(tl.int64) * sqp_b + rows, mask=ok, other=0)
+        w_cos, w_sin = cos_sin(qpos, TURNS, HALF)
+        dq1, dq2 = rotate(
+            tl.load(DQW + dw_off, mask=ok[:, None], other=0.0).to(tl.float32),
+            tl.load(DQW + dw_off + HALF, mask=ok[:, None], other=0.0).to(tl.float32),
+            w_cos,
+            -w_sin,
+        )
+        dq1 *= rot_scale
+        dq2 *= rot_scale
         if _block_sees_globals(
             QPOS, b.to(tl.int64) * sqp_b, blk * BLOCK_M, Lq, window, first_global, last_outside, BLOCK_M
         ):
@@ -382,7 +433,6 @@ def _merge_bwd(
             out = tl.load(OUT + row_off, mask=ok[:, None], other=0.0)
             delta = tl.sum(dout.to(tl.float32) * out.to(tl.float32), 1)
             lse = tl.load(LSE + pid_bh.to(tl.int64) * Lq + rows, mask=ok, other=0.0)
-            qpos = tl.load(QPOS + b.to(tl.int64) * sqp_b + rows, mask=ok, other=0)
             q_rows = b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h + rows.to(tl.int64) * sq_l
             if CAPPED:
                 fpos = tl.full([1], far_pos, tl.int32)
@@ -405,11 +455,10 @@ def _merge_bwd(
                 df2 += dn2
                 p += p_near
             dgv = tl.dot(tl.trans(p.to(v.dtype)), dout, dgv, input_precision=PRECISION)
-            tl.store(DQ + dq_off, (df1 * q_scale).to(DQ.dtype.element_ty), mask=ok[:, None])
-            tl.store(DQ + dq_off + HALF, (df2 * q_scale).to(DQ.dtype.element_ty), mask=ok[:, None])
-        else:
-            tl.store(DQ + dq_off, tl.zeros([BLOCK_M, HALF], DQ.dtype.element_ty), mask=ok[:, None])
-            tl.store(DQ + dq_off + HALF, tl.zeros([BLOCK_M, HALF], DQ.dtype.element_ty), mask=ok[:, None])
+            dq1 += df1 * q_scale
+            dq2 += df2 * q_scale
+        tl.store(DQ + dq_off, dq1.to(DQ.dtype.element_ty), mask=ok[:, None])
+        tl.store(DQ + dq_off + HALF, dq2.to(DQ.dtype.element_ty), mask=ok[:, None])
     part = (pid_s.to(tl.int64) * tl.num_programs(1) + pid_bh) * P * 2 * HALF + offs_p[:, None] * (2 * HALF)
     live = (offs_p < P)[:, None]
     tl.store(DGK + part + offs_h[None, :], dgk1, mask=live)
@@ -448,9 +497,10 @@ def global_keys(key, value, key_positions, key_valid, keys: Layout, spec: Lambda
     )
 
 
-# (query rows, warps) per program of the merge kernels on a GPU, the fastest of `benchmarks/attention/
-# merge_sweep.py` on an H100 for both (at 128k: forward 1.11 ms, backward 2.02 ms; 32 x 8: 1.73, 3.70 ms).
-MERGE_TILES = {"forward": (64, 4), "backward": (64, 4)}
+# (query rows, warps) per program of the merge kernels on a GPU: the largest tiles that Triton 3.9 compiles for
+# sm_90 without spilling registers in a bf16 prefill (64 x 4 spilled 136 bytes in the forward, 992 in the
+# backward); `tests/sm90_compile.py` checks it, `benchmarks/attention/merge_sweep.py` times the others.
+MERGE_TILES = {"score": (64, 8), "forward": (64, 8), "backward": (32, 8)}
 
 
 class _Merge(NamedTuple):
@@ -463,46 +513,70 @@ class _Merge(NamedTuple):
     flags: dict
 
 
-def _merge_args(
-    query, query_positions, out, g: GlobalKeys, keys: Layout, spec, rotary: Rotary, scaling, rows
-) -> _Merge:
-    capped, far_pos = far_rule(spec)
-    batch, q_heads, q_len, dim = query.shape
-    strides = (*query.stride()[:3], query_positions.stride(0), out.stride(0), out.stride(1), out.stride(2))
-    sizes = (q_heads, q_heads // g.far_keys.shape[1], q_len, keys.prefix, spec.window, far_pos)
-    sizes += (keys.first_global, keys.last_outside, rotary.scale * scaling)
-    flags = dict(
-        HALF=dim // 2,
+def _flags(dtype: torch.dtype, keys: Layout, spec: LambdaSpec, rows: int) -> dict:
+    """The merge kernels' constexprs."""
+    return dict(
+        HALF=None,  # set by the caller, from the head size
         BLOCK_M=16 if interpreting() else rows,
-        CAPPED=capped,
-        HAS_NEAR=sees_near(keys, spec),
         P_PAD=max(16, triton.next_power_of_2(keys.prefix)),  # every global key in one tensor-core tile
         # the products in q's dtype, as flash-attention's; not under the interpreter, which multiplies
         # bfloat16 tiles wrongly (Triton 3.9)
-        LOW=query.dtype != torch.float32 and not interpreting(),
-        PRECISION=dot_precision(query.dtype),
+        LOW=dtype != torch.float32 and not interpreting(),
+        PRECISION=dot_precision(dtype),
     )
+
+
+def _merge_args(query, query_positions, g: GlobalKeys, keys: Layout, spec, rotary: Rotary, scaling, rows) -> _Merge:
+    """What the kernels that score q against the global keys take (`_score_fwd`, `_merge_bwd`)."""
+    capped, far_pos = far_rule(spec)
+    batch, q_heads, q_len, dim = query.shape
+    sizes = (q_heads, q_heads // g.far_keys.shape[1], q_len, keys.prefix, spec.window, far_pos)
+    sizes += (keys.first_global, keys.last_outside, rotary.scale * scaling)
+    flags = _flags(query.dtype, keys, spec, rows) | dict(HALF=dim // 2, CAPPED=capped, HAS_NEAR=sees_near(keys, spec))
     return _Merge(
         (query, query_positions, frequency_turns(rotary.inv_freq, query.device)),
-        strides,
+        (*query.stride()[:3], query_positions.stride(0)),
         (g.far_keys.stride(0), g.far_keys.stride(1), g.far_positions.stride(0)),
         sizes,
         flags,
     )
 
 
-def merge_forward(query, query_positions, out, lse, g: GlobalKeys, keys, spec, rotary, scaling) -> None:
-    """Merges the global part into flash-attention's `out` (B, Lq, Hq, D) and `lse` (B, Hq, Lq), in place."""
+def score_forward(query, query_positions, g: GlobalKeys, keys, spec, rotary, scaling):
+    """q rotated at its positions, (B, Lq, Hq, D) contiguous as flash-attention reads it, and the global
+    part's scores (B·Hq, Lq, P) float32 (written on the row blocks that see a global key)."""
+    rows, warps = MERGE_TILES["score"]
+    batch, q_heads, q_len, dim = query.shape
+    a = _merge_args(query, query_positions, g, keys, spec, rotary, scaling, rows)
+    q_rot = query.new_empty(batch, q_len, q_heads, dim)
+    scores = query.new_empty(batch * q_heads, q_len, keys.prefix, dtype=torch.float32)
+    grid = (triton.cdiv(q_len, a.flags["BLOCK_M"]), batch * q_heads)
+    _score_fwd[grid](
+        *a.tensors, q_rot, scores, *g, *a.strides, q_rot.stride(0), q_rot.stride(1), q_rot.stride(2), *a.g_strides,
+        *a.sizes, rotary.scale, **a.flags, num_warps=warps,
+    )  # fmt: skip
+    return q_rot, scores
+
+
+def merge_forward(scores, query_positions, out, lse, g: GlobalKeys, keys, spec) -> None:
+    """Merges the global part (its `scores` from `score_forward`) into flash-attention's `out` (B, Lq, Hq, D)
+    and `lse` (B, Hq, Lq), in place."""
     rows, warps = MERGE_TILES["forward"]
-    a = _merge_args(query, query_positions, out, g, keys, spec, rotary, scaling, rows)
-    grid = (triton.cdiv(query.shape[2], a.flags["BLOCK_M"]), query.shape[0] * query.shape[1])
-    _merge_fwd[grid](*a.tensors, out, lse, *g, *a.strides, *a.g_strides, *a.sizes, **a.flags, num_warps=warps)
+    batch, q_len, q_heads, dim = out.shape
+    flags = _flags(out.dtype, keys, spec, rows) | dict(HALF=dim // 2)
+    grid = (triton.cdiv(q_len, flags["BLOCK_M"]), batch * q_heads)
+    _merge_fwd[grid](
+        scores, query_positions, out, lse, g.values, query_positions.stride(0), *out.stride()[:3],
+        *g.values.stride()[:2], q_heads, q_heads // g.values.shape[1], q_len, keys.prefix, spec.window,
+        keys.first_global, keys.last_outside, **flags, num_warps=warps,
+    )  # fmt: skip
 
 
-def merge_backward(query, query_positions, out, lse, dout, g: GlobalKeys, keys, spec, rotary, scaling):
-    """The global part's gradients: dq (like query) and the global keys' (far, near) and values'."""
+def merge_backward(query, query_positions, out, lse, dout, dq_window, g: GlobalKeys, keys, spec, rotary, scaling):
+    """The un-rotated query's gradient (like query), from flash-attention's `dq_window` (B, Lq, Hq, D) of the
+    rotated query and the global part's; and the global keys' (far, near) and values' gradients."""
     rows, warps = MERGE_TILES["backward"]
-    a = _merge_args(query, query_positions, out, g, keys, spec, rotary, scaling, rows)
+    a = _merge_args(query, query_positions, g, keys, spec, rotary, scaling, rows)
     batch, q_heads, q_len, _ = query.shape
     n_blocks = triton.cdiv(q_len, a.flags["BLOCK_M"])
     # a few waves of programs, each adding the keys' gradients over a run of blocks
@@ -515,8 +589,10 @@ def merge_backward(query, query_positions, out, lse, dout, g: GlobalKeys, keys, 
     d_far, d_values = (query.new_empty(sums, dtype=torch.float32) for _ in range(2))
     d_near = query.new_empty(sums if a.flags["HAS_NEAR"] else (1,), dtype=torch.float32)
     _merge_bwd[grid](
-        *a.tensors, out, lse, dout, *g, dq, d_far, d_near, d_values, *a.strides, *dout.stride()[:3],
-        *dq.stride()[:3], *a.g_strides, *a.sizes, n_blocks, per_program, **a.flags, num_warps=warps,
+        *a.tensors, out, lse, dout, dq_window, *g, dq, d_far, d_near, d_values, *a.strides, *out.stride()[:3],
+        *dout.stride()[:3],
+        *dq_window.stride()[:3], *dq.stride()[:3], *a.g_strides, *a.sizes, rotary.scale, n_blocks, per_program,
+        **a.flags, num_warps=warps,
     )  # fmt: skip
     d_near = d_near.sum((0, 3)) if a.flags["HAS_NEAR"] else torch.zeros_like(g.near_keys)
     return dq, d_far.sum((0, 3)), d_near, d_values.sum((0, 3))
@@ -530,7 +606,7 @@ class PendingGradient:
 
 
 class _Rotate(torch.autograd.Function):
-    """q or k (B, H, L, D) rotated at its positions, as (B, L, H, D) contiguous: what flash-attention reads.
+    """k (B, H, L, D) rotated at its positions, as (B, L, H, D) contiguous: what flash-attention reads.
     Backward: the gradient rotated back, plus `pending` (the merge's gradient of the same input)."""
 
     @staticmethod
@@ -545,7 +621,7 @@ class _Rotate(torch.autograd.Function):
         positions, turns = ctx.saved_tensors
         (grad,) = unit_last(grad)
         grad = grad.transpose(1, 2)
-        add = ctx.pending.value if ctx.pending is not None else None
+        add = ctx.pending.value
         whole = add is not None and add.shape == grad.shape
         dx, _ = rope(grad, positions, turns, ctx.scale, seq_major=True, inverse=True, add=add if whole else None)
         if add is not None and not whole:
@@ -566,37 +642,45 @@ def _slots_gradient(window_part, prefix_part, shape: torch.Size, tail: int) -> t
 
 
 class _LambdaFlash(torch.autograd.Function):
-    """The window part and the merge, differentiable. The global part's gradients of q and (in a prefill)
-    of the keys go to `q_grad` and `k_grad` (`PendingGradient`s), which their rotations add to their own
-    in the same pass; the values' are added to flash-attention's dv."""
+    """The query's rotation, the window part and the merge, differentiable. The merge's backward kernel
+    writes the query's whole gradient; the global part's gradient of the keys (in a prefill) goes to
+    `k_grad` (a `PendingGradient`), which k's rotation adds to its own in the same pass; the values' is
+    added to flash-attention's dv."""
 
     @staticmethod
-    def forward(ctx, q_rot, k_rot, query, key, value, *args):
-        key_positions, key_valid, keys, spec, rotary, scaling, q_grad, k_grad, window = args
-        v_tail = value[:, :, keys.tail :].transpose(1, 2)  # flash-attention copies it only if it must
-        out, lse = window.forward(q_rot, k_rot, v_tail, spec.window, scaling)
+    def forward(ctx, query, k_rot, key, value, *args):
+        key_positions, key_valid, keys, spec, rotary, scaling, k_grad, window = args
+        turns = frequency_turns(rotary.inv_freq, query.device)
         far = keys.prefix > 0 and keys.last_query - spec.window >= keys.first_global
         merges = far or sees_near(keys, spec)  # else the window part is everything every query sees
         g = None
         if merges:
             g = global_keys(key, value, key_positions, key_valid, keys, spec, rotary)
-            merge_forward(query, keys.query_positions, out, lse, g, keys, spec, rotary, scaling)
-        ctx.save_for_backward(q_rot, k_rot, v_tail, out, lse, query, key_positions, *(g or ()))
-        ctx.args = (keys, spec, rotary, scaling, q_grad, k_grad, window, merges)
+            q_rot, scores = score_forward(query, keys.query_positions, g, keys, spec, rotary, scaling)
+        else:
+            q_rot = rope(query, keys.query_positions, turns, rotary.scale, seq_major=True)[0].transpose(1, 2)
+        v_tail = value[:, :, keys.tail :].transpose(1, 2)  # flash-attention copies it only if it must
+        out, lse = window.forward(q_rot, k_rot, v_tail, spec.window, scaling)
+        if merges:
+            merge_forward(scores, keys.query_positions, out, lse, g, keys, spec)
+        ctx.save_for_backward(q_rot, k_rot, v_tail, out, lse, query, key_positions, turns, *(g or ()))
+        ctx.args = (keys, spec, rotary, scaling, k_grad, window, merges)
         ctx.slots_shape = value.shape
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        keys, spec, rotary, scaling, q_grad, k_grad, window, merges = ctx.args
-        q_rot, k_rot, v_tail, out, lse, query, key_positions, *g = ctx.saved_tensors
+        keys, spec, rotary, scaling, k_grad, window, merges = ctx.args
+        q_rot, k_rot, v_tail, out, lse, query, key_positions, turns, *g = ctx.saved_tensors
         (dout,) = unit_last(dout)
-        dq, dk, dv = window.backward(q_rot, k_rot, v_tail, out, dout, lse, spec.window, scaling)
+        dq_window, dk, dv = window.backward(q_rot, k_rot, v_tail, out, dout, lse, spec.window, scaling)
         dv, d_values, dkey = dv.transpose(1, 2), None, None
-        if merges:
+        if not merges:
+            dq, _ = rope(dq_window.transpose(1, 2), keys.query_positions, turns, rotary.scale, inverse=True)
+        else:
             g = GlobalKeys(*g)
-            q_grad.value, d_far, d_near, d_values = merge_backward(
-                query, keys.query_positions, out, lse, dout, g, keys, spec, rotary, scaling
+            dq, d_far, d_near, d_values = merge_backward(
+                query, keys.query_positions, out, lse, dout, dq_window, g, keys, spec, rotary, scaling
             )
             positions = key_positions[:, : keys.prefix]  # the global keys' rotations, transposed
             d_prefix = rotary.rotate(d_far, -spec.far_key_position(positions)) + rotary.rotate(d_near, -positions)
@@ -607,7 +691,7 @@ class _LambdaFlash(torch.autograd.Function):
                 dkey = d_prefix.new_zeros(ctx.slots_shape)
                 dkey[:, :, : keys.prefix] = d_prefix
         dv = _slots_gradient(dv, d_values, ctx.slots_shape, keys.tail)
-        return dq, dk, None, dkey, dv, *[None] * 9
+        return dq, dk, dkey, dv, *[None] * 8
 
 
 def lambda_attention_flash(
@@ -627,8 +711,7 @@ def lambda_attention_flash(
     in stream order whose `layout` (`keys`) has no problem. No softcap, no dropout.
     """
     turns = frequency_turns(rotary.inv_freq, query.device)
-    q_grad, k_grad = PendingGradient(), PendingGradient()
-    q_rot = _Rotate.apply(query, keys.query_positions, turns, rotary.scale, q_grad)
+    k_grad = PendingGradient()
     k_rot = _Rotate.apply(key[:, :, keys.tail :], keys.tail_positions, turns, rotary.scale, k_grad)
-    args = (key_positions, key_valid, keys, spec, rotary, scaling, q_grad, k_grad)
-    return _LambdaFlash.apply(q_rot, k_rot, query, key, value, *args, window_attention)
+    args = (key_positions, key_valid, keys, spec, rotary, scaling, k_grad)
+    return _LambdaFlash.apply(query, k_rot, key, value, *args, window_attention)

@@ -5,7 +5,8 @@
 Shapes as `lcpatch bench attention` (B=1, 32 query / 8 KV heads, D=128, bf16, 4 global tokens, window
 4096), a plain prefill. Each tile of `lcpatch.kernels.lambda_flash.MERGE_TILES` is checked against the
 default's result (RMSE ratio) and timed with `triton.testing.do_bench`. GB/s counts the bytes a merge
-must move: forward q read, out read and written; backward q, out and dout read, dq written (bf16).
+must move: forward q read, out read and written; backward q, out, dout and flash-attention's dq read, the
+query's dq written (bf16).
 """
 
 from __future__ import annotations
@@ -39,12 +40,12 @@ def problem(n: int):
     g = global_keys(k, v, positions, valid, keys, spec, rotary)
     out = randn(1, n, Q_HEADS, DIM)
     lse = torch.randn(1, Q_HEADS, n, device="cuda", generator=gen) + 8.0
-    dout = randn(1, n, Q_HEADS, DIM)
-    return q, keys, g, out, lse, dout, spec, rotary
+    dout, dq_window = randn(1, n, Q_HEADS, DIM), randn(1, n, Q_HEADS, DIM)
+    return q, keys, g, out, lse, dout, dq_window, spec, rotary
 
 
 def sweep(n: int) -> list[dict]:
-    q, keys, g, out, lse, dout, spec, rotary = problem(n)
+    q, keys, g, out, lse, dout, dq_window, spec, rotary = problem(n)
     common = (g, keys, spec, rotary, DIM**-0.5)
 
     def forward():
@@ -53,10 +54,10 @@ def sweep(n: int) -> list[dict]:
         return merged
 
     def backward():
-        return merge_backward(q, keys.query_positions, out, lse, dout, *common)[0]
+        return merge_backward(q, keys.query_positions, out, lse, dout, dq_window, *common)[0]
 
     element = q.element_size()
-    moved = {"forward": 3 * out.numel() * element, "backward": 4 * out.numel() * element}
+    moved = {"forward": 3 * out.numel() * element, "backward": 5 * out.numel() * element}
     # the forward is timed in place, merging again and again into one copy: the same work each time
     timed_out, timed_lse = out.clone(), lse.clone()
     timed = {
