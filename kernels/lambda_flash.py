@@ -487,14 +487,32 @@ def global_keys(key, value, key_positions, key_valid, keys: Layout, spec: Lambda
     valid = key_valid[:, : keys.prefix] & (positions < spec.n_global)
     outside = valid & (torch.arange(keys.prefix, device=positions.device) < keys.tail)
     never = torch.iinfo(torch.int32).max
-    k = key[:, :, : keys.prefix]
+    # both rotations in one launch: far at key position 0 (`far_key_position` under a distance cap; `rope`'s
+    # capped far rule), else at the key's own position, as near
+    far = (0, rotary.scale, True) if spec.max_distance is not None else (never, rotary.scale, False)
+    turns = frequency_turns(rotary.inv_freq, key.device)
+    near_keys, far_keys = rope(key[:, :, : keys.prefix].float(), positions, turns, rotary.scale, far=far)
     return GlobalKeys(
-        rotary.rotate(k, spec.far_key_position(positions)).contiguous(),
-        rotary.rotate(k, positions).contiguous(),
+        far_keys,
+        near_keys,
         value[:, :, : keys.prefix].float().contiguous(),
         torch.where(valid, positions, never).to(torch.int32).contiguous(),
         torch.where(outside, positions, never).to(torch.int32).contiguous(),
     )
+
+
+def global_keys_gradient(d_far, d_near, key_positions, keys: Layout, spec: LambdaSpec, rotary: Rotary):
+    """The prefix slots' key gradient (B, Hkv, P, D) from those of their far and near rotations (`global_keys`):
+    each rotated back, in one launch or two."""
+    positions = key_positions[:, : keys.prefix]
+    turns = frequency_turns(rotary.inv_freq, d_far.device)
+    if spec.max_distance is not None:  # far keys at position 0: no rotation, the scale only
+        far = d_far * rotary.scale
+    else:
+        far = rope(d_far, positions, turns, rotary.scale, inverse=True)[0]
+    if d_near is None:
+        return far
+    return rope(d_near, positions, turns, rotary.scale, inverse=True, add=far)[0]
 
 
 # (query rows, warps) per program of the merge kernels on a GPU: the largest tiles that Triton 3.9 compiles for
@@ -574,7 +592,8 @@ def merge_forward(scores, query_positions, out, lse, g: GlobalKeys, keys, spec) 
 
 def merge_backward(query, query_positions, out, lse, dout, dq_window, g: GlobalKeys, keys, spec, rotary, scaling):
     """The un-rotated query's gradient (like query), from flash-attention's `dq_window` (B, Lq, Hq, D) of the
-    rotated query and the global part's; and the global keys' (far, near) and values' gradients."""
+    rotated query and the global part's; and the global keys' (far; near, None where no query sees one) and
+    values' gradients."""
     rows, warps = MERGE_TILES["backward"]
     a = _merge_args(query, query_positions, g, keys, spec, rotary, scaling, rows)
     batch, q_heads, q_len, _ = query.shape
@@ -594,7 +613,7 @@ def merge_backward(query, query_positions, out, lse, dout, dq_window, g: GlobalK
         *dq_window.stride()[:3], *dq.stride()[:3], *a.g_strides, *a.sizes, rotary.scale, n_blocks, per_program,
         **a.flags, num_warps=warps,
     )  # fmt: skip
-    d_near = d_near.sum((0, 3)) if a.flags["HAS_NEAR"] else torch.zeros_like(g.near_keys)
+    d_near = d_near.sum((0, 3)) if a.flags["HAS_NEAR"] else None
     return dq, d_far.sum((0, 3)), d_near, d_values.sum((0, 3))
 
 
@@ -682,9 +701,8 @@ class _LambdaFlash(torch.autograd.Function):
             dq, d_far, d_near, d_values = merge_backward(
                 query, keys.query_positions, out, lse, dout, dq_window, g, keys, spec, rotary, scaling
             )
-            positions = key_positions[:, : keys.prefix]  # the global keys' rotations, transposed
-            d_prefix = rotary.rotate(d_far, -spec.far_key_position(positions)) + rotary.rotate(d_near, -positions)
-            d_prefix, d_values = d_prefix.to(dv.dtype), d_values.to(dv.dtype)
+            d_prefix = global_keys_gradient(d_far, d_near, key_positions, keys, spec, rotary).to(dv.dtype)
+            d_values = d_values.to(dv.dtype)
             if keys.tail == 0:  # k's rotation writes every key's gradient: it adds the prefix's
                 k_grad.value = d_prefix
             else:  # a bounded cache's chunk: the sink slots are not flash-attention's keys
