@@ -518,7 +518,7 @@ def global_keys_gradient(d_far, d_near, key_positions, keys: Layout, spec: Lambd
 # (query rows, warps) per program of the merge kernels on a GPU: the largest tiles that Triton 3.9 compiles for
 # sm_90 without spilling registers in a bf16 prefill (64 x 4 spilled 136 bytes in the forward, 992 in the
 # backward); `tests/sm90_compile.py` checks it, `benchmarks/attention/merge_sweep.py` times the others.
-MERGE_TILES = {"score": (64, 8), "forward": (64, 8), "backward": (32, 8)}
+MERGE_TILES = {"score": (64, 8), "forward": (64, 8), "backward": (32, 4)}
 
 
 class _Merge(NamedTuple):

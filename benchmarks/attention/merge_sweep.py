@@ -20,7 +20,7 @@ from decode_sweep import error_ratio  # the sibling sweep's RMSE ratio (this fol
 from triton.testing import do_bench
 
 from lcpatch.kernels import lambda_flash
-from lcpatch.kernels.lambda_flash import global_keys, layout, merge_backward, merge_forward
+from lcpatch.kernels.lambda_flash import global_keys, layout, merge_backward, merge_forward, score_forward
 from lcpatch.kernels.specs import LambdaSpec, Rotary
 
 Q_HEADS, KV_HEADS, DIM, N_GLOBAL, WINDOW = 32, 8, 128, 4, 4096
@@ -48,25 +48,32 @@ def sweep(n: int) -> list[dict]:
     q, keys, g, out, lse, dout, dq_window, spec, rotary = problem(n)
     common = (g, keys, spec, rotary, DIM**-0.5)
 
+    _, scores = score_forward(q, keys.query_positions, *common)
+
+    def score():
+        return score_forward(q, keys.query_positions, *common)[0]
+
     def forward():
         merged, merged_lse = out.clone(), lse.clone()
-        merge_forward(q, keys.query_positions, merged, merged_lse, *common)
+        merge_forward(scores, keys.query_positions, merged, merged_lse, g, keys, spec)
         return merged
 
     def backward():
         return merge_backward(q, keys.query_positions, out, lse, dout, dq_window, *common)[0]
 
     element = q.element_size()
-    moved = {"forward": 3 * out.numel() * element, "backward": 5 * out.numel() * element}
+    moved = {"score": 2, "forward": 2, "backward": 5}
+    moved = {kernel: units * out.numel() * element for kernel, units in moved.items()}
     # the forward is timed in place, merging again and again into one copy: the same work each time
     timed_out, timed_lse = out.clone(), lse.clone()
     timed = {
-        "forward": lambda: merge_forward(q, keys.query_positions, timed_out, timed_lse, *common),
+        "score": score,
+        "forward": lambda: merge_forward(scores, keys.query_positions, timed_out, timed_lse, g, keys, spec),
         "backward": backward,
     }
     rows = []
     default = dict(lambda_flash.MERGE_TILES)
-    for kernel, run in (("forward", forward), ("backward", backward)):
+    for kernel, run in (("score", score), ("forward", forward), ("backward", backward)):
         reference = run()
         for tile in TILES:
             lambda_flash.MERGE_TILES[kernel] = tile
