@@ -93,11 +93,40 @@ def lambda_mask_mod(b, h, q_idx, kv_idx):
     return (kv_idx <= q_idx) & ((kv_idx < N_GLOBAL) | (q_idx - kv_idx < WINDOW))
 
 
+def lambda_block_mask(n: int, device, n_global: int = N_GLOBAL, window: int = WINDOW, block: int = 128):
+    """FlexAttention's BlockMask of `lambda_mask_mod` over n tokens, each block's kind read off its bounds.
+
+    `create_block_mask` would evaluate the mask pair by pair: eagerly an n x n tensor (16 GiB at 128k), or
+    compiled, which took 217 of the bench's 361 s on an H100 (the first compile of the process)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & ((kv_idx < n_global) | (q_idx - kv_idx < window))
+
+    starts = torch.arange(0, n, block, device=device)
+    ends = (starts + block - 1).clamp(max=n - 1)
+    q0, q1, k0, k1 = starts[:, None], ends[:, None], starts[None, :], ends[None, :]
+    # some pair visible: a global key at or before the last query, or a difference q - kv in [0, window)
+    some = ((k0 < n_global) & (k0 <= q1)) | ((q1 >= k0) & (q0 - k1 < window))
+    # every pair visible: all causal, every non-global key within the window of every query, and no padding
+    whole = starts + block <= n
+    full = (k1 <= q0) & ((k1 < n_global) | (q1 - k0.clamp(min=n_global) < window)) & whole[:, None] & whole[None, :]
+
+    def ordered(blocks: torch.Tensor):
+        """(counts, indices) in BlockMask's layout: each query block's kv blocks, the selected ones first."""
+        indices = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return blocks.sum(-1, dtype=torch.int32)[None, None], indices[None, None]
+
+    return BlockMask.from_kv_blocks(
+        *ordered(some & ~full), *ordered(full), BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(n, n)
+    )
+
+
 class Prefill:
     """Inputs of one prefill length and one callable per method (forward output)."""
 
     def __init__(self, n: int):
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        from torch.nn.attention.flex_attention import flex_attention
 
         from ..kernels.dispatch import lambda_attention
 
@@ -110,7 +139,7 @@ class Prefill:
         self.valid = torch.ones(1, n, dtype=torch.bool, device="cuda")
         self.spec = LambdaSpec(N_GLOBAL, WINDOW, WINDOW)
         self.rotary = default_rotary()
-        self.block_mask = create_block_mask(lambda_mask_mod, None, None, n, n, device="cuda", _compile=True)
+        self.block_mask = lambda_block_mask(n, "cuda")
         self.flex = torch.compile(flex_attention, dynamic=False)
         self._lambda_attention = lambda_attention
         self.seq_major = [t.transpose(1, 2).contiguous() for t in (self.q, self.k, self.v)]  # flash-attn's layout

@@ -1,0 +1,37 @@
+"""`lcpatch bench attention`'s pieces that run without a GPU: FlexAttention's Λ block mask, built from block
+bounds, against `create_block_mask` evaluating the same mask pair by pair."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lcpatch.bench.attention import lambda_block_mask, lambda_pairs
+
+flex_attention = pytest.importorskip("torch.nn.attention.flex_attention")
+
+FIELDS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
+
+
+@pytest.mark.parametrize(
+    "n,n_global,window",
+    [(1024, 4, 256), (1000, 4, 300), (2048, 130, 256), (640, 4, 1024), (1900, 200, 77), (129, 4, 64), (512, 0, 128)],
+)
+def test_lambda_block_mask_is_create_block_mask(n: int, n_global: int, window: int):
+    """Every block's kind (partial, full, none) and their order, padding included (n not a multiple of 128)."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & ((kv_idx < n_global) | (q_idx - kv_idx < window))
+
+    expected = flex_attention.create_block_mask(mask_mod, None, None, n, n, device="cpu")
+    built = lambda_block_mask(n, "cpu", n_global, window)
+    for field in FIELDS:
+        assert torch.equal(getattr(built, field), getattr(expected, field)), field
+    assert built.seq_lengths == (n, n)
+
+
+def test_lambda_pairs_counts_the_mask():
+    n, n_global, window = 300, 4, 64
+    i = torch.arange(n)
+    mask = (i[None, :] <= i[:, None]) & ((i[None, :] < n_global) | (i[:, None] - i[None, :] < window))
+    assert lambda_pairs(n, n_global, window) == int(mask.sum())
