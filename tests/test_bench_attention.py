@@ -10,7 +10,8 @@ from lcpatch.bench.attention import lambda_block_mask, lambda_pairs
 
 flex_attention = pytest.importorskip("torch.nn.attention.flex_attention")
 
-FIELDS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
+FIELDS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks", "q_indices")
+FIELDS += ("full_q_num_blocks", "full_q_indices")  # what the backward reads
 
 
 @pytest.mark.parametrize(
