@@ -36,3 +36,33 @@ def test_lambda_pairs_counts_the_mask():
     i = torch.arange(n)
     mask = (i[None, :] <= i[:, None]) & ((i[None, :] < n_global) | (i[:, None] - i[None, :] < window))
     assert lambda_pairs(n, n_global, window) == int(mask.sum())
+
+
+def test_prefill_rows_are_the_median_of_rounds_taken_in_turn(monkeypatch):
+    """Every method once per round, in turn; a row reports the median round; a method that fails keeps its
+    error and the others go on."""
+    from lcpatch.bench import attention
+
+    calls = []
+
+    class FakeCase:
+        def __init__(self, n):
+            self.n = n
+
+        def methods(self):
+            return {"a": ("fa", 10), "b": ("fb", 20), "broken": ("fx", 30)}
+
+        def time(self, fn, backward):
+            if fn == "fx":
+                raise RuntimeError("out of memory")
+            calls.append((fn, backward))
+            return {"fa": [3.0, 1.0, 2.0], "fb": [5.0, 9.0, 7.0]}[fn][sum(c == (fn, backward) for c in calls) - 1]
+
+    monkeypatch.setattr(attention, "Prefill", FakeCase)
+    monkeypatch.setattr(attention.torch.cuda, "empty_cache", lambda: None)
+    rows = attention.run_prefill([64], backward_lengths=set())
+    assert calls == [("fa", False), ("fb", False)] * attention.ROUNDS
+    by_method = {row["method"]: row for row in rows}
+    assert by_method["a"]["ms"] == 2.0 and by_method["a"]["round_ms"] == [3.0, 1.0, 2.0]
+    assert by_method["b"]["ms"] == 7.0
+    assert "ms" not in by_method["broken"] and "out of memory" in by_method["broken"]["error"]

@@ -12,7 +12,7 @@ FLOP convention: 4·D per *visible* (query, key) pair per query head for the for
 the backward; only visible pairs count (causal pairs for dense SDPA, Λ pairs for the others).
 The baselines attend pre-rotated q/k; lcpatch rotates un-rotated q/k itself, with the distance cap.
 FlexAttention runs under torch.compile, its block mask built from block bounds (`lambda_block_mask`).
-Medians of `triton.testing.do_bench`, 500 ms of calls per prefill row (decode also in a CUDA graph, `do_bench_cudagraph`, since
+Medians of `triton.testing.do_bench`; each prefill row the median of 3 rounds, the methods taking turns (decode also in a CUDA graph, `do_bench_cudagraph`, since
 an eager decode step is bound by kernel launches); results go to DIR/attention.json, a Markdown table on stdout
 and DIR/attention.png (when matplotlib is installed).
 """
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import statistics
 import sys
 import time
 import traceback
@@ -64,9 +65,12 @@ def tflops(pairs: int, ms: float, backward: bool) -> float:
     return flop / (ms * 1e-3) / 1e12
 
 
-# Prefill rows time 500 ms of calls: at 100 ms a 60 ms forward + backward was one call, and the bound's 128k
-# forward moved between 13.9 and 17.5 ms from run to run (H100, 2026-12-07).
-PREFILL_REP_MS = 500
+# Prefill rows time ROUNDS rounds of PREFILL_REP_MS ms of calls, every method once per round in turn, and
+# report the median round: at one round of 100 ms a 60 ms forward + backward was one call, and the bound's
+# 128k forward moved between 13.9 and 17.5 ms from run to run (H100, 2026-12-07); taking turns, a drifting
+# clock moves every method alike.
+ROUNDS = 3
+PREFILL_REP_MS = 170
 
 
 def bench(fn, grad_to_none=None, rep: int = 100) -> float:
@@ -220,33 +224,41 @@ def run_prefill(lengths: list[int], backward_lengths: set[int], methods: list[st
         print(
             f"  prefill n={n} inputs and FlexAttention's block mask: {time.perf_counter() - started:.0f} s", flush=True
         )
+        cells = []
         for method, (fn, pairs) in case.methods().items():
             if not _selected(method, methods):
                 continue
             for backward in (False, True):
                 if backward and n not in backward_lengths:
                     continue
-                row = {
-                    "n": n,
-                    "method": method,
-                    "phase": "forward+backward" if backward else "forward",
-                    "visible_pairs": pairs,
-                }
+                phase = "forward+backward" if backward else "forward"
+                cells.append(({"n": n, "method": method, "phase": phase, "visible_pairs": pairs}, fn, backward))
+        for round_ in range(ROUNDS):
+            for row, fn, backward in cells:
+                if "error" in row:
+                    continue
                 timed = time.perf_counter()
                 try:
-                    row["ms"] = case.time(fn, backward)
-                    row["tflops"] = tflops(pairs, row["ms"], backward)
+                    row.setdefault("round_ms", []).append(case.time(fn, backward))
                 except Exception as exc:  # one baseline failing (e.g. out of memory) must not end the run
                     row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                     traceback.print_exc(file=sys.stderr)
                 # Wall time of the row, compilation included: where the bench's own minutes go.
-                row["seconds"] = time.perf_counter() - timed
-                rows.append(row)
-                print(
-                    f"  prefill n={n} {row['phase']:16s} {method:22s} {row.get('ms', float('nan')):9.3f} ms"
-                    f" ({row['seconds']:.0f} s)",
-                    flush=True,
-                )
+                row["seconds"] = row.get("seconds", 0.0) + time.perf_counter() - timed
+                if round_ == 0:
+                    print(
+                        f"  prefill n={n} {row['phase']:16s} {row['method']:22s} first round ({row['seconds']:.0f} s)"
+                    )
+        for row, _, backward in cells:
+            if "error" not in row:
+                row["ms"] = statistics.median(row["round_ms"])
+                row["tflops"] = tflops(row["visible_pairs"], row["ms"], backward)
+            rows.append(row)
+            print(
+                f"  prefill n={n} {row['phase']:16s} {row['method']:22s} {row.get('ms', float('nan')):9.3f} ms"
+                f" ({row['seconds']:.0f} s)",
+                flush=True,
+            )
         del case
         torch.cuda.empty_cache()
         print(f"  prefill n={n}: {time.perf_counter() - started:.0f} s", flush=True)
@@ -488,7 +500,8 @@ def run_cli(args: argparse.Namespace) -> int:
         },
         "flop_convention": "4*D per visible (query, key) pair per query head, forward; backward 2.5x forward; "
         "visible pairs only (causal for dense SDPA, Λ for the others)",
-        "timing": f"triton.testing.do_bench median (warmup 25 ms, rep {PREFILL_REP_MS} ms prefill, 100 ms decode); decode also "
+        "timing": f"prefill: the median of {ROUNDS} rounds, each a triton.testing.do_bench median (warmup 25 ms, rep "
+        f"{PREFILL_REP_MS} ms), every method once per round in turn (round_ms); decode: do_bench median (rep 100 ms), also "
         "do_bench_cudagraph median (graph_ms), from which kv_tb_per_s is computed",
     }
     args.out.mkdir(parents=True, exist_ok=True)
