@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lcpatch.bench.attention import lambda_block_mask, lambda_pairs
+from lcpatch.bench.attention import lambda_block_mask, lambda_mask_mod, lambda_pairs
 
 flex_attention = pytest.importorskip("torch.nn.attention.flex_attention")
 
@@ -21,9 +21,7 @@ FIELDS += ("full_q_num_blocks", "full_q_indices")  # what the backward reads
 def test_lambda_block_mask_is_create_block_mask(n: int, n_global: int, window: int):
     """Every block's kind (partial, full, none) and their order, padding included (n not a multiple of 128)."""
 
-    def mask_mod(b, h, q_idx, kv_idx):
-        return (kv_idx <= q_idx) & ((kv_idx < n_global) | (q_idx - kv_idx < window))
-
+    mask_mod = lambda_mask_mod(n_global, window)
     expected = flex_attention.create_block_mask(mask_mod, None, None, n, n, device="cpu")
     built = lambda_block_mask(n, "cpu", n_global, window)
     for field in FIELDS:
@@ -34,7 +32,7 @@ def test_lambda_block_mask_is_create_block_mask(n: int, n_global: int, window: i
 def test_lambda_pairs_counts_the_mask():
     n, n_global, window = 300, 4, 64
     i = torch.arange(n)
-    mask = (i[None, :] <= i[:, None]) & ((i[None, :] < n_global) | (i[:, None] - i[None, :] < window))
+    mask = lambda_mask_mod(n_global, window)(None, None, i[:, None], i[None, :])
     assert lambda_pairs(n, n_global, window) == int(mask.sum())
 
 

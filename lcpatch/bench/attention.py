@@ -99,8 +99,13 @@ def default_rotary() -> Rotary:
     return Rotary(inv_freq.cuda(), 1.0)
 
 
-def lambda_mask_mod(b, h, q_idx, kv_idx):
-    return (kv_idx <= q_idx) & ((kv_idx < N_GLOBAL) | (q_idx - kv_idx < WINDOW))
+def lambda_mask_mod(n_global: int = N_GLOBAL, window: int = WINDOW):
+    """The Λ mask as FlexAttention's mask_mod: causal, and a global key or one inside the window."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & ((kv_idx < n_global) | (q_idx - kv_idx < window))
+
+    return mask_mod
 
 
 def lambda_block_mask(n: int, device, n_global: int = N_GLOBAL, window: int = WINDOW, block: int = 128):
@@ -109,9 +114,6 @@ def lambda_block_mask(n: int, device, n_global: int = N_GLOBAL, window: int = WI
     `create_block_mask` would evaluate the mask pair by pair: eagerly an n x n tensor (16 GiB at 128k), or
     compiled, which took 217 of the bench's 361 s on an H100 (the first compile of the process)."""
     from torch.nn.attention.flex_attention import BlockMask
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        return (kv_idx <= q_idx) & ((kv_idx < n_global) | (q_idx - kv_idx < window))
 
     starts = torch.arange(0, n, block, device=device)
     ends = (starts + block - 1).clamp(max=n - 1)
@@ -128,7 +130,11 @@ def lambda_block_mask(n: int, device, n_global: int = N_GLOBAL, window: int = WI
         return blocks.sum(-1, dtype=torch.int32)[None, None], indices[None, None]
 
     return BlockMask.from_kv_blocks(
-        *ordered(some & ~full), *ordered(full), BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(n, n)
+        *ordered(some & ~full),
+        *ordered(full),
+        BLOCK_SIZE=block,
+        mask_mod=lambda_mask_mod(n_global, window),
+        seq_lengths=(n, n),
     )
 
 
@@ -189,7 +195,7 @@ class Prefill:
             )
         if self.n <= 16384:  # an n x n boolean mask (and SDPA's use of it) only fits at this size
             i = torch.arange(self.n, device="cuda")
-            mask = lambda_mask_mod(None, None, i[:, None], i[None, :])
+            mask = lambda_mask_mod()(None, None, i[:, None], i[None, :])
             methods["SDPA + bool mask Λ"] = (lambda: sdpa(q, k, v, attn_mask=mask), lambda_pairs(self.n))
         return methods
 
