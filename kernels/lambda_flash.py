@@ -288,6 +288,17 @@ def _block_sees_globals(QPOS, qp_row, start, Lq, window, first_global, last_outs
 
 
 @triton.jit
+def _program_rows(Hq, group, Lq, BLOCK_M: tl.constexpr):
+    """A merge program's block of query rows (grid: row blocks, B·Hq): its ids, batch, query and KV head, the
+    rows and which of them exist."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    h = pid_bh % Hq
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    return pid_m, pid_bh, pid_bh // Hq, h, h // group, rows, rows < Lq
+
+
+@triton.jit
 def _score_fwd(
     Q, QPOS, TURNS, QROT, S, GK, GKN, GV, GPOS, GNEAR,
     sq_b, sq_h, sq_l, sqp_b, sr_b, sr_l, sr_h, sg_b, sg_h, sgp_b,
@@ -298,13 +309,7 @@ def _score_fwd(
     """Before flash-attention: q rotated at its positions (QROT, what flash-attention reads) and, on blocks
     that see a global key, the global part's scores S (B·Hq, Lq, P), -inf where a row does not see a key.
     Scoring here, where q is read anyway, leaves the merge only flash-attention's output to read."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
-    hk = h // group
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    ok = rows < Lq
+    pid_m, pid_bh, b, h, hk, rows, ok = _program_rows(Hq, group, Lq, BLOCK_M)
     offs_h = tl.arange(0, HALF)
     qpos = tl.load(QPOS + b.to(tl.int64) * sqp_b + rows, mask=ok, other=0)
     q_rows = b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h + rows.to(tl.int64) * sq_l
@@ -339,13 +344,7 @@ def _merge_fwd(
 ):  # fmt: skip
     """OUT and LSE hold the window part and become the merged attention, with the global part's scores S
     (`_score_fwd`) and values: each program reads its rows first."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
-    hk = h // group
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    ok = rows < Lq
+    pid_m, pid_bh, b, h, hk, rows, ok = _program_rows(Hq, group, Lq, BLOCK_M)
     if _block_sees_globals(
         QPOS, b.to(tl.int64) * sqp_b, pid_m * BLOCK_M, Lq, window, first_global, last_outside, BLOCK_M
     ):
