@@ -46,11 +46,16 @@ class DecodeConfig(NamedTuple):
     merge: int = 0  # partials the merge loads at once (a power of 2); 0: up to MERGE_ELEMENTS floats' worth
 
 
-# benchmarks/attention/decode_sweep.py on an H100, 2026-12-06 (ring layout): 64 x 4 warps x 3 stages holds
-# two programs per SM (227 registers), so 2 per SM fill the GPU once; at batch 8 that is 4 splits (2.34 TB/s,
-# against 1.98 for the 9 splits of a second partial wave), at batch 1 min_tiles keeps 13 (merging more
-# partials costs more than it spreads). A plain 4-tuple (BLOCK_N, warps, stages, programs per SM) is taken too.
-DECODE_CONFIG = DecodeConfig(64, 4, 3, 2, min_tiles=5)
+# benchmarks/attention/decode_sweep.py on an H100 with Triton 3.6, ring layout: 128-key tiles x 4 warps x 2 stages
+# were the fastest at both batches and both cache sizes swept. Two programs fit per SM, so 2 per SM fill the
+# GPU once: at batch 8 that is 4 splits (a second partial wave costs more than it spreads). At batch 1,
+# min_tiles=3 keeps few splits (merging partials costs more than it spreads):
+# - 4 + 4,096 + 1 slots (2026-12-07): batch 1, 11 splits, 12.85 µs (64-key tiles, 13 splits: 15.94 µs);
+#   batch 8, 4 splits, 55.46 µs (57.22 µs);
+# - 10 + 8,192 slots (2026-12-07, issue 19's): batch 1, 22 splits, 20.5 µs (13 splits: 18.4; 64-key
+#   tiles, 26 splits: 22.5); batch 8, 4 splits, 98.2 µs (101.9).
+# A plain 4-tuple (BLOCK_N, warps, stages, programs per SM) is taken too.
+DECODE_CONFIG = DecodeConfig(128, 4, 2, 2, min_tiles=3)
 # The merge's default load: partial outputs of MERGE_ELEMENTS floats in all (64 registers per thread of 4 warps).
 # decode_sweep.py on an H100, 2026-12-07, 8,202 slots, batch 1: against one partial per load (merge=1) this
 # gains at 43 splits (22.0 vs 24.2 µs), not at the default's 26 (22.5 vs 21.4 µs) or 15 (23.6 vs 22.8 µs).

@@ -99,30 +99,38 @@ def merge_variants(kernel: str) -> None:
 
 
 def decode_variants() -> None:
-    from lcpatch.kernels import lambda_decode, lambda_prefill
+    from lcpatch.kernels import lambda_decode
 
     config = lambda_decode.DECODE_CONFIG
-    pointers = {"QPOS": "*i64", "KPOS": "*i64", "KVALID": "*u8", "TURNS": "*fp64", "ARRIVALS": "*i32"}
     # Each constexpr branch both ways (a full product is 48 compilations, minutes on two cores); the first is
     # what a bf16 decode step over the ring cache runs.
     variants = [(True, True, False, 2, True), (True, False, True, 0, False), (False, True, True, 1, True)]
     variants.append((False, False, False, 2, False))
-    for low, capped, softcap, mode, fixed in variants:
-        flags = dict(HALF=64, BLOCK_M=16, ROWS=4, MERGE=16, BLOCK_N=config.block_n)
-        flags["BLOCK_S"] = lambda_prefill.leading_block(config.block_n, 10)  # lm-infinite's 10 sinks
-        flags.update(CAPPED=capped, SOFTCAP=softcap, MODE=mode, DOT_PREC="tf32" if low else "ieee", FIXED_ANGLES=fixed)
-        half = "*bf16" if low else "*fp32"
-        types = {**pointers, "Q": half, "K": half, "V": half, "OUT": half}
-        try:
-            compiled = compile_for_sm90(
-                lambda_decode._lambda_decode_split, flags, types, ("rot_scale", "scaling", "softcap"),
-                num_warps=config.warps, num_stages=config.stages,
-            )  # fmt: skip
-        except Exception as exc:
-            raise AssertionError(f"decode with {flags}") from exc
-        if (low, capped, softcap, mode, fixed) == variants[0]:
-            # The step's kernel runs from registers alone: the sinks' own tiles (BLOCK_S) keep ptxas from spilling.
-            assert stack_bytes(compiled) == 0, f"decode with {flags} spills: {stack_bytes(compiled)} bytes of stack"
+    for variant in variants:
+        _compile_decode(config, *variant)
+    # The sinks' own tiles (BLOCK_S) keep 64-key tiles in registers (with 64-key sink tiles ptxas reserved 464
+    # bytes of stack). The default's 128-key tiles reserve some either way (512 bytes with Triton 3.6, 728 with
+    # 3.9) and still ran fastest on an H100 with Triton 3.6 (benchmarks/attention/flash-h100-2026-12-07/).
+    compiled = _compile_decode(lambda_decode.DecodeConfig(64, 4, 3, 2), *variants[0])
+    assert stack_bytes(compiled) == 0, f"64-key decode tiles spill: {stack_bytes(compiled)} bytes of stack"
+
+
+def _compile_decode(config, low: bool, capped: bool, softcap: bool, mode: int, fixed: bool):
+    from lcpatch.kernels import lambda_decode, lambda_prefill
+
+    pointers = {"QPOS": "*i64", "KPOS": "*i64", "KVALID": "*u8", "TURNS": "*fp64", "ARRIVALS": "*i32"}
+    flags = dict(HALF=64, BLOCK_M=16, ROWS=4, MERGE=16, BLOCK_N=config.block_n)
+    flags["BLOCK_S"] = lambda_prefill.leading_block(config.block_n, 10)  # lm-infinite's 10 sinks
+    flags.update(CAPPED=capped, SOFTCAP=softcap, MODE=mode, DOT_PREC="tf32" if low else "ieee", FIXED_ANGLES=fixed)
+    half = "*bf16" if low else "*fp32"
+    types = {**pointers, "Q": half, "K": half, "V": half, "OUT": half}
+    try:
+        return compile_for_sm90(
+            lambda_decode._lambda_decode_split, flags, types, ("rot_scale", "scaling", "softcap"),
+            num_warps=config.warps, num_stages=config.stages,
+        )  # fmt: skip
+    except Exception as exc:
+        raise AssertionError(f"decode with {config}, {flags}") from exc
 
 
 def prefill_forward_variants() -> None:
