@@ -530,10 +530,10 @@ class _Merge(NamedTuple):
     flags: dict
 
 
-def _flags(dtype: torch.dtype, keys: Layout, spec: LambdaSpec, rows: int) -> dict:
-    """The merge kernels' constexprs."""
+def _flags(dtype: torch.dtype, dim: int, keys: Layout, rows: int) -> dict:
+    """The constexprs every merge kernel takes."""
     return dict(
-        HALF=None,  # set by the caller, from the head size
+        HALF=dim // 2,
         BLOCK_M=16 if interpreting() else rows,
         P_PAD=max(16, triton.next_power_of_2(keys.prefix)),  # every global key in one tensor-core tile
         # the products in q's dtype, as flash-attention's; not under the interpreter, which multiplies
@@ -549,7 +549,7 @@ def _merge_args(query, query_positions, g: GlobalKeys, keys: Layout, spec, rotar
     batch, q_heads, q_len, dim = query.shape
     sizes = (q_heads, q_heads // g.far_keys.shape[1], q_len, keys.prefix, spec.window, far_pos)
     sizes += (keys.first_global, keys.last_outside, rotary.scale * scaling)
-    flags = _flags(query.dtype, keys, spec, rows) | dict(HALF=dim // 2, CAPPED=capped, HAS_NEAR=sees_near(keys, spec))
+    flags = _flags(query.dtype, dim, keys, rows) | dict(CAPPED=capped, HAS_NEAR=sees_near(keys, spec))
     return _Merge(
         (query, query_positions, frequency_turns(rotary.inv_freq, query.device)),
         (*query.stride()[:3], query_positions.stride(0)),
@@ -580,7 +580,7 @@ def merge_forward(scores, query_positions, out, lse, g: GlobalKeys, keys, spec) 
     and `lse` (B, Hq, Lq), in place."""
     rows, warps = MERGE_TILES["forward"]
     batch, q_len, q_heads, dim = out.shape
-    flags = _flags(out.dtype, keys, spec, rows) | dict(HALF=dim // 2)
+    flags = _flags(out.dtype, dim, keys, rows)
     grid = (triton.cdiv(q_len, flags["BLOCK_M"]), batch * q_heads)
     _merge_fwd[grid](
         scores, query_positions, out, lse, g.values, query_positions.stride(0), *out.stride()[:3],
@@ -608,9 +608,8 @@ def merge_backward(query, query_positions, out, lse, dout, dq_window, g: GlobalK
     d_near = query.new_empty(sums if a.flags["HAS_NEAR"] else (1,), dtype=torch.float32)
     _merge_bwd[grid](
         *a.tensors, out, lse, dout, dq_window, *g, dq, d_far, d_near, d_values, *a.strides, *out.stride()[:3],
-        *dout.stride()[:3],
-        *dq_window.stride()[:3], *dq.stride()[:3], *a.g_strides, *a.sizes, rotary.scale, n_blocks, per_program,
-        **a.flags, num_warps=warps,
+        *dout.stride()[:3], *dq_window.stride()[:3], *dq.stride()[:3], *a.g_strides, *a.sizes, rotary.scale,
+        n_blocks, per_program, **a.flags, num_warps=warps,
     )  # fmt: skip
     d_near = d_near.sum((0, 3)) if a.flags["HAS_NEAR"] else None
     return dq, d_far.sum((0, 3)), d_near, d_values.sum((0, 3))
