@@ -12,9 +12,10 @@ FLOP convention: 4·D per *visible* (query, key) pair per query head for the for
 the backward; only visible pairs count (causal pairs for dense SDPA, Λ pairs for the others).
 The baselines attend pre-rotated q/k; lcpatch rotates un-rotated q/k itself, with the distance cap.
 FlexAttention runs under torch.compile, its block mask built from block bounds (`lambda_block_mask`).
-Medians of `triton.testing.do_bench`; each prefill row the median of 3 rounds, the methods taking turns (decode also in a CUDA graph, `do_bench_cudagraph`, since
-an eager decode step is bound by kernel launches); results go to DIR/attention.json, a Markdown table on stdout
-and DIR/attention.png (when matplotlib is installed).
+Medians of `triton.testing.do_bench`: each prefill row the median of 3 rounds, the methods taking turns;
+decode also in a CUDA graph (`do_bench_cudagraph`), since an eager decode step is bound by kernel launches.
+Results go to DIR/attention.json, a Markdown table on stdout and DIR/attention.png (when matplotlib is
+installed).
 """
 
 from __future__ import annotations
