@@ -6,14 +6,16 @@ Every visible (i, j) pair belongs to exactly one of
   positions this is flash-attention's causal sliding window (window_size = (window - 1, 0)), which
   returns its log-sum-exp;
 - the *global part*: j < n_global and i - j >= window, rotated at the method's far positions: at most
-  n_global keys per query, scored here in a small Triton kernel (one tensor-core tile for all of them)
-  that merges the two softmaxes into flash-attention's output, in place:
+  n_global keys per query (one tensor-core tile for all of them), scored by the Triton kernel that rotates
+  q for flash-attention (`_score_fwd`, which reads q once for both), then merged into flash-attention's
+  output in place (`_merge_fwd`, which reads only that output and the scores):
 
       out = (e^(lse_w - m) o_w + sum_g e^(s_g - m) v_g) / Z,      lse = m + log Z
 
 The backward hands flash-attention's backward the *merged* out and lse: its P = e^(s - lse) is then each
 window pair's share of the full softmax, and its D = rowsum(dout * out) the full softmax's, so it returns
-exactly the window pairs' part of dq, dk, dv. The merge kernel's transpose adds the global keys' part.
+exactly the window pairs' part of dq, dk, dv. The backward merge (`_merge_bwd`) adds the global keys' part
+and rotates flash-attention's dq back, writing the un-rotated query's whole gradient.
 
 Flash-attention masks by slot, not by position: its keys are the run of valid slots at consecutive
 positions that ends with the queries (`layout` finds it, and says why a call has none: a left-padded
