@@ -10,11 +10,7 @@
 #                                                # profile and the flash engine's GPU tests; ~5 min
 set -u
 what=$1
-run() {  # SECONDS COMMAND...: the command's last lines, stopped at SECONDS
-  local limit=$1
-  shift
-  timeout "$limit" "$@" 2>&1 | grep -v -i warning | tail -"${TAIL:-14}"
-}
+source "$(dirname "$0")/../gpu_run_common.sh"
 case $what in
   decode)
     TAIL=45 run 150 python benchmarks/attention/decode_sweep.py --budget 70 --out "$OUT/decode_sweep.json" ;;

@@ -11,11 +11,7 @@
 set -u
 what=$1
 here=$(dirname "$0")
-run() {  # SECONDS COMMAND...: the command's last lines, stopped at SECONDS
-  local limit=$1
-  shift
-  timeout "$limit" "$@" 2>&1 | grep -v -i warning | tail -"${TAIL:-14}"
-}
+source "$(dirname "$0")/../gpu_run_common.sh"
 case $what in
   kernels)
     TAIL=45 run 130 python benchmarks/attention/decode_sweep.py --n-global 10 --window 8192 --budget 85 \
