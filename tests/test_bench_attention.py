@@ -37,8 +37,8 @@ def test_lambda_pairs_counts_the_mask():
 
 
 def test_prefill_rows_are_the_median_of_rounds_taken_in_turn(monkeypatch):
-    """Every method once per round, in turn; a row reports the median round; a method that fails keeps its
-    error and the others go on."""
+    """Every method once per round, in turn; a row reports the median round; a row slower than a round's
+    timing budget gets one round; a method that fails keeps its error and the others go on."""
     from lcpatch.bench import attention
 
     calls = []
@@ -48,19 +48,21 @@ def test_prefill_rows_are_the_median_of_rounds_taken_in_turn(monkeypatch):
             self.n = n
 
         def methods(self):
-            return {"a": ("fa", 10), "b": ("fb", 20), "broken": ("fx", 30)}
+            return {"a": ("fa", 10), "b": ("fb", 20), "broken": ("fx", 30), "slow": ("fs", 40)}
 
         def time(self, fn, backward):
             if fn == "fx":
                 raise RuntimeError("out of memory")
             calls.append((fn, backward))
-            return {"fa": [3.0, 1.0, 2.0], "fb": [5.0, 9.0, 7.0]}[fn][sum(c == (fn, backward) for c in calls) - 1]
+            times = {"fa": [3.0, 1.0, 2.0], "fb": [5.0, 9.0, 7.0], "fs": [attention.PREFILL_REP_MS + 1.0]}
+            return times[fn][sum(c == (fn, backward) for c in calls) - 1]
 
     monkeypatch.setattr(attention, "Prefill", FakeCase)
     monkeypatch.setattr(attention.torch.cuda, "empty_cache", lambda: None)
     rows = attention.run_prefill([64], backward_lengths=set())
-    assert calls == [("fa", False), ("fb", False)] * attention.ROUNDS
+    assert calls == [("fa", False), ("fb", False), ("fs", False)] + [("fa", False), ("fb", False)] * 2
     by_method = {row["method"]: row for row in rows}
     assert by_method["a"]["ms"] == 2.0 and by_method["a"]["round_ms"] == [3.0, 1.0, 2.0]
     assert by_method["b"]["ms"] == 7.0
+    assert by_method["slow"]["round_ms"] == [attention.PREFILL_REP_MS + 1.0]
     assert "ms" not in by_method["broken"] and "out of memory" in by_method["broken"]["error"]

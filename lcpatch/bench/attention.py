@@ -69,7 +69,8 @@ def tflops(pairs: int, ms: float, backward: bool) -> float:
 # Prefill rows time ROUNDS rounds of PREFILL_REP_MS ms of calls, every method once per round in turn, and
 # report the median round: at one round of 100 ms a 60 ms forward + backward was one call, and the bound's
 # 128k forward moved between 13.9 and 17.5 ms from run to run (H100, 2026-12-07); taking turns, a drifting
-# clock moves every method alike.
+# clock moves every method alike. A row slower than PREFILL_REP_MS a call (the dense and split baselines at
+# 64k and 128k) gets one round: do_bench makes ~8 calls to time one, and a second is then seconds of bench.
 ROUNDS = 3
 PREFILL_REP_MS = 170
 
@@ -242,7 +243,7 @@ def run_prefill(lengths: list[int], backward_lengths: set[int], methods: list[st
                 cells.append(({"n": n, "method": method, "phase": phase, "visible_pairs": pairs}, fn, backward))
         for round_ in range(ROUNDS):
             for row, fn, backward in cells:
-                if "error" in row:
+                if "error" in row or (round_ and row["round_ms"][0] > PREFILL_REP_MS):
                     continue
                 timed = time.perf_counter()
                 try:
