@@ -58,7 +58,7 @@ class DecodeConfig(NamedTuple):
 DECODE_CONFIG = DecodeConfig(128, 4, 2, 2, min_tiles=3)
 # The merge's default load: partial outputs of MERGE_ELEMENTS floats in all (64 registers per thread of 4 warps).
 # decode_sweep.py on an H100, 2026-12-07, 8,202 slots, batch 1: against one partial per load (merge=1) this
-# gains at 43 splits (22.0 vs 24.2 µs), not at the default's 26 (22.5 vs 21.4 µs) or 15 (23.6 vs 22.8 µs).
+# gains at 43 splits (22.0 vs 24.2 µs), not at 26 (22.5 vs 21.4 µs; the 64-key default then) or 15 (23.6 vs 22.8 µs).
 MERGE_ELEMENTS = 8192
 # Each (batch, KV head)'s count of finished split programs, per (device, stream); back at 0 after every call.
 _ARRIVALS: dict[tuple[str, int], list[torch.Tensor]] = {}

@@ -488,9 +488,10 @@ def global_keys(key, value, key_positions, key_valid, keys: Layout, spec: Lambda
     valid = key_valid[:, : keys.prefix] & (positions < spec.n_global)
     outside = valid & (torch.arange(keys.prefix, device=positions.device) < keys.tail)
     never = torch.iinfo(torch.int32).max
-    # both rotations in one launch: far at key position 0 (`far_key_position` under a distance cap; `rope`'s
+    # both rotations in one launch: far at key position 0 under a distance cap (`far_key_position`; `rope`'s
     # capped far rule), else at the key's own position, as near
-    far = (0, rotary.scale, True) if spec.max_distance is not None else (never, rotary.scale, False)
+    capped, _ = far_rule(spec)
+    far = (0, rotary.scale, True) if capped else (never, rotary.scale, False)
     turns = frequency_turns(rotary.inv_freq, key.device)
     near_keys, far_keys = rope(key[:, :, : keys.prefix].float(), positions, turns, rotary.scale, far=far)
     return GlobalKeys(
@@ -507,7 +508,8 @@ def global_keys_gradient(d_far, d_near, key_positions, keys: Layout, spec: Lambd
     each rotated back, in one launch or two."""
     positions = key_positions[:, : keys.prefix]
     turns = frequency_turns(rotary.inv_freq, d_far.device)
-    if spec.max_distance is not None:  # far keys at position 0: no rotation, the scale only
+    capped, _ = far_rule(spec)
+    if capped:  # far keys at position 0: no rotation, the scale only
         far = d_far * rotary.scale
     else:
         far = rope(d_far, positions, turns, rotary.scale, inverse=True)[0]

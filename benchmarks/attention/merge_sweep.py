@@ -4,9 +4,9 @@
 
 Shapes as `lcpatch bench attention` (B=1, 32 query / 8 KV heads, D=128, bf16, 4 global tokens, window
 4096), a plain prefill. Each tile of `lcpatch.kernels.lambda_flash.MERGE_TILES` is checked against the
-default's result (RMSE ratio) and timed with `triton.testing.do_bench`. GB/s counts the bytes a merge
-must move: forward q read, out read and written; backward q, out, dout and flash-attention's dq read, the
-query's dq written (bf16).
+default's result (RMSE ratio) and timed with `triton.testing.do_bench`. GB/s counts the bytes a kernel
+must move: score q read and written rotated; forward out read and written; backward q, out, dout and
+flash-attention's dq read, the query's dq written (bf16).
 """
 
 from __future__ import annotations
