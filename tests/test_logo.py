@@ -194,6 +194,24 @@ def test_collator_orders_rows_and_keeps_each_rows_layout(tmp_path):
     assert int(batch["position_ids"][longest].max()) == 999  # the longest answer ends the virtual range
 
 
+def test_collator_reads_its_plain_position_share_of_rows_at_plain_positions(tmp_path):
+    trainer = logo_trainer(tmp_path, tiny_model(), logo_rows(2), virtual_length=1000)
+    rows = [trainer.train_dataset[0], trainer.train_dataset[1]]
+    synthesised = LOGOCollator(0, 1000, seed=3)(rows)
+    assert torch.equal(
+        LOGOCollator(0, 1000, seed=3, plain_position_share=0.0)(rows)["position_ids"], synthesised["position_ids"]
+    )
+    plain = LOGOCollator(0, 1000, seed=3, plain_position_share=1.0)(rows)
+    for key in ("input_ids", "attention_mask", "labels"):
+        assert torch.equal(plain[key], synthesised[key])
+    lengths = plain["attention_mask"].sum(-1)
+    for i, n in enumerate(lengths.tolist()):
+        assert plain["position_ids"][i, :n].tolist() == list(range(n))
+    half = LOGOCollator(0, 1000, seed=0, plain_position_share=0.5)
+    reads = [int(half([rows[0]])["position_ids"].max()) < 999 for _ in range(400)]
+    assert 0.4 < sum(reads) / len(reads) < 0.6
+
+
 # -- training -----------------------------------------------------------------------------------
 
 
@@ -320,6 +338,7 @@ def test_recipe_defaults_are_the_papers_and_round_trip():
         ({"real_length": 8192, "virtual_length": 4096}, r"training.virtual_length must be >= training.real_length"),
         ({"real_length": "long"}, r"training.real_length must be an integer >= 2 or 'auto'; got 'long'"),
         ({"offsets_per_example": 0}, r"training.offsets_per_example must be an integer >= 1 or 'auto'; got 0"),
+        ({"plain_position_share": 1.5}, r"training.plain_position_share must be a number in \[0, 1\].*got 1.5"),
         ({"trainer": "hf"}, r"training.trainer must be trl for training.method logo"),
         ({"lora": {"modules_to_save": 3}}, r"training.lora.modules_to_save must be a string or a list of strings"),
         ({"margin": 1}, r"unknown field training.margin; training accepts: method, model"),

@@ -43,7 +43,7 @@ from lcpatch.errors import LcpatchError
 from lcpatch.eval.perplexity import token_nll
 from lcpatch.rope import E2LLM
 from lcpatch.training import CausalLMTraining, E2LLMTraining
-from lcpatch.training.config import check_g_weights
+from lcpatch.training.config import LoraOptions, check_g_weights
 from lcpatch.training.runner import run
 
 
@@ -95,11 +95,23 @@ def train(args, base: Path, method: str, work: Path, train_files: list[str]) -> 
         logging_steps=max(1, args.steps // 20),
         output_dir=str(work / method),
         seed=args.seed,
+        lora=LoraOptions(modules_to_save=args.lora_modules_to_save),
     )
     if method == "e2llm":
         training = E2LLMTraining(g_max=args.g_max, g_weights=args.g_weights, **fields)
         return run(lcpatch.Recipe(name="e2llm", rope=E2LLM(), training=training))
     return run(lcpatch.Recipe(name="lora-plain", training=CausalLMTraining(**fields)))
+
+
+def load(folder: Path, dtype: torch.dtype, device: str):
+    """The base model, or a trained one unpatched: `lcpatch.from_pretrained` loads an adapter's trained
+    `modules_to_save` where transformers 5.17 leaves the base weights in them."""
+    if folder.joinpath("adapter_config.json").is_file():
+        model = lcpatch.from_pretrained(folder, dtype=dtype)
+        lcpatch.remove(model)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    return model.to(device).eval()
 
 
 def window_perplexity(model, ids: torch.Tensor, n: int, chunk: int) -> float:
@@ -162,6 +174,12 @@ def main() -> None:
         help="relative weight of each g = 1..g_max, comma-separated (default: uniform)",
     )
     parser.add_argument("--learning-rate", type=float, default=2.0e-4)
+    parser.add_argument(
+        "--lora-modules-to-save",
+        default="",
+        help="modules trained in full beside both LoRAs, comma-separated (e.g. embed_tokens,norm: LongLoRA's "
+        "trainable embeddings and norms; default: none)",
+    )
     parser.add_argument("--lengths", default="4k,8k,16k,32k,64k", help="window lengths, comma-separated")
     parser.add_argument(
         "--methods",
@@ -175,6 +193,7 @@ def main() -> None:
     try:
         lengths = parse_lengths(args.lengths)
         args.g_weights = parse_numbers("--g-weights", args.g_weights) if args.g_weights is not None else ()
+        args.lora_modules_to_save = tuple(n.strip() for n in args.lora_modules_to_save.split(",") if n.strip())
         check_g_weights(args.g_weights, args.g_max)
     except LcpatchError as error:
         parser.error(str(error))
@@ -208,8 +227,7 @@ def main() -> None:
     table: dict[str, dict[int, float]] = {}
     clock = time.time()
     for name, which, recipe in (METHODS[key] for key in methods):
-        # A LoRA folder loads onto its base model (transformers reads adapter_config.json).
-        model = AutoModelForCausalLM.from_pretrained(weights[which], dtype=dtype).to(device).eval()
+        model = load(weights[which], dtype, device)
         table[name] = {}
         for n in lengths:
             with lcpatch.patched(model, recipe(max(1, math.ceil(n / trained)))):

@@ -162,6 +162,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1, help="rows per step per device (each 3 sequences)")
     parser.add_argument("--gradient-accumulation-steps", type=int, default=4)
     parser.add_argument("--learning-rate", type=float, default=2.0e-4, help="the paper's: 1e-4")
+    parser.add_argument(
+        "--plain-position-share",
+        type=float,
+        default=0.0,
+        help="share of training row uses read at plain positions (the paper's: 0, every use synthesised)",
+    )
     parser.add_argument("--eval-length", type=int, default=32768)
     parser.add_argument("--bucket", type=int, default=4096)
     parser.add_argument("--chunk", type=int, default=4096, help="tokens per forward pass when scoring perplexity")
@@ -221,6 +227,7 @@ def main() -> None:
         batch_size=args.batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         learning_rate=args.learning_rate,
+        plain_position_share=args.plain_position_share,
         warmup_steps=max(1, args.steps // 20),
         logging_steps=max(1, args.steps // 20),
         output_dir=str(args.work / "adapter"),

@@ -75,6 +75,7 @@ MEANINGS = {
     "real_length": "tokens per sequence; auto = the model's training length",
     "virtual_length": "the position range the real context is spread over",
     "offsets_per_example": "layouts a row is drawn at; auto = the fewest that cover every span",
+    "plain_position_share": "share of a row's uses read at its plain positions 0..n-1 instead of a synthesised layout",
 }
 
 

@@ -273,11 +273,18 @@ class LOGOTraining(TRLTraining):
     real_length: int | str = AUTO  # tokens per training sequence; auto = the model's training length
     virtual_length: int = 65536  # the position range the real context is spread over
     offsets_per_example: int | str = AUTO  # layouts drawn from per row; auto = the fewest that cover each span
+    plain_position_share: float = 0.0  # share of a row's uses read at its plain positions 0..n-1, not synthesised
 
     def __post_init__(self) -> None:
         super().__post_init__()
         section = "training"
         check_number(section, "beta", self.beta, greater_than=0)
+        check_number(section, "plain_position_share", self.plain_position_share)
+        if not 0 <= self.plain_position_share <= 1:
+            raise RecipeError(
+                f"training.plain_position_share must be a number in [0, 1] (the share of row uses read at plain "
+                f"positions); got {self.plain_position_share}."
+            )
         for name in ("gamma_over_beta", "sft_weight"):
             check_number(section, name, getattr(self, name))
             if getattr(self, name) < 0:

@@ -44,6 +44,7 @@ class LOGOConfig(CPOConfig):
     chunk_size: int = LOGOTraining.chunk_size
     virtual_length: int = LOGOTraining.virtual_length
     offsets_per_example: int | None = None  # None: the fewest covering layouts of each row
+    plain_position_share: float = LOGOTraining.plain_position_share
 
     def __post_init__(self):
         self.loss_type = "simpo"
@@ -56,9 +57,18 @@ class LOGOConfig(CPOConfig):
 class LOGOCollator:
     """Tokenised rows -> one batch of B·(M+1) sequences: the B preferred answers first, then the first
     rejected answer of every row, then the second, ...; right-padded, labels on the answers only, and
-    `position_ids` from one covering layout per row, drawn from `seed`."""
+    `position_ids` from one covering layout per row, drawn from `seed`; with `plain_position_share` p, a
+    row is read at its plain positions 0..n-1 instead with probability p (the short-context reading the
+    model is also asked to keep)."""
 
-    def __init__(self, pad_token_id: int, virtual_length: int, offsets_per_example: int | None = None, seed: int = 0):
+    def __init__(
+        self,
+        pad_token_id: int,
+        virtual_length: int,
+        offsets_per_example: int | None = None,
+        seed: int = 0,
+        plain_position_share: float = 0.0,
+    ):
         if not isinstance(pad_token_id, int):
             raise LcpatchError(
                 f"LOGOCollator's pad_token_id must be a token id, not {pad_token_id!r}: pass "
@@ -67,12 +77,16 @@ class LOGOCollator:
         self.pad_token_id = pad_token_id
         self.virtual_length = virtual_length
         self.offsets_per_example = offsets_per_example
+        self.plain_position_share = plain_position_share
         self.rng = random.Random(seed)
 
     def layout(self, row: dict) -> torch.Tensor:
         """Positions of the row's prompt followed by its longest answer."""
         chunks, head = row["chunk_lengths"], row["head_length"]
         tail = len(row["prompt_input_ids"]) - head - sum(chunks) + max(map(len, row["completion_input_ids"]))
+        # Drawn only when asked for, so that a share of 0 leaves the layouts of a seed as they were.
+        if self.plain_position_share and self.rng.random() < self.plain_position_share:
+            return torch.arange(head + sum(chunks) + tail)
         offsets = covering_offsets(chunks, tail, self.virtual_length, head, count=self.offsets_per_example)
         return synthesize_positions(chunks, tail, self.virtual_length, self.rng.choice(offsets), head)
 
@@ -191,6 +205,7 @@ class LOGOTrainer(CPOTrainer):
                 args.virtual_length,
                 args.offsets_per_example,
                 seed=args.seed + args.process_index,
+                plain_position_share=args.plain_position_share,
             ),
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
@@ -224,6 +239,7 @@ def build_trainer(training: LOGOTraining, model, tokenizer, settings: dict) -> L
         chunk_size=training.chunk_size,
         virtual_length=training.virtual_length,
         offsets_per_example=None if training.offsets_per_example == AUTO else training.offsets_per_example,
+        plain_position_share=training.plain_position_share,
         max_length=training.real_length,
     )
     rows = Dataset.from_list(read_rows(training.data))
