@@ -22,5 +22,6 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   nbclient nbformat jupyter_client jupyter_core ipykernel ipython ipython_pygments_lexers pyzmq tornado traitlets \
   fastjsonschema jsonschema jsonschema-specifications referencing rpds-py comm matplotlib-inline nest-asyncio \
   platformdirs pexpect ptyprocess prompt_toolkit wcwidth parso decorator stack_data asttokens executing pure_eval
-python3 -m pip wheel -q --no-deps --no-build-isolation -w .gpu-stage .
+# Built in isolation: the build backend comes from the index, not from whatever setuptools this Python has.
+python3 -m pip wheel -q --no-deps -w .gpu-stage .
 du -shc .gpu-model-a .gpu-books .gpu-model-b .gpu-whl .gpu-stage
