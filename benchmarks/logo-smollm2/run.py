@@ -35,6 +35,7 @@ import lcpatch
 from lcpatch.cli.common import environment
 from lcpatch.data.logo import build_logo_rows, write_rows
 from lcpatch.data.tokens import padding_id
+from lcpatch.errors import LcpatchError
 from lcpatch.eval.perplexity import perplexity_by_position, perplexity_up_to
 from lcpatch.training import LOGOTraining
 from lcpatch.training.logo import LOGOCollator, answer_log_probs, tokenize_logo_row
@@ -183,6 +184,26 @@ def main() -> None:
     args.work = args.work or args.out / "work"
     started = time.time()
     folder = base_model(args)
+    train_file = args.work / "logo-train.jsonl"
+    try:  # every training setting checked before the rows take minutes of generation
+        training = LOGOTraining(
+            model=str(folder),
+            data=(str(train_file),),
+            chunk_size=args.chunk_size,
+            real_length=args.real_length,
+            virtual_length=args.virtual_length,
+            max_steps=args.steps,
+            batch_size=args.batch_size,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            learning_rate=args.learning_rate,
+            plain_position_share=args.plain_position_share,
+            warmup_steps=max(1, args.steps // 20),
+            logging_steps=max(1, args.steps // 20),
+            output_dir=str(args.work / "adapter"),
+            seed=args.seed,
+        )
+    except LcpatchError as error:
+        parser.error(str(error))
     device, dtype = device_and_dtype()
     tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
@@ -209,7 +230,7 @@ def main() -> None:
     )
     build_seconds = time.time() - started
     train_rows, heldout_rows = rows[: -args.eval_examples], rows[-args.eval_examples :]
-    train_file = write_rows(train_rows, args.work / "logo-train.jsonl")
+    write_rows(train_rows, train_file)
     write_rows(heldout_rows, args.work / "logo-heldout.jsonl")
 
     ids = tokenizer(heldout.read_text(encoding="utf-8"), add_special_tokens=False, return_tensors="pt").input_ids
@@ -217,22 +238,6 @@ def main() -> None:
     results = {"before": measure(model, tokenizer, heldout_rows, ids, args, "before")}
     del model
 
-    training = LOGOTraining(
-        model=str(folder),
-        data=(str(train_file),),
-        chunk_size=args.chunk_size,
-        real_length=args.real_length,
-        virtual_length=args.virtual_length,
-        max_steps=args.steps,
-        batch_size=args.batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        learning_rate=args.learning_rate,
-        plain_position_share=args.plain_position_share,
-        warmup_steps=max(1, args.steps // 20),
-        logging_steps=max(1, args.steps // 20),
-        output_dir=str(args.work / "adapter"),
-        seed=args.seed,
-    )
     train_started = time.time()
     adapter = run(lcpatch.Recipe(name="logo", training=training))
     train_seconds = time.time() - train_started
