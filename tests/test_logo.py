@@ -264,6 +264,19 @@ def test_lcpatch_train_logo_with_the_papers_lora(tmp_path):
         assert not torch.equal(parameter, base.get_parameter(name.replace(".modules_to_save.default", ""))), name
 
 
+def test_modules_to_save_that_match_no_module_are_refused(tmp_path):
+    """PEFT itself trains nothing for such a name, silently."""
+    folder = tmp_path / "tiny"
+    tiny_model().save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in logo_rows(2)))
+    fields = dict(model=str(folder), data=[str(data)], max_steps=1, output_dir=str(tmp_path / "out"))
+    fields["lora"] = {"modules_to_save": ["embed_tokens", "embeds"]}
+    with pytest.raises(RecipeError, match=r"training.lora.modules_to_save \['embeds'\] matches no module"):
+        run(with_overrides("logo", fields))
+
+
 def test_trainer_refuses_attention_that_ignores_position_ids(tmp_path):
     model = tiny_model()
     with lcpatch.patched(model, "lm-infinite"):

@@ -101,6 +101,14 @@ def run(recipe: RecipeLike) -> Path:
         from peft import LoraConfig, get_peft_model
 
         lora = training.lora
+        # PEFT trains no copy, and says nothing, for a modules_to_save name no module's path ends with.
+        paths = [path for path, _ in model.named_modules()]
+        unmatched = [name for name in lora.modules_to_save if not any(path.endswith(name) for path in paths)]
+        if unmatched:
+            raise RecipeError(
+                f"training.lora.modules_to_save {unmatched} matches no module of this model, so nothing would be "
+                "trained in full; give names its module paths end with (e.g. embed_tokens, norm)."
+            )
         model = get_peft_model(
             model,
             LoraConfig(
