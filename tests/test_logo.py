@@ -360,6 +360,11 @@ def test_bad_logo_fields_name_the_field(training, message):
         Recipe.from_dict({"training": {"method": "logo", **training}})
 
 
+def test_logo_config_refuses_a_plain_position_share_outside_0_1(tmp_path):
+    with pytest.raises(RecipeError, match=r"training.plain_position_share must be a number in \[0, 1\].*got -0.5"):
+        logo_trainer(tmp_path, tiny_model(), logo_rows(2), plain_position_share=-0.5)
+
+
 def test_bad_rows_name_the_fix(tmp_path):
     with pytest.raises(LcpatchError, match="has 2 rejected answer.*training.num_rejected is 3"):
         logo_trainer(tmp_path, tiny_model(), logo_rows(2), num_rejected=3)

@@ -53,6 +53,16 @@ def check_g_weights(g_weights: tuple[float, ...], g_max: int) -> None:
         raise RecipeError(f"training.g_weights must be finite, non-negative and not all zero; got {list(g_weights)!r}.")
 
 
+def check_plain_position_share(share: float) -> None:
+    """LOGO's share of row uses read at plain positions: a number in [0, 1]."""
+    check_number("training", "plain_position_share", share)
+    if not 0 <= share <= 1:
+        raise RecipeError(
+            f"training.plain_position_share must be a number in [0, 1] (the share of row uses read at plain "
+            f"positions); got {share}."
+        )
+
+
 @dataclass(frozen=True)
 class LoraOptions(SectionConfig):
     """A PEFT LoRA adapter on `target_modules`; `lora: null` in a recipe means a full fine-tune."""
@@ -279,12 +289,7 @@ class LOGOTraining(TRLTraining):
         super().__post_init__()
         section = "training"
         check_number(section, "beta", self.beta, greater_than=0)
-        check_number(section, "plain_position_share", self.plain_position_share)
-        if not 0 <= self.plain_position_share <= 1:
-            raise RecipeError(
-                f"training.plain_position_share must be a number in [0, 1] (the share of row uses read at plain "
-                f"positions); got {self.plain_position_share}."
-            )
+        check_plain_position_share(self.plain_position_share)
         for name in ("gamma_over_beta", "sft_weight"):
             check_number(section, name, getattr(self, name))
             if getattr(self, name) < 0:

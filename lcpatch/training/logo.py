@@ -29,7 +29,7 @@ from ..data.tokens import padding_id
 from ..errors import LcpatchError
 from ..fields import AUTO
 from . import sequence_parallel
-from .config import LOGOTraining
+from .config import LOGOTraining, check_plain_position_share
 from .positions import covering_offsets, synthesize_positions
 
 
@@ -51,6 +51,7 @@ class LOGOConfig(CPOConfig):
         self.simpo_gamma = self.gamma_over_beta * self.beta  # CPO subtracts simpo_gamma / beta from the margin
         self.cpo_alpha = self.sft_weight
         self.remove_unused_columns = False  # LOGOCollator reads the tokenised columns, not forward()'s arguments
+        check_plain_position_share(self.plain_position_share)
         super().__post_init__()
 
 
